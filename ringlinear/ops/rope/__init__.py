@@ -1,0 +1,3 @@
+from .reference import apply_rope, rope_cos_sin, rope_parameters
+
+__all__ = ["apply_rope", "rope_cos_sin", "rope_parameters"]
