@@ -243,5 +243,5 @@ def layer_log_decay(cfg: RingLinearConfig, layer_idx: int):
     """g_gamma [H] fp32 = -slope_h * f(layer): the per-head log decay of one linear layer."""
     import torch
     # Same arithmetic as the HF buffer: fp32 slopes times a Python-float factor, negated.
-    s = torch.tensor(alibi_slopes(cfg.num_attention_heads), dtype=torch.float32)
+    s = torch.tensor(alibi_slopes(cfg.num_attention_heads), dtype=torch.float32, device="cpu")
     return -s * layer_decay_factor(cfg, layer_idx)

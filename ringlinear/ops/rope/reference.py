@@ -7,7 +7,7 @@ import torch
 
 
 def default_inv_freq(base: float, dim: int) -> torch.Tensor:
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim))
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").to(torch.float32) / dim))
 
 
 def yarn_inv_freq(base: float, dim: int, max_position_embeddings: int, rope_scaling: dict):
@@ -42,8 +42,8 @@ def yarn_inv_freq(base: float, dim: int, max_position_embeddings: int, rope_scal
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-    pos_freqs = base ** (torch.arange(0, dim, 2).to(torch.float32) / dim)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, device="cpu").to(torch.float32) / dim)
     extra, inter = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
     extra_factor = 1 - ramp
     inv_freq = inter * (1 - extra_factor) + extra * extra_factor

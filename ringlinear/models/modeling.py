@@ -1,0 +1,217 @@
+"""RingLinearForCausalLM: the Ring-linear-2.0 hybrid (BailingMoeLinearV2ForCausalLM), names = checkpoint keys."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..modules.layers import MLP, LinearAttention, RMSNorm, RotaryEmbedding, SoftmaxAttention, SparseMoeBlock
+from .config import RingLinearConfig
+from .context import AttentionContext, StatelessContext, positions_from_cu_seqlens
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: RingLinearConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.is_softmax = cfg.is_softmax_layer(layer_idx)
+        self.attention = (SoftmaxAttention if self.is_softmax else LinearAttention)(cfg, layer_idx)
+        self.mlp = SparseMoeBlock(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h, cos, sin, ctx):  # h [T, hidden]
+        h = h + self.attention(self.input_layernorm(h), cos, sin, ctx)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class RingLinearModel(nn.Module):
+    def __init__(self, cfg: RingLinearConfig):
+        super().__init__()
+        self.config = cfg
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg)
+        self.gradient_checkpointing = False
+
+    def forward_packed(self, input_ids: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """input_ids [T] packed as ctx describes -> final-normed hidden states [T, hidden]."""
+        h = self.word_embeddings(input_ids)
+        cos, sin = self.rotary_emb(ctx.positions)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                from torch.utils.checkpoint import checkpoint
+                h = checkpoint(layer, h, cos, sin, ctx, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, ctx)
+        return self.norm(h)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor | None  # [B, T, V] (or [1, T, V] packed) fp32
+    cache: object | None = None
+    loss: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None  # [B, T, hidden] when requested
+
+
+class RingLinearForCausalLM(nn.Module):
+    """Transformers-like API: `from_pretrained`, `save_pretrained`, `model(input_ids, ...)`.
+
+    Logits come from an fp32 lm_head (bf16 weights and inputs, fp32 accumulation and output) so that log-probs in
+    training and serving agree (numerics.md).
+    """
+
+    def __init__(self, config: RingLinearConfig):
+        super().__init__()
+        self.config = config
+        self.model = RingLinearModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.word_embeddings.weight
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None):
+        """Random init (normal, std = initializer_range; norms = 1; expert bias = 0), deterministic given seed."""
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(0 if seed is None else seed)
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                continue
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+        for mod in self.modules():
+            if hasattr(mod, "expert_bias"):
+                mod.expert_bias.zero_()
+        return self
+
+    @classmethod
+    def from_config(cls, config: RingLinearConfig, dtype=None, device=None, seed: int = 0):
+        with torch.device(device or "cpu"):
+            model = cls(config)
+        if dtype is not None:
+            model.to(dtype)
+        return model.init_weights(seed)
+
+    # ------------------------------------------------------------------ checkpoint IO
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype=None, device=None, strict: bool = True):
+        from .checkpoint import load_pretrained
+        return load_pretrained(cls, path, dtype=dtype, device=device, strict=strict)
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int = 4 << 30, tokenizer_dir=None):
+        from .checkpoint import save_pretrained
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, tokenizer_dir=tokenizer_dir)
+
+    # ------------------------------------------------------------------ forward
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., h] -> fp32 logits [..., V]."""
+        from ..ops.lm_head import lm_head_fp32
+        shp = hidden.shape
+        return lm_head_fp32(hidden.reshape(-1, shp[-1]), self.lm_head.weight).view(*shp[:-1], -1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None,
+                use_cache: bool = False, cu_seqlens: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                logits_to_keep: int | None = None, output_hidden_states: bool = False,
+                ctx: AttentionContext | None = None) -> CausalLMOutput:
+        """input_ids [B, T]. attention_mask [B, T] (1 = token, 0 = padding, left or right) packs the real tokens
+        so padding never enters attention or state. cu_seqlens [N+1] (with B == 1) marks packed documents.
+        cache: a HybridCache (one entry per row) to continue from; use_cache creates one if None.
+        labels [B, T]: next-token targets aligned with input_ids (-100 = ignore); loss is the fp32 mean.
+        logits_to_keep: only the last k positions of each row get logits (k=1 for generation).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        dev = input_ids.device
+        if ctx is not None:
+            flat_ids = input_ids.reshape(-1)
+            hidden = self.model.forward_packed(flat_ids, ctx)
+            return self._finish(hidden.view(B, T, -1), None, labels, logits_to_keep, output_hidden_states, None)
+        if cu_seqlens is not None:
+            if B != 1 or attention_mask is not None:
+                raise ValueError("cu_seqlens needs input_ids of shape [1, T] and no attention_mask")
+            if cache is not None or use_cache:
+                raise ValueError("cu_seqlens packing is for cache-free forward (training/scoring)")
+            ctx = StatelessContext(cu_seqlens.to(dev))
+            hidden = self.model.forward_packed(input_ids[0], ctx)[None]
+            return self._finish(hidden, None, labels, logits_to_keep, output_hidden_states, None)
+
+        if attention_mask is None:
+            mask = torch.ones(B, T, dtype=torch.bool, device=dev)
+        else:
+            if attention_mask.shape != (B, T):
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {(B, T)}")
+            mask = attention_mask.to(dev).bool()
+        lens = mask.sum(1)
+        cu = F.pad(torch.cumsum(lens, 0), (1, 0))
+        flat_ids = input_ids[mask]
+        if cache is None and use_cache:
+            from .cache import HybridCache
+            cache = HybridCache(self.config, batch_size=B, dtype=self.lm_head.weight.dtype, device=dev)
+        if cache is not None:
+            if cache.batch_size != B:
+                raise ValueError(f"cache holds {cache.batch_size} sequences but input has {B} rows")
+            ctx = cache.context(cu, lens)
+        else:
+            ctx = StatelessContext(cu, positions_from_cu_seqlens(cu))
+        hidden_packed = self.model.forward_packed(flat_ids, ctx)
+        if cache is not None:
+            cache.commit(lens)
+        hidden = hidden_packed.new_zeros(B, T, hidden_packed.shape[-1])
+        hidden[mask] = hidden_packed
+        return self._finish(hidden, cache, labels, logits_to_keep, output_hidden_states, mask)
+
+    def _finish(self, hidden, cache, labels, logits_to_keep, output_hidden_states, mask):
+        loss = None
+        if labels is not None:
+            lg = self.compute_logits(hidden)
+            loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels.reshape(-1).to(lg.device), ignore_index=-100)
+            logits = lg if logits_to_keep is None else lg[:, -logits_to_keep:]
+        else:
+            h = hidden if logits_to_keep is None else hidden[:, -logits_to_keep:]
+            logits = self.compute_logits(h)
+        if mask is not None and logits_to_keep is None:
+            logits = logits * mask[..., None]  # padding rows: zeros, not garbage
+        return CausalLMOutput(logits=logits, cache=cache, loss=loss,
+                              hidden_states=hidden if output_hidden_states else None)
+
+    # ------------------------------------------------------------------ info
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def count_parameters(cfg: RingLinearConfig) -> dict:
+    """Total and active parameter counts (with and without embeddings), computed on the meta device."""
+    with torch.device("meta"):
+        m = RingLinearForCausalLM(cfg)
+    total = sum(p.numel() for p in m.parameters())
+    emb = m.model.word_embeddings.weight.numel() + (0 if cfg.tie_word_embeddings else m.lm_head.weight.numel())
+    inactive = 0
+    if cfg.num_experts:
+        per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+        n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+        inactive = n_moe * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
+    active = total - inactive
+    return {"total": total, "active": active, "embedding": emb, "active_non_embedding": active - emb,
+            "total_non_embedding": total - emb}
+
+
+def state_bytes_per_sequence(cfg: RingLinearConfig) -> int:
+    """fp32 linear-attention state of one sequence, all linear layers."""
+    n_lin = sum(not cfg.is_softmax_layer(i) for i in range(cfg.num_hidden_layers))
+    return n_lin * cfg.num_attention_heads * cfg.head_dim_ ** 2 * 4
+
+
+def kv_bytes_per_token(cfg: RingLinearConfig, dtype_bytes: int = 2) -> int:
+    n_sm = sum(cfg.is_softmax_layer(i) for i in range(cfg.num_hidden_layers))
+    return n_sm * 2 * cfg.num_key_value_heads * cfg.head_dim_ * dtype_bytes
+

@@ -1,0 +1,270 @@
+"""Building blocks of the Ring-linear-2.0 decoder. Parameter names equal the checkpoint keys (model.md §3)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.config import RingLinearConfig, layer_log_decay
+from ..ops import norm as norm_ops
+from ..ops.moe import moe_forward, swiglu
+from ..ops.rope import rope_cos_sin, rope_parameters
+
+
+def _fp32_buffer(values: list, like: torch.Tensor) -> torch.Tensor:
+    """A constant fp32 buffer rebuilt from exact values on `like`'s device (survives .to(bf16) and meta)."""
+    return torch.tensor(values, dtype=torch.float32, device=like.device)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        return norm_ops.rms_norm(x, self.weight, self.variance_epsilon)
+
+
+class GroupRMSNorm(nn.Module):
+    """Weight holder for the linear-attention output norm; applied fused with the sigmoid gate."""
+
+    def __init__(self, size: int, groups: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.group_norm_size = groups
+        self.variance_epsilon = eps
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for partial NeoX RoPE (optionally YaRN), fp32, from integer positions."""
+
+    def __init__(self, cfg: RingLinearConfig):
+        super().__init__()
+        inv_freq, self.attention_scaling = rope_parameters(cfg.rope_theta, cfg.rotary_dim,
+                                                           cfg.max_position_embeddings, cfg.rope_scaling)
+        self._inv_freq_values = inv_freq.tolist()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.inv_freq = _fp32_buffer(self._inv_freq_values, self.inv_freq)
+        return out
+
+    def forward(self, positions):  # [T] -> cos, sin [T, R/2] fp32
+        return rope_cos_sin(positions, self.inv_freq.float(), self.attention_scaling)
+
+
+class LinearAttention(nn.Module):
+    """Lightning attention layer: MHA qkv, QK-norm, partial RoPE, constant per-head decay, GroupRMSNorm x gate."""
+
+    def __init__(self, cfg: RingLinearConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.head_dim_
+        H, D, h = self.num_heads, self.head_dim, cfg.hidden_size
+        self.query_key_value = nn.Linear(h, 3 * H * D, bias=cfg.use_qkv_bias)
+        self.use_qk_norm = cfg.use_qk_norm
+        if cfg.use_qk_norm:
+            self.query_layernorm = RMSNorm(D, cfg.rms_norm_eps)
+            self.key_layernorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.dense = nn.Linear(H * D, h, bias=cfg.use_bias)
+        self.g_proj = nn.Linear(h, H * D, bias=False)
+        self.g_norm = GroupRMSNorm(H * D, cfg.group_norm_size, cfg.rms_norm_eps)
+        self.linear_silu = cfg.linear_silu
+        self.eps = cfg.rms_norm_eps
+        # Fixed decay, not a checkpoint tensor; kept fp32 whatever the model dtype (numerics.md).
+        self._g_values = layer_log_decay(cfg, layer_idx).tolist()
+        self.register_buffer("g_gamma", torch.tensor(self._g_values, dtype=torch.float32), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.g_gamma = _fp32_buffer(self._g_values, self.g_gamma)
+        return out
+
+    def forward(self, x, cos, sin, ctx):  # x [T, h]
+        T = x.shape[0]
+        H, D = self.num_heads, self.head_dim
+        qkv = self.query_key_value(x)
+        if self.linear_silu:
+            qkv = nn.functional.silu(qkv)
+        q, k, v = qkv.view(T, 3 * H, D).split([H, H, H], dim=1)
+        q, k = _qk_norm_rope(self, q, k, cos, sin)
+        o = ctx.linear_attention(self.layer_idx, q, k, v.contiguous(), self.g_gamma, D ** -0.5)  # [T, H, D]
+        o = norm_ops.group_rms_norm_gate(o.reshape(T, H * D), self.g_norm.weight, self.g_proj(x),
+                                         self.g_norm.group_norm_size, self.eps)
+        return self.dense(o)
+
+
+class SoftmaxAttention(nn.Module):
+    """GQA softmax layer: qkv, QK-norm, partial RoPE, causal attention, dense. No gate, no g_norm."""
+
+    def __init__(self, cfg: RingLinearConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim_
+        H, KV, D, h = self.num_heads, self.num_kv_heads, self.head_dim, cfg.hidden_size
+        self.query_key_value = nn.Linear(h, (H + 2 * KV) * D, bias=cfg.use_qkv_bias)
+        self.use_qk_norm = cfg.use_qk_norm
+        if cfg.use_qk_norm:
+            self.query_layernorm = RMSNorm(D, cfg.rms_norm_eps)
+            self.key_layernorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.dense = nn.Linear(H * D, h, bias=cfg.use_bias)
+        self.eps = cfg.rms_norm_eps
+
+    def forward(self, x, cos, sin, ctx):
+        T = x.shape[0]
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.query_key_value(x).view(T, H + 2 * KV, D).split([H, KV, KV], dim=1)
+        q, k = _qk_norm_rope(self, q, k, cos, sin)
+        o = ctx.softmax_attention(self.layer_idx, q, k, v.contiguous(), D ** -0.5)
+        return self.dense(o.reshape(T, H * D))
+
+
+def _qk_norm_rope(mod, q, k, cos, sin):
+    if mod.use_qk_norm:
+        return norm_ops.qk_norm_rope(q, k, mod.query_layernorm.weight, mod.key_layernorm.weight, cos, sin, mod.eps)
+    from ..ops.rope import apply_rope
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return apply_rope(q.to(acc), cos, sin).to(q.dtype), apply_rope(k.to(acc), cos, sin).to(k.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+
+
+class MoEGate(nn.Module):
+    def __init__(self, cfg: RingLinearConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        # fp32 always (selection only); updated by aux-loss-free balancing in training.
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        # The bias is learned state kept in fp32: move it, never round it through a lower-precision dtype.
+        orig = self.expert_bias
+        out = super()._apply(fn, recurse)
+        dev = self.expert_bias.device
+        if dev.type == "meta":
+            pass
+        elif orig.device.type == "meta":
+            self.expert_bias = torch.zeros(orig.shape, dtype=torch.float32, device=dev)
+        else:
+            self.expert_bias = orig.to(device=dev, dtype=torch.float32)
+        return out
+
+
+class _StackGrad(torch.autograd.Function):
+    """Identity on a stacked tensor whose slices are the given Parameters; backward splits the gradient back.
+
+    stack [E, P*R, C] with params[e*P + j] == stack[e, j*R:(j+1)*R]."""
+
+    @staticmethod
+    def forward(ctx, stack, per_expert, *params):
+        ctx.per_expert = per_expert
+        ctx.shape = stack.shape
+        return stack.view(stack.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        E, PR, _ = ctx.shape
+        R = PR // ctx.per_expert
+        g = grad.reshape(E, ctx.per_expert, R, -1)
+        return (None, None, *[g[e, j] for e in range(E) for j in range(ctx.per_expert)])
+
+
+class _ExpertView(nn.Module):
+    """One expert whose weights are views into the layer's stacked tensors (checkpoint names, zero copies)."""
+
+    def __init__(self):
+        super().__init__()
+
+
+class SparseMoeBlock(nn.Module):
+    """Sigmoid-routed MoE with a shared expert. Experts are stored stacked:
+
+    w13 [E, 2I, h] (gate rows then up rows) and w2 [E, h, I]; `experts.{e}.{gate,up,down}_proj.weight` are
+    Parameters viewing slices of them, so state_dict names equal the checkpoint keys and the fused kernels read the
+    stacks directly. `_apply` (e.g. .to()) rebuilds the stacks and views.
+    """
+
+    def __init__(self, cfg: RingLinearConfig):
+        super().__init__()
+        E, I, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.num_experts, self.inter, self.hidden = E, I, h
+        self.top_k = cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.norm_topk_prob = cfg.norm_topk_prob
+        if self.topk_group * (E // self.n_group) < self.top_k:
+            raise ValueError("topk_group * experts-per-group must be >= num_experts_per_tok")
+        self.gate = MoEGate(cfg)
+        self.experts = nn.ModuleList([_ExpertView() for _ in range(E)])
+        w13 = torch.empty(E, 2 * I, h)
+        w2 = torch.empty(E, h, I)
+        self._bind(w13, w2, requires_grad=True)
+        if cfg.num_shared_experts:
+            self.shared_experts = MLP(h, cfg.shared_intermediate_size)
+        else:
+            self.shared_experts = None
+        self.record_stats = False
+        self.last_topk_idx = None
+        self.last_router_logits = None
+
+    def _bind(self, w13, w2, requires_grad):
+        self.w13, self.w2 = w13, w2
+        I = self.inter
+        for e, ex in enumerate(self.experts):
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                if name not in ex._modules:
+                    ex._modules[name] = nn.Module()
+            ex.gate_proj._parameters["weight"] = nn.Parameter(w13[e, :I], requires_grad=requires_grad)
+            ex.up_proj._parameters["weight"] = nn.Parameter(w13[e, I:], requires_grad=requires_grad)
+            ex.down_proj._parameters["weight"] = nn.Parameter(w2[e], requires_grad=requires_grad)
+
+    def _apply(self, fn, recurse=True):
+        # Convert the stacks once and re-point every expert Parameter at the new storage.
+        rg = self.experts[0].gate_proj.weight.requires_grad
+        w13, w2 = fn(self.w13.detach()), fn(self.w2.detach())
+        for ex in self.experts:  # keep super()._apply from converting the views one by one
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                ex._modules[name]._parameters.pop("weight", None)
+        out = super()._apply(fn, recurse)
+        self._bind(w13, w2, requires_grad=rg)
+        return out
+
+    def stacked(self):
+        """(w13, w2) for the fused path, zero-copy. With grad enabled they carry autograd edges to every expert
+        Parameter (which view them), so training gradients land on the checkpoint-named Parameters."""
+        ex0 = self.experts[0]
+        if ex0.gate_proj.weight.data_ptr() != self.w13.data_ptr():
+            raise RuntimeError("expert Parameters no longer view the stacked MoE weights (replaced outside .to()?)")
+        if not (torch.is_grad_enabled() and ex0.gate_proj.weight.requires_grad):
+            return self.w13, self.w2
+        p13 = [p for ex in self.experts for p in (ex.gate_proj.weight, ex.up_proj.weight)]
+        p2 = [ex.down_proj.weight for ex in self.experts]
+        return _StackGrad.apply(self.w13, 2, *p13), _StackGrad.apply(self.w2, 1, *p2)
+
+    def forward(self, x):  # x [T, h]
+        w13, w2 = self.stacked()
+        shared = None
+        if self.shared_experts is not None:
+            s = self.shared_experts
+            shared = (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
+        y, idx, _, logits = moe_forward(x, self.gate.weight, self.gate.expert_bias, w13, w2, shared,
+                                        top_k=self.top_k, n_group=self.n_group, topk_group=self.topk_group,
+                                        routed_scaling_factor=self.routed_scaling_factor,
+                                        norm_topk_prob=self.norm_topk_prob)
+        if self.record_stats:
+            self.last_topk_idx = idx.detach()
+            self.last_router_logits = logits
+        return y
