@@ -188,12 +188,12 @@ def _flash() -> RingLinearConfig:
 
 def _tiny() -> RingLinearConfig:
     """For tests: every feature on (dense layer 0, MoE with groups, linear + softmax layers, tail softmax)."""
-    return RingLinearConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
+    return RingLinearConfig(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
                             num_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
                             moe_intermediate_size=32, moe_shared_expert_intermediate_size=32, layer_group_size=3,
                             group_norm_size=2, max_position_embeddings=4096, rope_theta=10000.0,
-                            eos_token_id=[1, 2], pad_token_id=0, bos_token_id=None, torch_dtype="float32")
+                            eos_token_id=[1, 2], pad_token_id=1, bos_token_id=0, torch_dtype="float32")
 
 
 def _small() -> RingLinearConfig:

@@ -1,0 +1,155 @@
+"""The checkpoint's tokenizer through the `tokenizers` library, and its chat template through jinja2.
+
+Rendering follows what transformers does for `apply_chat_template`: a sandboxed jinja2 environment with
+trim_blocks/lstrip_blocks, the loopcontrols extension, a `tojson` filter that keeps non-ASCII, and the globals
+`raise_exception` and `strftime_now`; variables `messages`, `add_generation_prompt`, `bos_token`, `eos_token`,
+`tools` plus any extra keyword (e.g. `enable_thinking`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+
+
+def _token_str(v):
+    if isinstance(v, dict):
+        return v.get("content")
+    return v
+
+
+class RingTokenizer:
+    def __init__(self, model_dir: str):
+        from tokenizers import Tokenizer
+        path = os.path.join(model_dir, "tokenizer.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no tokenizer.json in {model_dir}")
+        try:
+            self.tokenizer = Tokenizer.from_file(path)
+        except Exception as e:
+            raise ValueError(f"{path}: not a valid tokenizers file: {e}") from None
+        cfg = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
+        gen = _read_json(os.path.join(model_dir, "generation_config.json"))
+        model_cfg = _read_json(os.path.join(model_dir, "config.json"))
+        self.bos_token = _token_str(cfg.get("bos_token"))
+        self.eos_token = _token_str(cfg.get("eos_token"))
+        self.pad_token = _token_str(cfg.get("pad_token"))
+        self.chat_template = _chat_template(model_dir, cfg)
+        self.add_bos_token = bool(cfg.get("add_bos_token", False))
+        eos = gen.get("eos_token_id", model_cfg.get("eos_token_id"))
+        ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if not ids and self.eos_token is not None and self.token_to_id(self.eos_token) is not None:
+            ids = [self.token_to_id(self.eos_token)]
+        self.stop_token_ids: list[int] = [int(i) for i in ids]
+        self.eos_token_id = self.stop_token_ids[0] if self.stop_token_ids else None
+        pad = model_cfg.get("pad_token_id", gen.get("pad_token_id"))
+        if pad is None and self.pad_token is not None:
+            pad = self.token_to_id(self.pad_token)
+        self.pad_token_id = pad if pad is not None else (self.eos_token_id or 0)
+        self.bos_token_id = self.token_to_id(self.bos_token) if self.bos_token else None
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, tok: str):
+        return self.tokenizer.token_to_id(tok)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ chat
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = False,
+                            tools=None, **kwargs):
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template (tokenizer_config.json lacks 'chat_template')")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        text = _compiled(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+        return self.encode(text) if tokenize else text
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def _chat_template(model_dir: str, cfg: dict):
+    jinja = os.path.join(model_dir, "chat_template.jinja")
+    if os.path.exists(jinja):
+        with open(jinja) as f:
+            return f.read()
+    t = cfg.get("chat_template")
+    if isinstance(t, list):  # [{name, template}, ...]: use "default"
+        named = {d.get("name"): d.get("template") for d in t}
+        t = named.get("default") or next(iter(named.values()), None)
+    return t
+
+
+_CACHE: dict[str, object] = {}
+
+
+def _compiled(src: str):
+    if src in _CACHE:
+        return _CACHE[src]
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    tpl = env.from_string(src)
+    _CACHE[src] = tpl
+    return tpl
+
+
+def load_tokenizer(model_dir: str) -> RingTokenizer:
+    return RingTokenizer(os.fspath(model_dir))
+
+
+class StreamDecoder:
+    """Incremental detokenisation: `push(id)` returns the newly printable text (holds back partial UTF-8)."""
+
+    def __init__(self, tok: RingTokenizer, skip_special_tokens: bool = True):
+        self.tok = tok
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        before = self.tok.decode(self.ids[self.prefix:self.read], self.skip)
+        now = self.tok.decode(self.ids[self.prefix:], self.skip)
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return now[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (e.g. an incomplete byte sequence at the end)."""
+        before = self.tok.decode(self.ids[self.prefix:self.read], self.skip)
+        now = self.tok.decode(self.ids[self.prefix:], self.skip)
+        self.prefix = self.read = len(self.ids)
+        return now[len(before):]

@@ -1,0 +1,64 @@
+"""Sampling primitives shared by `generate()` and the serving engine, so both pick the same tokens.
+
+Per request: a CPU `torch.Generator` seeded once (the random stream never depends on the device or on other
+requests). Greedy is argmax with the lowest index winning ties. Log-probs are the fp32 log-softmax of the raw
+logits (before temperature / top-k / top-p), the model's own distribution.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator(device="cpu")
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(int(seed))
+    return g
+
+
+def log_softmax_fp32(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float):
+    """-> (probs sorted descending fp64, their token ids). Stable sort: ties keep the lowest index first."""
+    x = logits.double() / temperature
+    vals, idx = torch.sort(x, descending=True, stable=True)
+    if top_k and top_k > 0:
+        vals, idx = vals[:top_k], idx[:top_k]
+    probs = torch.softmax(vals, dim=-1)
+    if top_p < 1.0:
+        cum = torch.cumsum(probs, 0)
+        keep = int(torch.searchsorted(cum, torch.tensor([top_p], dtype=cum.dtype)).item()) + 1
+        probs, idx = probs[:keep], idx[:keep]
+        probs = probs / probs.sum()
+    return probs, idx
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> int:
+    """logits [V] (any device, fp32) -> token id. One uniform draw per call from `generator` (inverse CDF)."""
+    if temperature is None or temperature <= 1e-6:
+        return int(torch.argmax(logits).item())
+    probs, idx = _filtered_probs(logits.detach().cpu(), temperature, top_k, top_p)
+    u = torch.rand(1, generator=generator, dtype=torch.float64)
+    cum = torch.cumsum(probs, 0)
+    j = min(int(torch.searchsorted(cum, u * cum[-1]).item()), probs.numel() - 1)
+    return int(idx[j].item())
+
+
+def top_logprobs(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    """The k most likely tokens of a [V] log-prob row, ties to the lowest index."""
+    vals, idx = torch.sort(logprobs.detach().cpu(), descending=True, stable=True)
+    return [(int(i), float(v)) for i, v in zip(idx[:k].tolist(), vals[:k].tolist())]
+
+
+def validate_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    if temperature is not None and temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if top_p is not None and not (0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
