@@ -1,0 +1,69 @@
+"""Config: the published config.json round-trips, presets count the published parameters, decay formulas."""
+import json
+
+import pytest
+
+from ringlinear.models.config import RingLinearConfig, alibi_slopes, get_preset, layer_log_decay
+from ringlinear.models.modeling import count_parameters
+
+# Ring-mini-linear-2.0 config.json as published (keys the loader ignores included).
+MINI = {
+    "architectures": ["BailingMoeLinearV2ForCausalLM"], "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_bailing_moe_linear_v2.BailingMoeLinearV2Config"},
+    "embedding_dropout": 0.0, "eos_token_id": 156892, "first_k_dense_replace": 1, "group_norm_size": 4,
+    "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 5120, "layer_group_size": 5,
+    "linear_silu": False, "max_position_embeddings": 131072, "model_type": "bailing_moe_linear",
+    "moe_intermediate_size": 512, "moe_router_enable_expert_bias": True, "moe_shared_expert_intermediate_size": 512,
+    "n_group": 8, "norm_topk_prob": True, "num_attention_heads": 16, "num_experts": 256, "num_experts_per_tok": 8,
+    "num_hidden_layers": 20, "num_key_value_heads": 4, "num_nextn_predict_layers": 0, "num_shared_experts": 1,
+    "output_dropout": 0.0, "pad_token_id": 156892, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 1000000, "routed_scaling_factor": 2.5, "router_dtype": "fp32",
+    "score_function": "sigmoid", "tie_word_embeddings": False, "topk_group": 4, "torch_dtype": "bfloat16",
+    "transformers_version": "4.56.1", "use_bias": False, "use_cache": True, "use_qk_norm": True,
+    "use_qkv_bias": False, "use_rmsnorm": True, "vocab_size": 157184, "some_future_key": {"x": [1, 2]},
+}
+
+
+def test_published_config_roundtrip(tmp_path):
+    cfg = RingLinearConfig.from_dict(MINI)
+    assert cfg.extra == {"some_future_key": {"x": [1, 2]}}
+    cfg.to_json(tmp_path / "config.json")
+    back = json.load(open(tmp_path / "config.json"))
+    for k, v in MINI.items():
+        assert back[k] == v, k
+    assert RingLinearConfig.from_json(tmp_path) == cfg
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unsupported model_type"):
+        RingLinearConfig.from_dict({**MINI, "model_type": "qwen2"})
+    bad = dict(MINI)
+    del bad["group_norm_size"]
+    with pytest.raises(ValueError, match="group_norm_size"):
+        RingLinearConfig.from_dict(bad)
+
+
+def test_published_parameter_counts():
+    mini = count_parameters(get_preset("ring-mini-linear-2.0"))
+    assert round(mini["total"] / 1e9, 1) == 16.4 and round(mini["active_non_embedding"] / 1e6) == 957
+    flash = count_parameters(get_preset("ring-flash-linear-2.0"))
+    # The paper's "6.1B" is 6.157B truncated (model.md §1.2: 6.16B); 7.4B with embeddings.
+    assert round(flash["total"] / 1e9, 1) == 104.2 and 6.1e9 <= flash["active_non_embedding"] < 6.2e9
+    assert round(flash["active"] / 1e9, 1) == 7.4
+
+
+def test_slopes_and_decay_formulas():
+    s = alibi_slopes(16)
+    assert abs(s[0] - 2 ** -0.5) < 1e-12 and abs(s[-1] - 2 ** -8) < 1e-12
+    assert alibi_slopes(12)[:8] == alibi_slopes(8) and alibi_slopes(12)[8:] == alibi_slopes(16)[0:8:2]
+    hf = get_preset("ring-mini-linear-2.0")
+    sg = hf.replace(decay_layer_formula="sglang")
+    L = hf.num_hidden_layers
+    for layer in (0, 5, 18):
+        f_hf = 1 - (layer - 1) / (L - 1) + 1e-5
+        f_sg = 1 - layer / (L - 1) + 1e-5
+        assert abs(layer_log_decay(hf, layer)[0].item() + s[0] * f_hf) < 1e-6
+        assert abs(layer_log_decay(sg, layer)[0].item() + s[0] * f_sg) < 1e-6
+    assert layer_log_decay(hf, 0)[0] < -s[0]  # HF's layer 0 factor exceeds 1
+    with pytest.raises(ValueError, match="decay_layer_formula"):
+        hf.replace(decay_layer_formula="mlx")
