@@ -1,0 +1,297 @@
+"""Fused MoE benchmark at the Ring-mini-linear-2.0 MoE shape (hidden 2048, 256 experts of 512, top-8, groups 8/4, bf16).
+
+Same card, same run: the fused Triton MoE (router + sort + gate/up+SwiGLU + down + combine), a pipeline on
+`torch._grouped_mm` with the same routing (router in torch, fp32), the reference loop over experts, the
+dense-equivalent GEMMs (same FLOPs, one big GEMM each) and the weight-read floor (bytes of the experts touched at
+least once / measured device-to-device copy bandwidth). Also checks accuracy against an fp64 reference, bitwise
+repeatability and batch invariance. Prints a table and a final JSON line.
+
+    PYTHONPATH=. python benchmarks/moe.py [--tokens 64 1024 8192] [--sweep] [--lm-head]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from ringlinear.ops.moe import reference as ref
+from ringlinear.ops.moe import triton as fused
+from ringlinear.ops.moe import triton_gemm, triton_route
+
+H, E, INTER, K, NG, TG, SCALE = 2048, 256, 512, 8, 8, 4, 2.5
+ROUTE = dict(top_k=K, n_group=NG, topk_group=TG, routed_scaling_factor=SCALE, norm_topk_prob=True)
+DEV = "cuda"
+
+
+def bench(fn, rep=200):
+    return do_bench(fn, warmup=50, rep=rep, return_mode="median")
+
+
+def bench_slow(fn, n=3):
+    """Median of n event-timed calls (for the loop over experts, ~tens of ms per call)."""
+    fn()
+    ts = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def copy_bandwidth():
+    src = torch.empty(2 ** 30, dtype=torch.uint8, device=DEV).random_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() / ms / 1e9  # TB/s, bytes read + written
+
+
+# ---- baselines ----------------------------------------------------------------------------------------------------
+
+def torch_route(x, wr, bias):
+    """The router in stock torch (fp32 logits, topk instead of stable sorts: same choice up to exact ties)."""
+    N = x.shape[0]
+    logits = F.linear(x.float(), wr.float())
+    p = logits.sigmoid()
+    sel = p + bias
+    gs = sel.view(N, NG, E // NG).topk(2, -1).values.sum(-1)
+    keep = torch.zeros_like(gs, dtype=torch.bool).scatter_(1, gs.topk(TG, -1).indices, True)
+    sel = sel.masked_fill(~keep.repeat_interleave(E // NG, 1), float("-inf"))
+    idx = sel.topk(K, -1).indices
+    w = p.gather(1, idx)
+    return idx, w / (w.sum(-1, keepdim=True) + 1e-20) * SCALE, logits
+
+
+def grouped_mm_experts(x, idx, w, w13, w2):
+    """Sort pairs by expert, gather, two torch._grouped_mm calls, SwiGLU, un-permute, fp32 weighted sum."""
+    N = x.shape[0]
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    ends = torch.searchsorted(flat[order], torch.arange(1, E + 1, device=x.device)).to(torch.int32)
+    xs = x[order // K]
+    gu = torch._grouped_mm(xs, w13.transpose(1, 2), offs=ends)
+    hh = F.silu(gu[:, :INTER]) * gu[:, INTER:]
+    o = torch._grouped_mm(hh, w2.transpose(1, 2), offs=ends)
+    out = torch.empty_like(o).index_copy(0, order, o)
+    return (out.view(N, K, H).float() * w[..., None]).sum(1).to(x.dtype)
+
+
+def grouped_mm_moe(x, wr, bias, w13, w2):
+    idx, w, _ = torch_route(x, wr, bias)
+    return grouped_mm_experts(x, idx, w, w13, w2)
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------------
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def make_weights(seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    wr = (torch.randn(E, H, device=DEV, generator=g) * H ** -0.5).bfloat16()
+    bias = torch.randn(E, device=DEV, generator=g) * 1e-3
+    w13 = (torch.randn(E, 2 * INTER, H, device=DEV, generator=g) * H ** -0.5).bfloat16()
+    w2 = (torch.randn(E, H, INTER, device=DEV, generator=g) * INTER ** -0.5).bfloat16()
+    return wr, bias, w13, w2
+
+
+def fused_fwd(x, wr, bias, w13, w2, **kw):
+    return fused.moe_forward(x, wr, bias, w13, w2, None, **ROUTE, **kw)[0]
+
+
+def fwd_bwd(fn, x, wr, w13, w2, gy):
+    leaves = [t.detach().requires_grad_(True) for t in (x, wr, w13, w2)]
+
+    def run():
+        y = fn(*leaves)
+        return torch.autograd.grad(y, leaves, gy)
+    return run
+
+
+def stage_times(x, wr, bias, w13, w2):
+    """Per-stage forward times of the fused path (the profile)."""
+    N = x.shape[0]
+    idx, w, _ = triton_route.router_forward(x, wr, bias, K, NG, TG, SCALE, True)
+    pair, eoff = triton_route.make_plan(idx, E)
+    h, _ = triton_gemm.gateup(x, w13, pair, eoff, K, save_ab=False)
+    o = torch.empty(N * K, H, dtype=x.dtype, device=DEV)
+    ds = (w2.stride(0), w2.stride(1), w2.stride(2))
+    return dict(
+        router=bench(lambda: triton_route.router_forward(x, wr, bias, K, NG, TG, SCALE, True)),
+        plan=bench(lambda: triton_route.make_plan(idx, E)),
+        gateup=bench(lambda: triton_gemm.gateup(x, w13, pair, eoff, K, save_ab=False)),
+        down=bench(lambda: triton_gemm.rows_gemm(h, w2, ds, H, pair, eoff, K, o)),
+        combine=bench(lambda: triton_gemm.combine(o, w, None, x.dtype)),
+    )
+
+
+def check_exactness(x, wr, bias, w13, w2):
+    """Bitwise repeatability and batch invariance (rows alone and in a 64-row batch equal the full batch's)."""
+    y = fused_fwd(x, wr, bias, w13, w2)
+    rep = torch.equal(y, fused_fwd(x, wr, bias, w13, w2))
+    inv = torch.equal(fused_fwd(x[:64], wr, bias, w13, w2), y[:64])
+    for i in (0, x.shape[0] // 2 + 3, x.shape[0] - 1):
+        inv &= torch.equal(fused_fwd(x[i:i + 1], wr, bias, w13, w2)[0], y[i])
+    return rep, inv
+
+
+def run_point(N, wr, bias, w13, w2, bw, with_loop=True):
+    g = torch.Generator(device=DEV).manual_seed(N)
+    x = torch.randn(N, H, device=DEV, generator=g).bfloat16()
+    gy = torch.randn(N, H, device=DEV, generator=g).bfloat16()
+    r = dict(tokens=N)
+
+    # accuracy: fused and the bf16 reference, each against fp64 on the fused routing
+    y, idx, w, _ = fused.moe_forward(x, wr, bias, w13, w2, None, **ROUTE)
+    ridx, _, _ = ref.route(x, wr, bias, **ROUTE)
+    r["router_rows_equal_ref"] = (idx == ridx).all(1).float().mean().item()
+    tidx = torch_route(x, wr, bias)[0]
+    r["router_rows_equal_torch"] = (idx.sort(1).values == tidx.sort(1).values).all(1).float().mean().item()
+    y64 = ref.moe_experts(x.double(), idx, w.double(), w13.double(), w2.double())
+    r["rel_err_fused_vs_fp64"] = rel(y, y64)
+    r["rel_err_refbf16_vs_fp64"] = rel(ref.moe_experts(x, idx, w, w13, w2), y64)
+    r["rel_err_grouped_mm_vs_fp64"] = rel(grouped_mm_experts(x, idx, w, w13, w2), y64)
+    del y64
+    r["bitwise_repeatable"], r["batch_invariant"] = check_exactness(x, wr, bias, w13, w2)
+
+    # forward times (ms)
+    r["fused_fwd"] = bench(lambda: fused_fwd(x, wr, bias, w13, w2))
+    r["fused_fwd_atomic"] = bench(lambda: fused_fwd(x, wr, bias, w13, w2, deterministic=False))
+    r["grouped_mm_fwd"] = bench(lambda: grouped_mm_moe(x, wr, bias, w13, w2))
+    r["grouped_mm_experts_only"] = bench(lambda: grouped_mm_experts(x, idx, w, w13, w2))
+    r["fused_experts_only"] = bench(lambda: fused.moe_experts(x, idx, w, w13, w2))
+    if with_loop:
+        r["loop_fwd"] = bench_slow(lambda: ref.moe_forward(x, wr, bias, w13, w2, None, **ROUTE))
+    a13 = torch.randn(N * K, H, device=DEV, dtype=torch.bfloat16)
+    b13 = torch.randn(H, 2 * INTER, device=DEV, dtype=torch.bfloat16)
+    a2 = torch.randn(N * K, INTER, device=DEV, dtype=torch.bfloat16)
+    b2 = torch.randn(INTER, H, device=DEV, dtype=torch.bfloat16)
+    r["dense_equiv"] = bench(lambda: a13 @ b13) + bench(lambda: a2 @ b2)
+    touched = torch.unique(idx).numel()
+    r["experts_touched"] = touched
+    r["floor"] = touched * 3 * H * INTER * 2 / (bw * 1e12) * 1e3
+    r["stages"] = stage_times(x, wr, bias, w13, w2)
+
+    # forward + backward
+    r["fused_fwdbwd"] = bench(fwd_bwd(lambda *a: fused_fwd(a[0], a[1], bias, a[2], a[3]), x, wr, w13, w2, gy))
+    try:
+        r["grouped_mm_fwdbwd"] = bench(fwd_bwd(lambda *a: grouped_mm_moe(a[0], a[1], bias, a[2], a[3]),
+                                               x, wr, w13, w2, gy))
+    except RuntimeError as e:  # a torch without _grouped_mm backward
+        r["grouped_mm_fwdbwd"] = None
+        r["grouped_mm_fwdbwd_error"] = str(e)[:200]
+    if N <= 1024:  # gradients vs autograd through the reference, and bitwise-repeatable backward
+        got = fwd_bwd(lambda *a: fused_fwd(a[0], a[1], bias, a[2], a[3]), x, wr, w13, w2, gy)()
+        again = fwd_bwd(lambda *a: fused_fwd(a[0], a[1], bias, a[2], a[3]), x, wr, w13, w2, gy)()
+        want = fwd_bwd(lambda *a: ref.moe_forward(a[0], a[1], bias, a[2], a[3], None, **ROUTE)[0],
+                       x, wr, w13, w2, gy)()
+        r["grad_rel_err_vs_ref"] = {n: rel(a, b) for n, a, b in zip(("x", "router", "w13", "w2"), got, want)}
+        r["grad_bitwise_repeatable"] = all(torch.equal(a, b) for a, b in zip(got, again))
+    r["speedup_fwd_vs_grouped_mm"] = r["grouped_mm_fwd"] / r["fused_fwd"]
+    r["fwd_pct_of_floor"] = 100 * r["floor"] / r["fused_fwd"]
+    return r
+
+
+SWEEP = {
+    "gateup": [(64, 64, 64, 4, 4), (64, 128, 64, 8, 3), (64, 128, 64, 4, 3), (64, 64, 128, 4, 3),
+               (128, 64, 64, 8, 3), (64, 32, 128, 4, 4), (128, 128, 64, 8, 3)],
+    "down": [(64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (64, 128, 128, 4, 3), (64, 64, 128, 4, 4),
+             (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)],
+}
+
+
+def sweep(tokens, wr, bias, w13, w2):
+    """Time the two forward GEMMs under candidate block configs (development aid; the shipped config is fixed)."""
+    out = {}
+    for N in tokens:
+        x = torch.randn(N, H, device=DEV).bfloat16()
+        idx, w, _ = triton_route.router_forward(x, wr, bias, K, NG, TG, SCALE, True)
+        pair, eoff = triton_route.make_plan(idx, E)
+        h, _ = triton_gemm.gateup(x, w13, pair, eoff, K, save_ab=False)
+        o = torch.empty(N * K, H, dtype=x.dtype, device=DEV)
+        ds = (w2.stride(0), w2.stride(1), w2.stride(2))
+        calls = {"gateup": lambda: triton_gemm.gateup(x, w13, pair, eoff, K, save_ab=False),
+                 "down": lambda: triton_gemm.rows_gemm(h, w2, ds, H, pair, eoff, K, o)}
+        for which, cands in SWEEP.items():
+            keep = dict(triton_gemm.GEMM_CFG[which])
+            for bm, bn, bk, nw, ns in cands:
+                triton_gemm.GEMM_CFG[which] = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+                try:
+                    t = bench(calls[which], rep=100)
+                except Exception as e:  # noqa: BLE001  (a config that does not compile is a result too)
+                    t = float("nan")
+                    print(f"  {which} {bm, bn, bk, nw, ns}: {type(e).__name__}")
+                out[f"{which} N={N} {bm}x{bn}x{bk} w{nw} s{ns}"] = t
+                print(f"sweep {which:7s} N={N:5d} BM={bm:3d} BN={bn:3d} BK={bk:3d} warps={nw} stages={ns}: {t:.4f} ms")
+            triton_gemm.GEMM_CFG[which] = keep
+    return out
+
+
+def lm_head_bench():
+    from ringlinear.ops.lm_head import triton as lmt
+    V = 157184
+    w = (torch.randn(V, H, device=DEV) * H ** -0.5).bfloat16()
+    res = {}
+    for N in (1, 64, 8192):
+        x = torch.randn(N, H, device=DEV).bfloat16()
+        out = lmt.lm_head_fp32(x, w)
+        res[N] = dict(
+            rel_err_vs_fp32=rel(out, F.linear(x.float(), w.float())),
+            batch_invariant=bool(torch.equal(lmt.lm_head_fp32(x[:1], w)[0], out[0])),
+            triton=bench(lambda: lmt.lm_head_fp32(x, w)),
+            mm_out_dtype=bench(lambda: torch.mm(x, w.t(), out_dtype=torch.float32)),
+            fp32_upcast=bench(lambda: F.linear(x.float(), w.float())),
+            weight_floor=V * H * 2 / 1e9,  # GB: divide by TB/s -> ms
+        )
+        print(f"lm_head N={N}: {res[N]}")
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, nargs="+", default=[64, 1024, 8192])
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--lm-head", action="store_true")
+    ap.add_argument("--no-loop", action="store_true", help="skip the (slow) loop-over-experts baseline")
+    args = ap.parse_args()
+
+    card = torch.cuda.get_device_name()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    bw = copy_bandwidth()
+    print(f"card: {card}; torch {torch.__version__}; copy bandwidth {bw:.2f} TB/s (read + write)")
+    wr, bias, w13, w2 = make_weights()
+    result = dict(date=datetime.date.today().isoformat(), card=card, torch=torch.__version__, copy_tb_s=bw,
+                  shape=dict(hidden=H, experts=E, inter=INTER, top_k=K, n_group=NG, topk_group=TG))
+    if args.sweep:
+        result["sweep"] = sweep(args.tokens, wr, bias, w13, w2)
+    if args.lm_head:
+        result["lm_head"] = lm_head_bench()
+    points = [run_point(N, wr, bias, w13, w2, bw, with_loop=not args.no_loop) for N in args.tokens]
+    result["points"] = points
+
+    print(f"\nFused MoE, {card}, ms (median); floor = touched expert weights / {bw:.2f} TB/s")
+    hdr = ("tokens", "fused", "atomic", "grouped_mm", "speedup", "loop", "dense-eq", "floor", "%floor",
+           "fused f+b", "g_mm f+b", "err fused", "err ref", "bitwise", "invariant")
+    print(" | ".join(f"{h:>10s}" for h in hdr))
+    for r in points:
+        row = (r["tokens"], r["fused_fwd"], r["fused_fwd_atomic"], r["grouped_mm_fwd"], r["speedup_fwd_vs_grouped_mm"],
+               r.get("loop_fwd", float("nan")), r["dense_equiv"], r["floor"], r["fwd_pct_of_floor"],
+               r["fused_fwdbwd"], r["grouped_mm_fwdbwd"] or float("nan"), r["rel_err_fused_vs_fp64"],
+               r["rel_err_refbf16_vs_fp64"], r["bitwise_repeatable"], r["batch_invariant"])
+        print(" | ".join(f"{v:>10}" if isinstance(v, (int, bool)) else f"{v:>10.4g}" for v in row))
+    for r in points:
+        print(f"stages N={r['tokens']}: " + ", ".join(f"{k} {v:.4f}" for k, v in r["stages"].items()))
+    print(json.dumps(result, default=float))
+
+
+if __name__ == "__main__":
+    main()
