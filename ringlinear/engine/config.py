@@ -1,0 +1,39 @@
+"""Engine settings. Defaults suit a single GPU; tests pass small values to exercise preemption and chunking."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LIGHTNING_CHUNK = 64  # the chunk of the lightning prefill algorithm; prefill chunks are multiples of it
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 64               # running requests at once (= linear-state slots)
+    max_num_batched_tokens: int = 1024   # per-step token budget (decode tokens + prefill chunks)
+    prefill_chunk: int = 512             # a request's prompt is prefilled in pieces of exactly this many tokens
+    block_size: int = 16                 # tokens per KV block (softmax layers)
+    num_kv_blocks: int | None = None     # None: from kv_cache_bytes / free GPU memory
+    kv_cache_bytes: int | None = None    # None: 85% of free GPU memory, or 1 GiB on CPU
+    max_model_len: int | None = None     # None: the checkpoint's max_position_embeddings (capped by the cache)
+    device: str | None = None            # None: cuda if available else cpu
+    dtype: str | None = "auto"           # auto = the checkpoint's torch_dtype
+    # Batch invariance: GEMM rows computed in fixed blocks so a row's result never depends on its neighbours.
+    # None = on for CPU (measured bitwise), off on CUDA (not verified there; see docs/serving.md).
+    batch_invariant: bool | None = None
+    row_block: int = 16
+    cuda_graphs: bool = True             # capture decode steps (CUDA only; untested on GPU so far)
+    cuda_graph_max_batch: int = 64
+    cpu_threads: int | None = None       # torch intra-op threads on CPU (None: leave torch's default)
+
+    def __post_init__(self):
+        if self.prefill_chunk < 1 or self.prefill_chunk % LIGHTNING_CHUNK:
+            raise ValueError(f"prefill_chunk must be a positive multiple of {LIGHTNING_CHUNK} (chunk boundaries of "
+                             f"the lightning algorithm), got {self.prefill_chunk}")
+        if self.max_num_batched_tokens < self.prefill_chunk:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= prefill_chunk "
+                             f"({self.prefill_chunk})")
+        for name in ("max_num_seqs", "block_size", "row_block"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError("num_kv_blocks must be >= 1")

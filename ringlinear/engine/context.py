@@ -1,0 +1,68 @@
+"""The engine's attention context: linear layers read and write state slots, softmax layers the paged KV cache.
+
+A step packs N sequences: the first `num_decode` have one token each (decode kernels), the rest are prefill
+pieces (chunked kernels continuing from the slot state / cached prefix). Which path a sequence takes depends only
+on its own piece, never on the rest of the batch, so its numbers do not change with the batch (numerics.md).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..models.context import AttentionContext
+from ..ops.attention import attention_with_prefix
+from ..ops.lightning_attn import lightning_attn_decode, lightning_attn_prefill
+from .kv_cache import PagedKVCache
+from .state_pool import StatePool
+
+
+class PagedContext(AttentionContext):
+    """Eager context for any mix of decode and prefill pieces.
+
+    seq_lens / starts: tokens computed this step and the position of the first one, per sequence (host ints).
+    """
+
+    def __init__(self, kv: PagedKVCache, states: StatePool, slots: list[int], block_tables: list[list[int]],
+                 starts: list[int], seq_lens: list[int], num_decode: int, device):
+        self.kv, self.states = kv, states
+        self.starts, self.seq_lens = starts, seq_lens
+        self.block_tables = block_tables
+        self.num_decode = num_decode
+        self.device = device
+        cu = [0]
+        for n in seq_lens:
+            cu.append(cu[-1] + n)
+        self.cu = cu
+        self.cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=device)
+        self.positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, seq_lens)]).to(device)
+        self.slot_ids = torch.tensor(slots, dtype=torch.long, device=device)
+        # Flat cache rows of every new token [T] (write targets) and of every sequence's whole context (reads).
+        self.write_rows = torch.cat([kv.token_rows(bt, s, s + n)
+                                     for bt, s, n in zip(block_tables, starts, seq_lens)]).to(device)
+        self.read_rows = [kv.token_rows(bt, 0, s + n).to(device) for bt, s, n in zip(block_tables, starts, seq_lens)]
+        nd = num_decode
+        self.prefill_cu = (self.cu_seqlens[nd:] - cu[nd]).to(torch.int64)
+
+    def linear_attention(self, layer_idx, q, k, v, g_gamma, scale):  # q, k, v [T, H, D]
+        pool = self.states.states[layer_idx]
+        nd = self.num_decode
+        if nd == len(self.seq_lens):
+            return lightning_attn_decode(q, k, v, g_gamma, pool, slot_ids=self.slot_ids, scale=scale)
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = lightning_attn_decode(q[:nd], k[:nd], v[:nd], g_gamma, pool, slot_ids=self.slot_ids[:nd],
+                                             scale=scale)
+        o = lightning_attn_prefill(q[None, nd:], k[None, nd:], v[None, nd:], g_gamma, pool, self.slot_ids[nd:],
+                                   self.prefill_cu, scale=scale)
+        out[nd:] = o[0]
+        return out
+
+    def softmax_attention(self, layer_idx, q, k, v, scale):  # q [T, H, D], k, v [T, KV, D]
+        K, V = self.kv.flat(layer_idx)
+        K[self.write_rows] = k
+        V[self.write_rows] = v
+        out = torch.empty_like(q)
+        # One sequence at a time over its own gathered blocks: its result cannot depend on its neighbours.
+        for i, rows in enumerate(self.read_rows):
+            s, e = self.cu[i], self.cu[i + 1]
+            out[s:e] = attention_with_prefix(q[s:e], K[rows], V[rows], scale)
+        return out

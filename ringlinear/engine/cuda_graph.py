@@ -1,0 +1,150 @@
+"""Decode steps replayed from CUDA graphs (one graph per padded batch size).
+
+Written to be correct by construction but NOT yet run on a GPU (the author had none): `EngineConfig.cuda_graphs
+= False` (`ringlinear serve --enforce-eager`) turns it off. Capture needs every op of the decode step to be free of
+host syncs; the reference MoE (`bincount().tolist()`) is not, so capture fails until a fused MoE kernel lands and
+the runner then falls back to eager with a warning.
+
+A graph sees static tensors only: token ids, positions, slot ids, flat KV write rows, block tables padded to
+`max_blocks` and context lengths, all [B_graph, ...]. Rows beyond the live batch point at the scratch slot and
+scratch block, so they compute garbage that nobody reads. `StaticDecodeStep` is also runnable eagerly (tests use it
+on CPU to check it against the paged context).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..models.context import AttentionContext
+from ..ops.lightning_attn import lightning_attn_decode
+from .kv_cache import PagedKVCache
+from .state_pool import StatePool
+
+log = logging.getLogger(__name__)
+
+
+def paged_decode_attention(q, K, V, block_tables, context_lens, block_size: int, scale: float):
+    """One query per sequence over its paged context, static shapes (graph-capturable).
+
+    q [B, H, D]; K, V flat [rows, KV, D]; block_tables [B, MB] int64; context_lens [B] int64 (>= 1).
+    Returns [B, H, D] in q.dtype; softmax in fp32.
+    """
+    B, H, D = q.shape
+    MB = block_tables.shape[1]
+    L = MB * block_size
+    KVh = K.shape[1]
+    rows = (block_tables[:, :, None] * block_size + torch.arange(block_size, device=q.device)).reshape(B, L)
+    k = K[rows].float()  # [B, L, KV, D]
+    v = V[rows].float()
+    qf = q.float().view(B, KVh, H // KVh, D)
+    scores = torch.einsum("bgrd,blgd->bgrl", qf, k) * scale
+    valid = torch.arange(L, device=q.device)[None, :] < context_lens[:, None]  # [B, L]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    o = torch.einsum("bgrl,blgd->bgrd", p, v)
+    return o.reshape(B, H, D).to(q.dtype)
+
+
+class _StaticContext(AttentionContext):
+    def __init__(self, step: "StaticDecodeStep", B: int):
+        self.step = step
+        self.B = B
+        self.cu_seqlens = torch.arange(B + 1, dtype=torch.int32, device=step.device)
+        self.positions = step.positions[:B]
+
+    def linear_attention(self, layer_idx, q, k, v, g_gamma, scale):
+        return lightning_attn_decode(q, k, v, g_gamma, self.step.states.states[layer_idx],
+                                     slot_ids=self.step.slot_ids[:self.B], scale=scale)
+
+    def softmax_attention(self, layer_idx, q, k, v, scale):
+        s = self.step
+        K, V = s.kv.flat(layer_idx)
+        rows = s.write_rows[:self.B]
+        K.index_copy_(0, rows, k)
+        V.index_copy_(0, rows, v)
+        return paged_decode_attention(q, K, V, s.block_tables[:self.B], s.context_lens[:self.B],
+                                      s.kv.block_size, scale)
+
+
+class StaticDecodeStep:
+    """Static buffers plus the decode forward over the first B of them: (ids, ...) -> logits [B, V] fp32."""
+
+    def __init__(self, model, kv: PagedKVCache, states: StatePool, max_batch: int, max_blocks: int, device):
+        self.model, self.kv, self.states, self.device = model, kv, states, device
+        self.max_batch, self.max_blocks = max_batch, max_blocks
+        z = dict(dtype=torch.long, device=device)
+        self.ids = torch.zeros(max_batch, **z)
+        self.positions = torch.zeros(max_batch, **z)
+        self.slot_ids = torch.full((max_batch,), states.scratch_slot, **z)
+        self.write_rows = torch.full((max_batch,), kv.scratch_block * kv.block_size, **z)
+        self.block_tables = torch.full((max_batch, max_blocks), kv.scratch_block, **z)
+        self.context_lens = torch.ones(max_batch, **z)
+
+    def load(self, seqs) -> int:
+        """Fill the buffers from scheduled decode entries; returns the live batch size."""
+        n = len(seqs)
+        bs = self.kv.block_size
+        ids, pos, slots, rows, lens = [], [], [], [], []
+        table = torch.full((self.max_batch, self.max_blocks), self.kv.scratch_block, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            seq, p = s.seq, s.start
+            ids.append(seq.all_token_ids[p])
+            pos.append(p)
+            slots.append(seq.slot)
+            rows.append(seq.block_table[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            table[i, :len(seq.block_table)] = torch.tensor(seq.block_table)
+        pad = self.max_batch - n
+        self.ids.copy_(torch.tensor(ids + [0] * pad))
+        self.positions.copy_(torch.tensor(pos + [0] * pad))
+        self.slot_ids.copy_(torch.tensor(slots + [self.states.scratch_slot] * pad))
+        self.write_rows.copy_(torch.tensor(rows + [self.kv.scratch_block * bs] * pad))
+        self.context_lens.copy_(torch.tensor(lens + [1] * pad))
+        self.block_tables.copy_(table)
+        return n
+
+    def forward(self, B: int) -> torch.Tensor:
+        hidden = self.model.model.forward_packed(self.ids[:B], _StaticContext(self, B))
+        return self.model.compute_logits(hidden)
+
+
+class DecodeGraphs:
+    """One captured graph per batch size in `sizes`; `run` pads the live batch up to the next size."""
+
+    def __init__(self, step: StaticDecodeStep, sizes: list[int]):
+        self.step = step
+        self.sizes = sorted(sizes)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        pool = None
+        for B in reversed(self.sizes):  # largest first so smaller graphs reuse its memory pool
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up outside capture (lazy inits, Triton autotune)
+                    step.forward(B)
+            torch.cuda.current_stream().wait_stream(stream)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self.outputs[B] = step.forward(B)
+            pool = g.pool()
+            self.graphs[B] = g
+        torch.cuda.synchronize()
+
+    def fits(self, n: int) -> bool:
+        return n <= self.sizes[-1]
+
+    def run(self, seqs) -> torch.Tensor:
+        n = self.step.load(seqs)
+        B = next(b for b in self.sizes if b >= n)
+        self.graphs[B].replay()
+        return self.outputs[B][:n]
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b = b * 2 if b < 8 else b + 8
+    return sizes + [max_batch]

@@ -1,0 +1,199 @@
+"""LLMEngine: requests in, one scheduled model step at a time, outputs (new tokens, text deltas) out.
+
+Synchronous and single-threaded; `AsyncEngine` (async_engine.py) runs it on a background thread for the server,
+`LLM` (llm.py) drives it to completion for offline use.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models.modeling import RingLinearForCausalLM
+from ..models.tokenizer import load_tokenizer
+from .config import EngineConfig
+from .kv_cache import PagedKVCache
+from .model_runner import ModelRunner
+from .sampler import sample_row
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence, Status
+from .state_pool import StatePool
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (bad prompt, too long, ...); the message is safe to show to a client."""
+
+    def __init__(self, message: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.code, self.param = code, param
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]                       # all generated so far
+    text: str                                  # all generated text so far (stop strings cut)
+    new_token_ids: list[int] = field(default_factory=list)
+    delta_text: str = ""
+    logprobs: list[float] | None = None        # one per generated token, when requested
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    finished: bool = False
+    finish_reason: str | None = None           # "stop", "length" or "abort"
+    num_preemptions: int = 0
+    ttft_s: float | None = None                # arrival to first token
+
+
+def _output(seq: Sequence) -> RequestOutput:
+    delta, new = seq.take_delta()
+    p = seq.params
+    return RequestOutput(
+        request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=list(seq.output_token_ids),
+        text=seq.text, new_token_ids=new, delta_text=delta,
+        logprobs=list(seq.logprobs) if p.logprobs else None,
+        top_logprobs=list(seq.top_logprobs) if p.top_logprobs else None,
+        finished=seq.finished, finish_reason=seq.finish_reason, num_preemptions=seq.num_preemptions,
+        ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time)
+
+
+def _resolve_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+class LLMEngine:
+    def __init__(self, model_dir: str | None = None, config: EngineConfig | None = None, *, model=None,
+                 tokenizer=None):
+        self.config = config = config or EngineConfig()
+        if config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)
+        device = _resolve_device(config.device)
+        if model is None:
+            if model_dir is None:
+                raise ValueError("LLMEngine needs model_dir or model")
+            model = RingLinearForCausalLM.from_pretrained(model_dir, dtype=config.dtype, device=device)
+        if tokenizer is None and model_dir is not None:
+            tokenizer = load_tokenizer(model_dir)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        cfg = model.config
+        self.model_config = cfg
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        softmax = [i for i in range(cfg.num_hidden_layers) if cfg.is_softmax_layer(i)]
+        linear = [i for i in range(cfg.num_hidden_layers) if not cfg.is_softmax_layer(i)]
+        H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim_
+        self.states = StatePool(linear, config.max_num_seqs, H, D, device)
+        num_blocks = config.num_kv_blocks or self._auto_blocks(softmax, KV, D, dtype, device)
+        self.kv = PagedKVCache(softmax, num_blocks, config.block_size, KV, D, dtype, device)
+        cache_tokens = num_blocks * config.block_size
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings,
+                                 cache_tokens if softmax else cfg.max_position_embeddings)
+        self.scheduler = Scheduler(config, self.kv, self.states)
+        self.runner = ModelRunner(model, config, self.kv, self.states, self.max_model_len)
+        self.seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        log.info("engine: %s %s, %d state slots (%.1f MiB), %d KV blocks x %d tokens (%.1f MiB), max_model_len %d, "
+                 "batch_invariant=%s, cuda_graphs=%s", device, dtype, config.max_num_seqs,
+                 self.states.memory_bytes() / 2**20, num_blocks, config.block_size, self.kv.memory_bytes() / 2**20,
+                 self.max_model_len, self.runner.batch_invariant, self.runner.graphs is not None)
+
+    def _auto_blocks(self, softmax, KV, D, dtype, device) -> int:
+        per_block = PagedKVCache.bytes_per_block(len(softmax), self.config.block_size, KV, D, dtype) or 1
+        budget = self.config.kv_cache_bytes
+        if budget is None:
+            if device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(device)
+                budget = int(free * 0.85)
+            else:
+                budget = 1 << 30
+        return max(1, budget // per_block)
+
+    # ------------------------------------------------------------------ requests
+    def prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Tokenize and check a request without touching engine state (safe from any thread)."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("text prompts need a tokenizer")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise RequestError("the prompt is empty (it encodes to zero tokens)", param="prompt")
+        V = self.model_config.vocab_size
+        if any(t < 0 or t >= V for t in ids):
+            raise RequestError(f"prompt token ids must be in [0, {V})", param="prompt")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(ids)} tokens; this model's context limit is "
+                               f"{self.max_model_len} (prompt plus at least one generated token)",
+                               code="context_length_exceeded", param="prompt")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise RequestError(f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds this "
+                               f"model's context limit of {self.max_model_len} tokens",
+                               code="context_length_exceeded", param="max_tokens")
+        return ids
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, prepared: bool = False) -> str:
+        """Queue a request; returns its id. `prepared`: prompt is the id list `prepare` returned."""
+        params = params or SamplingParams()
+        ids = list(prompt) if prepared else self.prepare(prompt, params)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.seqs:
+            raise RequestError(f"duplicate request id {rid!r}")
+        seq = Sequence(rid, ids, params, self.tokenizer, self.max_model_len)
+        self.seqs[rid] = seq
+        self.scheduler.add(seq)
+        return rid
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request and free its slot and blocks now. Unknown or finished ids are ignored."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq)
+        seq.finish("abort")
+        return _output(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs)
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; returns an output for every request that produced a token or finished."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        logits = self.runner.execute(batch)
+        self.scheduler.commit(batch)
+        outputs = []
+        row = 0
+        for s in batch.seqs:
+            if not s.sample:
+                continue
+            seq = s.seq
+            token, lp, top = sample_row(logits[row], seq)
+            row += 1
+            seq.append_token(token, lp, top)
+            if seq.finished:
+                self.scheduler.finish(seq)
+                del self.seqs[seq.request_id]
+            outputs.append(_output(seq))
+        return outputs
+
+    # ------------------------------------------------------------------ introspection
+    def stats(self) -> dict:
+        return {
+            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+            "free_kv_blocks": self.kv.allocator.num_free, "total_kv_blocks": self.kv.num_blocks,
+            "free_state_slots": self.states.num_free, "total_state_slots": self.states.num_slots,
+            "preemptions": self.scheduler.num_preemptions,
+        }
+
+    def status_of(self, request_id: str) -> Status | None:
+        seq = self.seqs.get(request_id)
+        return None if seq is None else seq.status

@@ -1,0 +1,72 @@
+"""Paged KV cache for the softmax layers: fixed-size blocks, a free-list allocator, per-request block tables.
+
+Every softmax layer owns K and V tensors [num_blocks + 1, block_size, KV, D] in the model dtype. A request's
+block table (a list of block ids) maps its token position p to row `table[p // bs] * bs + p % bs` of the
+flattened [.., KV, D] view; all softmax layers share the request's table. The extra last block is a scratch
+target for padded CUDA-graph rows and is never handed out.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class BlockAllocator:
+    """Free list of block ids. Lowest ids are handed out first, so runs are reproducible."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: pop() yields 0, 1, 2, ...
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"out of KV blocks: need {n}, {len(self._free)} free")
+        out = [self._free.pop() for _ in range(n)]
+        self._used.update(out)
+        return out
+
+    def free(self, blocks: list[int]) -> None:
+        for b in blocks:
+            if b not in self._used:
+                raise RuntimeError(f"block {b} freed twice or never allocated")
+            self._used.remove(b)
+        # Returned in reverse so the most recently freed (still warm in cache) block is reused first.
+        self._free.extend(reversed(blocks))
+
+
+class PagedKVCache:
+    def __init__(self, softmax_layers: list[int], num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device):
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.scratch_block = num_blocks
+        shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
+        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in softmax_layers}
+        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in softmax_layers}
+        self.allocator = BlockAllocator(num_blocks)
+
+    @staticmethod
+    def bytes_per_block(n_softmax_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * n_softmax_layers * block_size * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def flat(self, layer_idx: int):
+        """(K, V) viewed [(num_blocks + 1) * block_size, KV, D]."""
+        k, v = self.k[layer_idx], self.v[layer_idx]
+        return k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
+
+    def token_rows(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        """Flat cache rows [end - start] (int64, CPU) of positions start..end-1 of a request."""
+        pos = torch.arange(start, end)
+        table = torch.tensor(block_table, dtype=torch.long)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.k, self.v) for t in d.values())

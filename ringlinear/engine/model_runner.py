@@ -1,0 +1,72 @@
+"""Runs one scheduled step through the model and returns fp32 logits for the rows that sample.
+
+CPU: eager, with `RowBlockMode` (batch-invariant GEMMs) on by default. CUDA: eager for steps with prefill pieces;
+all-decode steps replay a CUDA graph when `config.cuda_graphs` (see cuda_graph.py: untested on GPU so far).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from .batch_invariant import RowBlockMode
+from .config import EngineConfig
+from .context import PagedContext
+from .cuda_graph import DecodeGraphs, StaticDecodeStep, graph_batch_sizes
+from .kv_cache import PagedKVCache
+from .scheduler import Batch
+from .state_pool import StatePool
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model, config: EngineConfig, kv: PagedKVCache, states: StatePool, max_model_len: int):
+        self.model = model
+        self.config = config
+        self.kv, self.states = kv, states
+        self.device = next(model.parameters()).device
+        invariant = config.batch_invariant
+        if invariant is None:
+            invariant = self.device.type == "cpu"
+        self.batch_invariant = invariant
+        self.graphs: DecodeGraphs | None = None
+        if config.cuda_graphs and self.device.type == "cuda":
+            self._capture(max_model_len)
+
+    def _mode(self):
+        return RowBlockMode(self.config.row_block) if self.batch_invariant else contextlib.nullcontext()
+
+    def _capture(self, max_model_len: int) -> None:
+        max_b = min(self.config.max_num_seqs, self.config.cuda_graph_max_batch)
+        step = StaticDecodeStep(self.model, self.kv, self.states, max_b, self.kv.blocks_needed(max_model_len),
+                                self.device)
+        try:
+            with torch.inference_mode(), self._mode():
+                self.graphs = DecodeGraphs(step, graph_batch_sizes(max_b))
+            log.info("captured CUDA graphs for decode batch sizes %s", self.graphs.sizes)
+        except Exception as e:  # capture is an optimisation: run eager rather than refuse to serve
+            log.warning("CUDA graph capture failed (%s: %s); decode runs eagerly", type(e).__name__, e)
+            self.graphs = None
+
+    @torch.inference_mode()
+    def execute(self, batch: Batch) -> torch.Tensor:
+        """-> logits [n_sampling, V] fp32, in the order of the sampling entries of `batch.seqs`."""
+        entries = batch.seqs
+        if self.graphs is not None and batch.all_decode and self.graphs.fits(len(entries)):
+            with self._mode():
+                logits = self.graphs.run(entries)
+            return logits[[i for i, s in enumerate(entries) if s.sample]]
+        ids: list[int] = []
+        for s in entries:
+            ids += s.seq.all_token_ids[s.start:s.start + s.num_tokens]
+        ctx = PagedContext(self.kv, self.states, [s.seq.slot for s in entries], [s.seq.block_table for s in entries],
+                           [s.start for s in entries], [s.num_tokens for s in entries],
+                           sum(1 for s in entries if s.is_decode), self.device)
+        last_rows = [ctx.cu[i + 1] - 1 for i, s in enumerate(entries) if s.sample]
+        with self._mode():
+            hidden = self.model.model.forward_packed(torch.tensor(ids, device=self.device), ctx)
+            if not last_rows:
+                return hidden.new_zeros(0, 0, dtype=torch.float32)
+            return self.model.compute_logits(hidden[last_rows])

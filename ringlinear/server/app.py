@@ -1,0 +1,301 @@
+"""The OpenAI-compatible HTTP app (FastAPI): /v1/models, /v1/completions, /v1/chat/completions, /health.
+
+Every error is an OpenAI-style body {"error": {message, type, param, code}} with a 4xx/5xx status, and the
+server keeps serving. A client that disconnects (streaming or not) has its requests aborted, which frees their
+KV blocks and state slots at once. Import this module only when serving: it needs fastapi.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from ..engine.engine import RequestError
+from .openai_format import SSE_DONE, Formatter, sse
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, pydantic_error_message
+
+log = logging.getLogger(__name__)
+
+
+def _error(status: int, message: str, type: str = "invalid_request_error", param=None, code=None) -> JSONResponse:
+    return JSONResponse(APIError(status, message, type, param, code).body(), status_code=status)
+
+
+class AuthMiddleware:
+    """Pure ASGI (not BaseHTTPMiddleware, which interferes with streaming and disconnect detection)."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(auth, self.expected):
+                resp = _error(401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>'.",
+                              code="invalid_api_key")
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class SSEResponse(StreamingResponse):
+    """Streams `body_iterator` while watching for the client going away; either way the iterator is closed,
+    which aborts the engine requests behind it (independent of the ASGI spec version the server speaks)."""
+
+    async def __call__(self, scope, receive, send):
+        async def stream():
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def disconnected():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        tasks = [asyncio.ensure_future(stream()), asyncio.ensure_future(disconnected())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.body_iterator.aclose()
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, coro):
+    """Run coro; if the client disconnects first, cancel it (its finally blocks abort the requests)."""
+    work = asyncio.ensure_future(coro)
+    watch = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+        await asyncio.gather(work, watch, return_exceptions=True)
+    if work.cancelled():
+        return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
+    return work.result()
+
+
+async def _merged(streams: list[RequestStream]):
+    """(choice index, output) from several streams as they arrive."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, s):
+        try:
+            async for out in s:
+                await q.put((i, out))
+        except Exception as e:  # noqa: BLE001
+            await q.put((i, e))
+        await q.put((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        live = len(streams)
+        while live:
+            i, item = await q.get()
+            if item is None:
+                live -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
+               drain_timeout: float | None = None) -> FastAPI:
+    tok = engine.engine.tokenizer
+    max_model_len = engine.engine.max_model_len
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        # Uvicorn has already waited for in-flight responses; this covers anything left, then stops the thread.
+        engine.accepting = False
+        await engine.wait_idle(drain_timeout)
+        engine.shutdown()
+        log.info("engine stopped")
+
+    app = FastAPI(title="ringlinear", lifespan=lifespan)
+    app.state.engine = engine
+    if api_key:
+        app.add_middleware(AuthMiddleware, api_key=api_key)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, e: RequestValidationError):
+        msg, param = pydantic_error_message(e.errors())
+        return _error(400, msg, param=param)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request, e: RequestError):
+        return _error(400, str(e), param=e.param, code=e.code)
+
+    @app.exception_handler(EngineDeadError)
+    async def _dead(request, e: EngineDeadError):
+        return _error(503, str(e), type="server_error", code="unavailable")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, e: StarletteHTTPException):
+        return _error(e.status_code, str(e.detail), type="invalid_request_error" if e.status_code < 500 else
+                      "server_error")
+
+    @app.exception_handler(Exception)
+    async def _internal(request, e: Exception):
+        log.exception("internal error")
+        return _error(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{model_name}'.",
+                           param="model", code="model_not_found")
+
+    def submit_all(prompts, params, prefix: str) -> list[RequestStream]:
+        """One engine request per (prompt, choice); all or none are queued."""
+        streams: list[RequestStream] = []
+        try:
+            for p in prompts:
+                for sp in params:
+                    streams.append(engine.submit(p, sp, f"{prefix}-{len(streams)}"))
+        except BaseException:
+            for s in streams:
+                s.abort()
+            raise
+        return streams
+
+    async def collect(streams: list[RequestStream]):
+        try:
+            async for _ in _merged(streams):
+                pass
+            return [s.last for s in streams]
+        finally:
+            for s in streams:
+                s.abort()
+
+    async def respond(request, req, streams, prompt_tokens, chunk_object, head, chunks, final, fmt):
+        """Non-streaming: wait for every choice (abort on disconnect) and build the body with `final(outs)`.
+        Streaming: SSE of `head` chunks, then `chunks(i, output)` per engine output, optional usage, [DONE]."""
+        if not req.stream:
+            outs = await _unless_disconnected(request, collect(streams))
+            return outs if isinstance(outs, JSONResponse) else final(outs)
+
+        async def events():
+            try:
+                for c in head:
+                    yield sse(c)
+                async for i, o in _merged(streams):
+                    for c in chunks(i, o):
+                        yield sse(c)
+                if req.stream_options and req.stream_options.include_usage:
+                    done = sum(len(s.last.token_ids) for s in streams)
+                    yield sse(fmt.usage_chunk(chunk_object, prompt_tokens, done))
+            except (EngineDeadError, RequestError) as e:
+                yield sse(APIError(500, str(e), type="server_error").body())
+            finally:
+                for s in streams:
+                    s.abort()
+            yield SSE_DONE
+
+        return SSEResponse(events(), media_type="text/event-stream")
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return _error(503, f"engine not running: {engine.error}", type="server_error")
+        return {"status": "ok" if engine.accepting else "draining"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "ringlinear", "max_model_len": max_model_len}]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model_info(name: str):
+        check_model(name)
+        return {"id": model_name, "object": "model", "created": 0, "owned_by": "ringlinear"}
+
+    @app.get("/stats")
+    async def stats():
+        return {**await asyncio.to_thread(engine.call, lambda e: e.stats()), "in_flight": engine.num_in_flight}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        req.validate_request()
+        check_model(req.model)
+        prompts = req.prompts()
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        want_lp = req.logprobs is not None
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        params = [req.sampling_params(max_tokens, want_lp, req.logprobs or 0, j) for j in range(req.n)]
+        streams = submit_all(prompts, params, rid)
+        fmt = Formatter(tok, model_name, rid)
+        prompt_tokens = sum(s.num_prompt_tokens for s in streams[::req.n])
+        offsets = [0] * len(streams)
+
+        def chunks(i, o):
+            yield fmt.completion_chunk(i, o, want_lp, offsets[i])
+            offsets[i] += len(o.delta_text)
+
+        return await respond(request, req, streams, prompt_tokens, "text_completion", [], chunks,
+                             lambda outs: fmt.completion(outs, prompt_tokens, want_lp), fmt)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, request: Request):
+        req.validate_request()
+        check_model(req.model)
+        if tok is None or not tok.chat_template:
+            raise APIError(400, "this model has no chat template; use /v1/completions")
+        try:
+            text = tok.apply_chat_template([m.as_template_dict() for m in req.messages], add_generation_prompt=True,
+                                           tools=req.tools, **(req.chat_template_kwargs or {}))
+        except Exception as e:  # noqa: BLE001  (template errors are the client's messages' fault)
+            raise APIError(400, f"could not apply the chat template: {e}", param="messages") from None
+        ids = tok.encode(text)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is None:
+            max_tokens = max(1, max_model_len - len(ids))
+        want_lp = req.logprobs
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        params = [req.sampling_params(max_tokens, want_lp, req.top_logprobs or 0, j) for j in range(req.n)]
+        streams = submit_all([ids], params, rid)
+        fmt = Formatter(tok, model_name, rid)
+        prompt_tokens = len(ids)
+
+        def chunks(i, o):
+            lp = fmt.chat_delta_logprobs(o) if want_lp else None
+            if o.delta_text or lp:
+                yield fmt.chat_chunk(i, {"content": o.delta_text}, logprobs=lp)
+            if o.finished:
+                yield fmt.chat_chunk(i, {}, o.finish_reason)
+
+        head = [fmt.chat_chunk(i, {"role": "assistant", "content": ""}) for i in range(len(streams))]
+        return await respond(request, req, streams, prompt_tokens, "chat.completion.chunk", head, chunks,
+                             lambda outs: fmt.chat(outs, prompt_tokens, want_lp), fmt)
+
+    return app

@@ -1,0 +1,73 @@
+"""`ringlinear serve --model DIR`: the OpenAI-compatible server. fastapi/uvicorn are imported only when it runs."""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching engine)")
+    s.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("RINGLINEAR_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $RINGLINEAR_API_KEY, else open)")
+    s.add_argument("--served-model-name", default=None, help="model id clients send (default: directory name)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--dtype", default="auto", help="auto (checkpoint torch_dtype), bfloat16, float16, float32")
+    s.add_argument("--max-num-seqs", type=int, default=64, help="running requests at once (= linear-state slots)")
+    s.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget per step")
+    s.add_argument("--prefill-chunk", type=int, default=512, help="prefill piece size (multiple of 64)")
+    s.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    s.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks (default: from memory)")
+    s.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="memory for the KV cache (default: 85%% of free GPU memory, 1 GiB on CPU)")
+    s.add_argument("--max-model-len", type=int, default=None, help="context limit (prompt + output)")
+    s.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    s.add_argument("--batch-invariant", choices=("auto", "on", "off"), default="auto",
+                   help="fixed-block GEMMs so results do not depend on the batch (auto: on for CPU)")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument("--drain-timeout", type=float, default=None,
+                   help="on shutdown, seconds to wait for in-flight requests (default: until they finish)")
+    s.set_defaults(func=cmd_serve)
+
+
+def build_engine(args):
+    from ..engine import EngineConfig, LLMEngine
+    cfg = EngineConfig(
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        prefill_chunk=args.prefill_chunk, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+        kv_cache_bytes=None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30),
+        max_model_len=args.max_model_len, device=args.device, dtype=args.dtype,
+        batch_invariant={"auto": None, "on": True, "off": False}[args.batch_invariant],
+        cuda_graphs=not args.enforce_eager, cpu_threads=args.threads)
+    return LLMEngine(args.model, cfg)
+
+
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise SystemExit("ringlinear serve needs fastapi and uvicorn: pip install 'ringlinear[serve]'") from None
+    from ..engine.async_engine import AsyncEngine
+    from .app import create_app
+
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"model directory {args.model} does not exist")
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    engine = AsyncEngine(build_engine(args))
+    app = create_app(engine, name, api_key=args.api_key, drain_timeout=args.drain_timeout)
+    log.info("serving %r on http://%s:%d/v1 (api key %s)", name, args.host, args.port,
+             "required" if args.api_key else "not required")
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                           timeout_keep_alive=5))
+    try:
+        server.run()  # Ctrl-C: stop accepting, finish in-flight responses, run the lifespan shutdown
+    except KeyboardInterrupt:  # uvicorn re-raises the captured signal after its graceful shutdown
+        pass
+    finally:
+        engine.shutdown()
+    log.info("server stopped cleanly")
+    return 0

@@ -1,0 +1,155 @@
+"""OpenAI request schemas (strictly typed: a wrong type is a 400, never a silent coercion) and error bodies."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+
+
+class APIError(Exception):
+    """Turned into an OpenAI-style error response: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    # Unknown fields are ignored (clients send vendor extras); known ones must have the documented type.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Common(_Strict):
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None                   # extension (0 = off)
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None    # extension
+    ignore_eos: bool = False                   # extension (benchmarks)
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    def check_unsupported(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise APIError(400, f"{name} is not supported (only 0)", param=name)
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        if not 1 <= self.n <= 16:
+            raise APIError(400, f"n must be in [1, 16], got {self.n}", param="n")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
+
+    def sampling_params(self, max_tokens: int, logprobs: bool, top_logprobs: int, index: int) -> SamplingParams:
+        if max_tokens < 1:
+            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        seed = self.seed
+        if seed is not None and self.n > 1:
+            seed += index  # n choices: independent streams, reproducible as a set
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+                top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, seed=seed,
+                stop=self.stop or [], stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
+                logprobs=logprobs, top_logprobs=top_logprobs)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        if isinstance(p[0], int):
+            return [p]
+        return list(p)
+
+    def validate_request(self) -> None:
+        self.check_unsupported()
+        if self.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        if self.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if self.best_of not in (None, 1, self.n):
+            raise APIError(400, "best_of other than n is not supported", param="best_of")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise APIError(400, f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="logprobs")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    model_config = ConfigDict(strict=True, extra="allow")  # tool_calls etc. pass through to the template
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_template_dict(self) -> dict[str, Any]:
+        d = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):
+            d["content"] = "".join(p.text for p in self.content)
+        d.setdefault("content", "")
+        if d["role"] == "developer":
+            d["role"] = "system"
+        return d
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # extension, e.g. {"enable_thinking": false}
+
+    def validate_request(self) -> None:
+        self.check_unsupported()
+        if self.top_logprobs is not None:
+            if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+                raise APIError(400, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
+            if self.top_logprobs and not self.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+
+
+def pydantic_error_message(errors: list[dict]) -> tuple[str, str | None]:
+    """First validation error as (message, param) in OpenAI's wording style."""
+    if not errors:
+        return "invalid request", None
+    e = errors[0]
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    if e.get("type") == "json_invalid":
+        return f"request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
+    if e.get("type") == "missing":
+        return f"missing required parameter: '{param}'", param
+    return f"invalid value for '{param}': {e.get('msg')}", param
