@@ -1,0 +1,195 @@
+"""`TrainConfig`: every `ringlinear train` flag, its presets, and the model shapes the presets train.
+
+The CLI is generated from the dataclass: field `seq_len` is flag `--seq-len`, its help is the field's `help`
+metadata, booleans get `--x/--no-x`. A preset fills every field; flags given on the command line override it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from ..models.config import RingLinearConfig, get_preset
+
+
+def _f(default, help: str, **meta):
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train
+    preset: str = _f("tiny-code", "training preset (fills every field; flags override): see --list-presets")
+    data: list = _f([], "corpus: files, directories or globs of .txt/.md/.py, .jsonl (text field) and .parquet; "
+                        "empty = the embedded default (this Python's standard-library sources)", nargs="*",
+                    type=str)
+    text_field: str = _f("text", "field holding the document text in .jsonl records and .parquet columns")
+    out: str = _f("runs/train", "output directory: checkpoints/, final/, metrics.jsonl, loss.png, data cache")
+    init_from: str = _f("", "continue from this checkpoint directory (its weights and tokenizer), e.g. the "
+                            "output of `ringlinear convert`; empty = random init")
+    model_preset: str = _f("tiny-code", "model shape for random init: a training shape (tiny-code, tiny-test) "
+                                        "or a model preset (tiny, small, ring-mini-linear-2.0, ...)")
+    model_config: str = _f("", "config.json for random init (overrides --model-preset)")
+    tokenizer: str = _f("", "directory with tokenizer.json to use instead of training a BPE")
+    vocab_size: int = _f(4096, "BPE vocabulary size when training a tokenizer (the model's vocab follows it)")
+    bpe_sample_mb: float = _f(8.0, "MB of training text the BPE is learnt from")
+    max_corpus_mb: float = _f(0.0, "use at most this many MB of (shuffled) documents; 0 = all")
+    # --- batch and schedule
+    seq_len: int = _f(256, "tokens per packed row")
+    batch_size: int = _f(8, "rows per micro-batch per process")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    steps: int = _f(400, "optimizer steps (the LR schedule spans these)")
+    stop_at: int = _f(0, "stop (with a checkpoint) after this step, keeping the schedule of --steps; resume "
+                         "later with --resume; 0 = run to --steps")
+    lr: float = _f(3e-3, "peak learning rate")
+    min_lr_ratio: float = _f(0.1, "final LR as a fraction of --lr")
+    schedule: str = _f("cosine", "LR schedule after warmup", choices=["cosine", "wsd", "constant"])
+    warmup_steps: int = _f(30, "linear warmup steps")
+    decay_fraction: float = _f(0.2, "WSD: fraction of --steps spent decaying at the end")
+    weight_decay: float = _f(0.1, "AdamW weight decay (never on norms, embeddings, biases)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
+    seed: int = _f(0, "seed for init, document shuffling, split and row order")
+    # --- MoE balancing (Ling-2.0 recipe)
+    bias_update_rate: float = _f(1e-3, "aux-loss-free balancing: expert_bias += rate * sign(mean load - load) "
+                                       "after every step (0 = off)")
+    seq_aux_loss_coef: float = _f(0.0, "weight of the sequence-level balance loss (e.g. 1e-4; 0 = off)")
+    # --- evaluation and output
+    val_fraction: float = _f(0.02, "fraction of documents held out for validation")
+    eval_every: int = _f(100, "validation loss every N steps (also at the start and the end; 0 = only those)")
+    eval_rows: int = _f(32, "rows of the held-out set scored per validation (0 = all)")
+    save_every: int = _f(200, "checkpoint every N steps (and at the end; 0 = only at the end)")
+    keep_last: int = _f(2, "keep the last N checkpoints")
+    resume: str = _f("", "'auto' = latest checkpoint in --out, or a checkpoint directory; continues exactly")
+    progress: bool = _f(True, "progress bar (tqdm) on a terminal; plain log lines otherwise")
+    plot: bool = _f(True, "write loss.png (matplotlib) at the end")
+    # --- performance
+    device: str = _f("auto", "auto (cuda if available), cpu, cuda, cuda:N")
+    precision: str = _f("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", choices=["auto", "fp32", "bf16"])
+    grad_checkpointing: bool = _f(False, "activation checkpointing per decoder layer")
+    compile: bool = _f(False, "torch.compile the model")
+    fsdp: bool = _f(False, "FSDP2 (fully_shard) instead of DDP, CUDA only: see docs/training.md")
+    threads: int = _f(0, "torch CPU threads per process (0 = torch default)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown training option(s) {sorted(unknown)}")
+        return cls(**d)
+
+    def replace(self, **kw) -> "TrainConfig":
+        return dataclasses.replace(self, **kw)
+
+    def validate(self) -> "TrainConfig":
+        pos = {"seq_len": 2, "batch_size": 1, "grad_accum": 1, "steps": 1, "vocab_size": 64, "keep_last": 1}
+        for k, lo in pos.items():
+            if getattr(self, k) < lo:
+                raise ValueError(f"--{k.replace('_', '-')} must be >= {lo}, got {getattr(self, k)}")
+        for k in ("eval_every", "save_every", "warmup_steps", "stop_at", "eval_rows", "threads"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"--{k.replace('_', '-')} must be >= 0")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
+            raise ValueError("--min-lr-ratio must be in [0, 1] and --decay-fraction in (0, 1]")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.stop_at > self.steps:
+            raise ValueError(f"--stop-at {self.stop_at} is past --steps {self.steps}")
+        return self
+
+
+# Fields that define the run: changing them on --resume would not continue the same run.
+RUN_DEFINING = ("data", "text_field", "init_from", "model_preset", "model_config", "tokenizer", "vocab_size",
+                "bpe_sample_mb", "max_corpus_mb", "seq_len", "seed", "val_fraction")
+
+
+# ---------------------------------------------------------------------- presets
+def _tiny_code() -> TrainConfig:
+    # Sized so `make demo` (BPE, ~400 steps, generation) finishes in a few minutes on a 2-core CPU.
+    return TrainConfig()
+
+
+def _tiny_test() -> TrainConfig:
+    """Seconds-long runs for tests: the tiny model on a small corpus."""
+    return TrainConfig(preset="tiny-test", model_preset="tiny-test", vocab_size=320, bpe_sample_mb=1.0,
+                       seq_len=64, batch_size=4, steps=20, lr=3e-3, warmup_steps=2, eval_every=10, eval_rows=8,
+                       save_every=10, keep_last=2, bias_update_rate=1e-2, plot=False)
+
+
+def _small_code() -> TrainConfig:
+    """The `small` model preset (~17M params) on the whole default corpus: an hour-scale CPU run."""
+    return TrainConfig(preset="small-code", model_preset="small", seq_len=512, batch_size=8, grad_accum=2,
+                       steps=3000, lr=2e-3, warmup_steps=100, eval_every=250, save_every=500, bpe_sample_mb=16.0)
+
+
+def _continue() -> TrainConfig:
+    """Continued pre-training of a converted checkpoint (paper §4): WSD, modest LR, longer warmup."""
+    return TrainConfig(preset="continue", schedule="wsd", lr=3e-4, warmup_steps=200, steps=2000, decay_fraction=0.2,
+                       seq_len=4096, batch_size=1, grad_accum=8, eval_every=250, save_every=500, keep_last=3,
+                       grad_checkpointing=True)
+
+
+TRAIN_PRESETS = {
+    "tiny-code": (_tiny_code, "default: a ~6M-param 2:1 hybrid MoE on the stdlib sources, minutes on a laptop CPU"),
+    "tiny-test": (_tiny_test, "the tiny test model, seconds (tests, smoke runs)"),
+    "small-code": (_small_code, "the ~17M-param `small` model, longer run on the whole default corpus"),
+    "continue": (_continue, "continued pre-training after `ringlinear convert` (use with --init-from and --data)"),
+}
+
+
+def get_train_preset(name: str) -> TrainConfig:
+    if name not in TRAIN_PRESETS:
+        raise ValueError(f"unknown training preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}")
+    return TRAIN_PRESETS[name][0]().replace(preset=name)
+
+
+# ---------------------------------------------------------------------- model shapes
+def _tiny_code_model() -> RingLinearConfig:
+    # 6 layers in groups of 3 (2 linear : 1 softmax), dense layer 0, 8 routed experts (top-2 of 2 groups) + shared.
+    return RingLinearConfig(vocab_size=4096, hidden_size=192, intermediate_size=512, num_hidden_layers=6,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=48, num_experts=8,
+                            num_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+                            moe_intermediate_size=128, moe_shared_expert_intermediate_size=128, layer_group_size=3,
+                            group_norm_size=2, max_position_embeddings=4096, rope_theta=10000.0,
+                            eos_token_id=[1, 2], pad_token_id=1, bos_token_id=0, torch_dtype="float32")
+
+
+def _tiny_test_model() -> RingLinearConfig:
+    return get_preset("tiny").replace(eos_token_id=[1, 2], pad_token_id=1, bos_token_id=0)
+
+
+MODEL_SHAPES = {"tiny-code": _tiny_code_model, "tiny-test": _tiny_test_model}
+
+
+def model_config_for(cfg: TrainConfig, vocab_size: int) -> RingLinearConfig:
+    """The architecture to initialise randomly, with the vocabulary sized to the tokenizer (multiple of 64)."""
+    if cfg.model_config:
+        mc = RingLinearConfig.from_json(cfg.model_config)
+    elif cfg.model_preset in MODEL_SHAPES:
+        mc = MODEL_SHAPES[cfg.model_preset]()
+    else:
+        try:
+            mc = get_preset(cfg.model_preset)
+        except KeyError:
+            raise ValueError(f"unknown --model-preset {cfg.model_preset!r}; choose one of "
+                             f"{sorted(MODEL_SHAPES)} or a model preset") from None
+    padded = -(-vocab_size // 64) * 64
+    return mc.replace(vocab_size=max(padded, 64), torch_dtype="float32")
+
+
+def describe_presets() -> str:
+    return "\n".join(f"  {k:12s} {doc}" for k, (_, doc) in TRAIN_PRESETS.items())
+
+
+def dump(cfg: TrainConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)

@@ -1,0 +1,242 @@
+"""The training loop: one process or many (torchrun; DDP over nccl/gloo), exact resume.
+
+Loss normalisation: every step divides the summed token losses by the number of target tokens of the whole step
+(all micro-batches, all processes), counted before the first forward. DDP averages gradients over processes, so
+each process scales by world/global_tokens; the result equals one process on the combined batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import dist as D
+from .balance import MoEBalancer
+from .checkpoint import (find_resume, load_trainer_state, remove_stale_temp, rng_state, save_checkpoint,
+                         set_rng_state, verify_checkpoint)
+from .config import RUN_DEFINING, TrainConfig, model_config_for
+from .optim import make_optimizer, make_scheduler
+from .packing import PackedRows, RowSchedule, collate
+from .prepare import load_streams, prepare
+from .report import MetricsLog, Progress, plot_losses, summary_line
+
+log = logging.getLogger("ringlinear.train")
+
+
+def _on_main(env, fn):
+    """Run fn on rank 0 only; its result (or its error, re-raised everywhere) reaches every rank."""
+    res, err = None, None
+    if env.is_main:
+        try:
+            res = fn()
+        except Exception as e:  # carried to the other ranks so all of them stop with the same message
+            err = e
+    res, err_msg = D.broadcast_object(env, (res, None if err is None else (type(err).__name__, str(err))))
+    if err is not None:
+        raise err
+    if err_msg is not None:
+        raise ValueError(f"rank 0 failed: {err_msg[0]}: {err_msg[1]}")
+    return res
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg.validate()
+        self.env = env = D.setup(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.resume_path, state = None, None
+        if cfg.resume:
+            self.resume_path = _on_main(env, lambda: _checked_resume(cfg))
+            state = load_trainer_state(self.resume_path)
+            _check_same_run(state["config"], cfg)
+        tok_src = self.resume_path or cfg.init_from or cfg.tokenizer or None
+        if env.is_main:
+            os.makedirs(cfg.out, exist_ok=True)
+            remove_stale_temp(os.path.join(cfg.out, "checkpoints"))
+        self.prep = _on_main(env, lambda: prepare(cfg, tok_src))
+        train_stream, val_stream = load_streams(self.prep)
+        self.rows = PackedRows(train_stream, cfg.seq_len)
+        self.val_rows = PackedRows(val_stream, cfg.seq_len, partial=True)
+        if len(self.rows) == 0:
+            raise ValueError(f"the training split has {train_stream.tokens.size} tokens: fewer than one row of "
+                             f"--seq-len {cfg.seq_len}; add data or lower --seq-len")
+        self.sched_rows = RowSchedule(len(self.rows), cfg.seed, cfg.batch_size, cfg.grad_accum, env.world, env.rank)
+        self.model = self._build_model()
+        dev = env.device
+        self.model.to(dev).train()
+        self.model.model.gradient_checkpointing = cfg.grad_checkpointing
+        self.balancer = MoEBalancer(self.model, cfg.bias_update_rate, cfg.seq_aux_loss_coef)
+        self.opt = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps,
+                                  dev.type)
+        self.lr_sched = make_scheduler(self.opt, cfg)
+        self.step = 0
+        self.tokens_seen = 0
+        self.elapsed = 0.0
+        self.val_start = None
+        if state is not None:
+            self._load_state(state)
+        self.fwd = self._wrap()
+        amp = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
+        self.autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+
+    # ------------------------------------------------------------------ setup
+    def _build_model(self):
+        from ..models.modeling import RingLinearForCausalLM
+        from ..models.tokenizer import load_tokenizer
+        cfg = self.cfg
+        tok = load_tokenizer(self.prep.tokenizer_dir)
+        src = self.resume_path or cfg.init_from
+        if src:
+            model = RingLinearForCausalLM.from_pretrained(src, dtype=torch.float32)
+        else:
+            mc = model_config_for(cfg, tok.vocab_size).replace(
+                eos_token_id=tok.stop_token_ids or None, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+            model = RingLinearForCausalLM.from_config(mc, dtype=torch.float32, seed=cfg.seed)
+        if tok.vocab_size > model.config.vocab_size:
+            raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}")
+        return model
+
+    def _load_state(self, st: dict) -> None:
+        cfg = self.cfg
+        saved_global = st["global_rows"]
+        if saved_global != self.sched_rows.global_rows:
+            raise ValueError(f"cannot resume: the checkpoint used {saved_global} rows per step (world x grad-accum x "
+                             f"batch-size), this run {self.sched_rows.global_rows}; keep the product equal")
+        self.opt.load_state_dict(st["optimizer"])
+        # The schedule's lambdas are plain functions, never pickled: they follow this run's --steps.
+        self.lr_sched.load_state_dict(st["scheduler"])
+        self.step, self.tokens_seen, self.elapsed = st["step"], st["tokens"], st["elapsed_s"]
+        self.val_start = st.get("val_start")
+        rngs = st["rng"]
+        set_rng_state(rngs[self.env.rank] if self.env.rank < len(rngs) else rngs[0])
+
+    def _wrap(self):
+        cfg, env = self.cfg, self.env
+        m = self.model
+        if cfg.fsdp:
+            from .fsdp import apply_fsdp
+            m = apply_fsdp(m, env)
+        elif env.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [env.device.index] if env.device.type == "cuda" else None
+            # expert_bias is kept identical on every rank by the balancer: no per-forward buffer broadcast.
+            m = DDP(m, device_ids=ids, broadcast_buffers=False)
+        self.ddp = m if m is not self.model else None
+        return torch.compile(m) if cfg.compile else m
+
+    # ------------------------------------------------------------------ steps
+    def _batches(self, step: int):
+        dev = self.env.device
+        return [collate([self.rows.row(i) for i in mb], dev) for mb in self.sched_rows.micro_batches(step)]
+
+    def forward_backward(self, step: int) -> dict:
+        """Forward and backward of all micro-batches of `step` (gradients left in .grad). Returns step stats."""
+        env = self.env
+        batches = self._batches(step)
+        n_tok = torch.tensor([sum(int((b["labels"] != -100).sum()) for b in batches)], dtype=torch.float64)
+        global_tok = float(D.all_reduce_sum(env, n_tok.to(env.device)).item())
+        scale = env.world / max(global_tok, 1.0)
+        aux_scale = env.world / self.sched_rows.global_rows
+        loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+        aux_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+        for m, b in enumerate(batches):
+            last = m == len(batches) - 1
+            sync = self.ddp.no_sync() if (self.ddp is not None and env.distributed and not last
+                                          and hasattr(self.ddp, "no_sync")) else contextlib.nullcontext()
+            with sync:
+                with self.autocast():
+                    logits = self.fwd(b["input_ids"], cu_seqlens=b["cu_seqlens"]).logits  # [1, T, V] fp32
+                ce = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), b["labels"].view(-1),
+                                     ignore_index=-100, reduction="sum")
+                loss = ce * scale
+                aux = self.balancer.after_forward(b["row_ids"], b["n_rows"])
+                if aux is not None:
+                    loss = loss + aux * aux_scale
+                    aux_sum += aux.detach().double()
+                loss.backward()
+            loss_sum += ce.detach().double()
+        sums = D.all_reduce_sum(env, torch.stack([loss_sum, aux_sum]))
+        return {"loss": float(sums[0]) / max(global_tok, 1.0), "aux_loss": float(sums[1]) / self.sched_rows.global_rows,
+                "target_tokens": global_tok, "tokens": self.sched_rows.global_rows * self.cfg.seq_len}
+
+    def optimizer_step(self) -> dict:
+        cfg = self.cfg
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if cfg.grad_clip > 0:
+            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        else:
+            gn = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
+        lr = self.opt.param_groups[0]["lr"]
+        self.opt.step()
+        self.lr_sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        moe = self.balancer.step(lambda t: D.all_reduce_sum(self.env, t))
+        return {"grad_norm": float(gn), "lr": lr, **moe}
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean token loss over the first --eval-rows held-out rows (split over processes)."""
+        env, cfg = self.env, self.cfg
+        n = len(self.val_rows) if cfg.eval_rows == 0 else min(cfg.eval_rows, len(self.val_rows))
+        if n == 0:
+            return None
+        self.model.eval()
+        mine = list(range(env.rank, n, env.world))
+        tot = torch.zeros(2, dtype=torch.float64, device=env.device)
+        for i in range(0, len(mine), cfg.batch_size):
+            b = collate([self.val_rows.row(j) for j in mine[i:i + cfg.batch_size]], env.device)
+            with self.autocast():
+                logits = self.model(b["input_ids"], cu_seqlens=b["cu_seqlens"]).logits
+            ce = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), b["labels"].view(-1), ignore_index=-100,
+                                 reduction="sum")
+            tot += torch.stack([ce.double(), (b["labels"] != -100).sum().double()])
+        self.model.train()
+        D.all_reduce_sum(env, tot)
+        return float(tot[0] / tot[1].clamp_min(1))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> str | None:
+        env, cfg = self.env, self.cfg
+        rngs = D.gather_objects(env, rng_state())
+        path = None
+        if env.is_main:
+            state = {"step": self.step, "rows_consumed": self.step * self.sched_rows.global_rows,
+                     "global_rows": self.sched_rows.global_rows, "world_size": env.world,
+                     "optimizer": self.opt.state_dict(), "scheduler": self.lr_sched.state_dict(), "rng": rngs,
+                     "config": cfg.to_dict(), "tokens": self.tokens_seen, "elapsed_s": self.elapsed,
+                     "val_start": self.val_start}
+            path = save_checkpoint(os.path.join(cfg.out, "checkpoints"), self.step, self.model,
+                                   self.prep.tokenizer_dir, state, cfg.keep_last)
+        D.barrier(env)
+        return path
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict:
+        from .loop import run
+        try:
+            return run(self)
+        finally:
+            D.teardown(self.env)
+
+
+def _checked_resume(cfg) -> str:
+    path = find_resume(cfg.out, cfg.resume)
+    verify_checkpoint(path)
+    return path
+
+
+def _check_same_run(saved: dict, cfg: TrainConfig) -> None:
+    diff = [k for k in RUN_DEFINING if k in saved and saved[k] != getattr(cfg, k)]
+    if diff:
+        parts = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in diff)
+        raise ValueError(f"--resume continues the saved run, but these settings differ from it: {parts}. "
+                         "Start a new run (another --out) to change them.")
+
+
+__all__ = ["Trainer", "summary_line", "plot_losses", "MetricsLog", "Progress"]
