@@ -96,6 +96,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.kv, self.states)
         self.runner = ModelRunner(model, config, self.kv, self.states, self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
+        self.num_aborted = 0
         self._ids = itertools.count()
         log.info("engine: %s %s, %d state slots (%.1f MiB), %d KV blocks x %d tokens (%.1f MiB), max_model_len %d, "
                  "batch_invariant=%s, cuda_graphs=%s", device, dtype, config.max_num_seqs,
@@ -157,6 +158,7 @@ class LLMEngine:
             return None
         self.scheduler.finish(seq)
         seq.finish("abort")
+        self.num_aborted += 1
         return _output(seq)
 
     def has_unfinished(self) -> bool:
@@ -191,7 +193,7 @@ class LLMEngine:
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
             "free_kv_blocks": self.kv.allocator.num_free, "total_kv_blocks": self.kv.num_blocks,
             "free_state_slots": self.states.num_free, "total_state_slots": self.states.num_slots,
-            "preemptions": self.scheduler.num_preemptions,
+            "preemptions": self.scheduler.num_preemptions, "aborted": self.num_aborted,
         }
 
     def status_of(self, request_id: str) -> Status | None:

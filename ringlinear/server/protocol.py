@@ -141,15 +141,22 @@ class ChatCompletionRequest(_Common):
                 raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "function-after", "function-before"}
+
+
 def pydantic_error_message(errors: list[dict]) -> tuple[str, str | None]:
-    """First validation error as (message, param) in OpenAI's wording style."""
+    """First validation error as (message, param) in OpenAI's wording style. Union-member tags that pydantic puts
+    in the location (`prompt.str`, `stop.list[str]`) are dropped so `param` names the client's field."""
     if not errors:
         return "invalid request", None
     e = errors[0]
-    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-    param = ".".join(loc) or None
     if e.get("type") == "json_invalid":
         return f"request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    loc = [x for x in loc if "[" not in x and x not in _TYPE_TAGS]
+    param = ".".join(loc) or None
+    if param is None:
+        return f"the request body must be a JSON object ({e.get('msg')})", None
     if e.get("type") == "missing":
         return f"missing required parameter: '{param}'", param
-    return f"invalid value for '{param}': {e.get('msg')}", param
+    return f"invalid type or value for '{param}': {e.get('msg')}", param

@@ -1,0 +1,116 @@
+"""Every kind of invalid request gets a 4xx with an OpenAI-style error body, and the server keeps serving."""
+import httpx
+import openai
+import pytest
+
+AUTH = {"Authorization": "Bearer test-key"}
+
+
+def _post(server, path, **kw):
+    return httpx.post(server.url + path, headers={**AUTH, **kw.pop("headers", {})}, timeout=30, **kw)
+
+
+def _is_openai_error(r, status):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+BAD_JSON = [
+    ("/v1/completions", b'{"model": "tiny", "prompt": "x",'),   # truncated
+    ("/v1/completions", b"not json at all"),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": [}'),
+]
+
+WRONG_TYPES = [
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": "ten"}, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2.5}, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": 5}, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": "hot"}, "temperature"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stream": "yes"}, "stream"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": 3}, "stop"),
+    ("/v1/completions", {"prompt": "x"}, "model"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": "hi"}, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": []}, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": 7}]}, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": 3},
+     "logprobs"),
+]
+
+BAD_VALUES = [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": -5}, "max_tokens"),
+    ({"temperature": -1.0}, None),
+    ({"top_p": 0.0}, None),
+    ({"logprobs": 99}, "logprobs"),
+    ({"n": 0}, "n"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": [10**7]}, "prompt"),
+    ({"echo": True}, "echo"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+]
+
+
+def _still_serving(server):
+    r = _post(server, "/v1/completions", json={"model": "tiny", "prompt": "ok", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("path,body", BAD_JSON)
+def test_malformed_json(server, path, body):
+    err = _is_openai_error(_post(server, path, content=body, headers={"Content-Type": "application/json"}), 400)
+    assert "JSON" in err["message"]
+
+
+@pytest.mark.parametrize("path,body,param", WRONG_TYPES)
+def test_wrong_types(server, path, body, param):
+    err = _is_openai_error(_post(server, path, json=body), 400)
+    assert err["param"].startswith(param)
+
+
+@pytest.mark.parametrize("extra,param", BAD_VALUES)
+def test_bad_values(server, extra, param):
+    err = _is_openai_error(_post(server, "/v1/completions", json={"model": "tiny", "prompt": "x", **extra}), 400)
+    if param:
+        assert err["param"] == param
+
+
+def test_unknown_model_and_route(server):
+    err = _is_openai_error(_post(server, "/v1/completions", json={"model": "gpt-9", "prompt": "x"}), 404)
+    assert err["code"] == "model_not_found"
+    _is_openai_error(_post(server, "/v1/chat/completions",
+                           json={"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}), 404)
+    _is_openai_error(_post(server, "/v1/nothing", json={}), 404)
+    _still_serving(server)
+
+
+def test_prompt_over_context_limit(server):
+    too_long = [5] * 600  # the test server's max_model_len is 512
+    err = _is_openai_error(_post(server, "/v1/completions", json={"model": "tiny", "prompt": too_long}), 400)
+    assert err["code"] == "context_length_exceeded"
+    err = _is_openai_error(_post(server, "/v1/completions",
+                                 json={"model": "tiny", "prompt": [5] * 500, "max_tokens": 100}), 400)
+    assert err["code"] == "context_length_exceeded"
+    long_chat = {"model": "tiny", "messages": [{"role": "user", "content": "word " * 600}]}
+    assert _is_openai_error(_post(server, "/v1/chat/completions", json=long_chat), 400)["code"] == \
+        "context_length_exceeded"
+    _still_serving(server)
+
+
+def test_openai_client_sees_typed_errors(client, server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x", max_tokens=0)
+    assert "max_tokens" in e.value.message
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=-1)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt=[1] * 1000)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="x", stream=True, max_tokens=0)
+    _still_serving(server)
