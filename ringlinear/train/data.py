@@ -157,8 +157,8 @@ def read_documents(files: list[str], text_field: str = "text") -> list[str]:
                 docs.append(t)
         empty += len(docs) == before
     if not docs:
-        what = "file is" if len(files) == 1 else f"all {len(files)} files are"
-        raise DataError(f"no text to train on: the {what} empty ({', '.join(files[:3])}"
+        what = "the file is" if len(files) == 1 else f"all {len(files)} files are"
+        raise DataError(f"no text to train on: {what} empty ({', '.join(files[:3])}"
                         f"{' ...' if len(files) > 3 else ''})")
     if empty:
         log.info("skipped %d empty file(s)", empty)
