@@ -64,6 +64,12 @@ def padded_elementwise(fn, x: torch.Tensor) -> torch.Tensor:
     return out.view(x.shape)
 
 
+def suspended():
+    """Context manager: leave the mode for code that is per-sequence anyway (attention), because a Python
+    dispatch on every torch call there costs more than the model's own work at small sizes."""
+    return torch._C.DisableTorchFunction()
+
+
 class RowBlockMode(TorchFunctionMode):
     """Inside `with RowBlockMode(16):` every F.linear is batch invariant (see module docstring)."""
 

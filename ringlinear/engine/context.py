@@ -11,6 +11,7 @@ import torch
 from ..models.context import AttentionContext
 from ..ops.attention import attention_with_prefix
 from ..ops.lightning_attn import lightning_attn_decode, lightning_attn_prefill
+from .batch_invariant import suspended
 from .kv_cache import PagedKVCache
 from .state_pool import StatePool
 
@@ -43,6 +44,14 @@ class PagedContext(AttentionContext):
         self.prefill_cu = (self.cu_seqlens[nd:] - cu[nd]).to(torch.int64)
 
     def linear_attention(self, layer_idx, q, k, v, g_gamma, scale):  # q, k, v [T, H, D]
+        with suspended():
+            return self._linear(layer_idx, q, k, v, g_gamma, scale)
+
+    def softmax_attention(self, layer_idx, q, k, v, scale):  # q [T, H, D], k, v [T, KV, D]
+        with suspended():
+            return self._softmax(layer_idx, q, k, v, scale)
+
+    def _linear(self, layer_idx, q, k, v, g_gamma, scale):
         pool = self.states.states[layer_idx]
         nd = self.num_decode
         if nd == len(self.seq_lens):
@@ -56,7 +65,7 @@ class PagedContext(AttentionContext):
         out[nd:] = o[0]
         return out
 
-    def softmax_attention(self, layer_idx, q, k, v, scale):  # q [T, H, D], k, v [T, KV, D]
+    def _softmax(self, layer_idx, q, k, v, scale):
         K, V = self.kv.flat(layer_idx)
         K[self.write_rows] = k
         V[self.write_rows] = v

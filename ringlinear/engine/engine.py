@@ -16,7 +16,7 @@ from ..models.tokenizer import load_tokenizer
 from .config import EngineConfig
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner
-from .sampler import sample_row
+from .sampler import sample_rows
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
@@ -172,14 +172,9 @@ class LLMEngine:
             return []
         logits = self.runner.execute(batch)
         self.scheduler.commit(batch)
+        sampling = [s.seq for s in batch.seqs if s.sample]
         outputs = []
-        row = 0
-        for s in batch.seqs:
-            if not s.sample:
-                continue
-            seq = s.seq
-            token, lp, top = sample_row(logits[row], seq)
-            row += 1
+        for seq, (token, lp, top) in zip(sampling, sample_rows(logits, sampling)):
             seq.append_token(token, lp, top)
             if seq.finished:
                 self.scheduler.finish(seq)
