@@ -1,3 +1,42 @@
-from .reference import attention_with_prefix, causal_attention_varlen
+"""Softmax attention ops. Prefill: SDPA (flash on CUDA in the model dtype, fp32 reference on CPU). Decode over a
+paged KV cache: the Triton kernel on CUDA (`RINGLINEAR_BACKEND` forces), the gather reference on CPU."""
+from __future__ import annotations
 
-__all__ = ["attention_with_prefix", "causal_attention_varlen"]
+import torch
+import torch.nn.functional as F
+
+from ...backend import backend_override, use_triton
+from . import reference
+from .reference import causal_attention_varlen
+
+
+def attention_with_prefix(q, k, v, scale):
+    """q [Tq, H, D] are the last Tq of the Tk positions of k, v [Tk, KV, D] (causal). Returns [Tq, H, D]."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and backend_override() != "torch":
+        return _sdpa_prefix(q, k, v, scale)
+    return reference.attention_with_prefix(q, k, v, scale)
+
+
+def _sdpa_prefix(q, k, v, scale):
+    # Flash/efficient SDPA in the model dtype (their softmax runs in fp32); bottom-right causal alignment.
+    from torch.nn.attention.bias import causal_lower_right
+    Tq, H, D = q.shape
+    Tk, KV, _ = k.shape
+    qh = q.transpose(0, 1)[None]
+    kh = k.repeat_interleave(H // KV, 1).transpose(0, 1)[None]
+    vh = v.repeat_interleave(H // KV, 1).transpose(0, 1)[None]
+    if Tq == Tk:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+    else:
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(Tq, Tk), scale=scale)
+    return o[0].transpose(0, 1)
+
+
+def paged_decode_attention(q, K, V, block_tables, context_lens, block_size: int, scale: float, out=None):
+    if use_triton(q):
+        from .triton import paged_decode_attention as f
+        return f(q, K, V, block_tables, context_lens, block_size, scale, out=out)
+    return reference.paged_decode_attention(q, K, V, block_tables, context_lens, block_size, scale, out=out)
+
+
+__all__ = ["attention_with_prefix", "causal_attention_varlen", "paged_decode_attention"]

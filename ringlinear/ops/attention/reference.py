@@ -35,3 +35,15 @@ def causal_attention_varlen(q, k, v, cu_seqlens, scale):
         if e > s:
             out[s:e] = attention_with_prefix(q[s:e], k[s:e], v[s:e], scale)
     return out
+
+
+def paged_decode_attention(q, K, V, block_tables, context_lens, block_size: int, scale: float, out=None):
+    """One query per sequence over its paged KV. q [B, H, D]; K, V flat [rows, KV, D] (row = block * block_size +
+    offset); block_tables [B, MB]; context_lens [B] (>= 1). Returns [B, H, D] in q.dtype (fp32 softmax)."""
+    o = out if out is not None else torch.empty_like(q)
+    for b in range(q.shape[0]):
+        n = int(context_lens[b])
+        pos = torch.arange(n, device=q.device)
+        rows = block_tables[b].long()[pos // block_size] * block_size + pos % block_size
+        o[b] = attention_with_prefix(q[b][None], K[rows], V[rows], scale)[0]
+    return o
