@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..models.context import AttentionContext
-from ..ops.attention import attention_with_prefix
+from ..ops.attention import attention_with_prefix, paged_decode_attention
 from ..ops.lightning_attn import lightning_attn_decode, lightning_attn_prefill
 from .batch_invariant import suspended
 from .kv_cache import PagedKVCache
@@ -36,12 +36,18 @@ class PagedContext(AttentionContext):
         self.cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=device)
         self.positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, seq_lens)]).to(device)
         self.slot_ids = torch.tensor(slots, dtype=torch.long, device=device)
-        # Flat cache rows of every new token [T] (write targets) and of every sequence's whole context (reads).
-        self.write_rows = torch.cat([kv.token_rows(bt, s, s + n)
-                                     for bt, s, n in zip(block_tables, starts, seq_lens)]).to(device)
-        self.read_rows = [kv.token_rows(bt, 0, s + n).to(device) for bt, s, n in zip(block_tables, starts, seq_lens)]
         nd = num_decode
         self.prefill_cu = (self.cu_seqlens[nd:] - cu[nd]).to(torch.int64)
+        # Flat cache rows of every new token [T] (write targets); reads: decode rows through their block tables
+        # [nd, max blocks] (paged kernel), prefill pieces through their gathered context rows.
+        self.write_rows = torch.cat([kv.token_rows(bt, s, s + n)
+                                     for bt, s, n in zip(block_tables, starts, seq_lens)]).to(device)
+        width = max((len(bt) for bt in block_tables[:nd]), default=0)
+        self.decode_tables = torch.tensor([bt + [0] * (width - len(bt)) for bt in block_tables[:nd]],
+                                          dtype=torch.int32).reshape(nd, width).to(device)
+        self.decode_lens = torch.tensor([s + 1 for s in starts[:nd]], dtype=torch.int32).to(device)
+        self.prefill_rows = [kv.token_rows(bt, 0, s + n).to(device)
+                             for bt, s, n in zip(block_tables[nd:], starts[nd:], seq_lens[nd:])]
 
     def linear_attention(self, layer_idx, q, k, v, g_gamma, scale):  # q, k, v [T, H, D]
         with suspended():
@@ -69,9 +75,14 @@ class PagedContext(AttentionContext):
         K, V = self.kv.flat(layer_idx)
         K[self.write_rows] = k
         V[self.write_rows] = v
+        nd = self.num_decode
         out = torch.empty_like(q)
-        # One sequence at a time over its own gathered blocks: its result cannot depend on its neighbours.
-        for i, rows in enumerate(self.read_rows):
+        # Each sequence over its own context only (the paged kernel's splits are fixed-size): its result cannot
+        # depend on its neighbours.
+        if nd:
+            paged_decode_attention(q[:nd], K, V, self.decode_tables, self.decode_lens, self.kv.block_size, scale,
+                                   out=out[:nd])
+        for i, rows in enumerate(self.prefill_rows, start=nd):
             s, e = self.cu[i], self.cu[i + 1]
             out[s:e] = attention_with_prefix(q[s:e], K[rows], V[rows], scale)
         return out

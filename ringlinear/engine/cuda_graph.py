@@ -6,7 +6,8 @@ host syncs; the reference MoE (`bincount().tolist()`) is not, so capture fails u
 the runner then falls back to eager with a warning.
 
 A graph sees static tensors only: token ids, positions, slot ids, flat KV write rows, block tables padded to
-`max_blocks` and context lengths, all [B_graph, ...]. Rows beyond the live batch point at the scratch slot and
+`max_blocks` and context lengths, all [B_graph, ...]; the paged decode attention kernel's grid depends only on
+the table width, so one graph serves every context length up to max_model_len. Rows beyond the live batch point at the scratch slot and
 scratch block, so they compute garbage that nobody reads. `StaticDecodeStep` is also runnable eagerly (tests use it
 on CPU to check it against the paged context).
 """
@@ -17,33 +18,12 @@ import logging
 import torch
 
 from ..models.context import AttentionContext
+from ..ops.attention import paged_decode_attention
 from ..ops.lightning_attn import lightning_attn_decode
 from .kv_cache import PagedKVCache
 from .state_pool import StatePool
 
 log = logging.getLogger(__name__)
-
-
-def paged_decode_attention(q, K, V, block_tables, context_lens, block_size: int, scale: float):
-    """One query per sequence over its paged context, static shapes (graph-capturable).
-
-    q [B, H, D]; K, V flat [rows, KV, D]; block_tables [B, MB] int64; context_lens [B] int64 (>= 1).
-    Returns [B, H, D] in q.dtype; softmax in fp32.
-    """
-    B, H, D = q.shape
-    MB = block_tables.shape[1]
-    L = MB * block_size
-    KVh = K.shape[1]
-    rows = (block_tables[:, :, None] * block_size + torch.arange(block_size, device=q.device)).reshape(B, L)
-    k = K[rows].float()  # [B, L, KV, D]
-    v = V[rows].float()
-    qf = q.float().view(B, KVh, H // KVh, D)
-    scores = torch.einsum("bgrd,blgd->bgrl", qf, k) * scale
-    valid = torch.arange(L, device=q.device)[None, :] < context_lens[:, None]  # [B, L]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    p = torch.softmax(scores, dim=-1)
-    o = torch.einsum("bgrl,blgd->bgrd", p, v)
-    return o.reshape(B, H, D).to(q.dtype)
 
 
 class _StaticContext(AttentionContext):
