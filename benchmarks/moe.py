@@ -117,23 +117,6 @@ def fwd_bwd(fn, x, wr, w13, w2, gy):
     return run
 
 
-def stage_times(x, wr, bias, w13, w2):
-    """Per-stage forward times of the fused path (the profile)."""
-    N = x.shape[0]
-    idx, w, _ = triton_route.router_forward(x, wr, bias, K, NG, TG, SCALE, True)
-    pair, eoff = triton_route.make_plan(idx, E)
-    h, _ = triton_gemm.gateup(x, w13, pair, eoff, K, save_ab=False)
-    o = torch.empty(N * K, H, dtype=x.dtype, device=DEV)
-    ds = (w2.stride(0), w2.stride(1), w2.stride(2))
-    return dict(
-        router=bench(lambda: triton_route.router_forward(x, wr, bias, K, NG, TG, SCALE, True)),
-        plan=bench(lambda: triton_route.make_plan(idx, E)),
-        gateup=bench(lambda: triton_gemm.gateup(x, w13, pair, eoff, K, save_ab=False)),
-        down=bench(lambda: triton_gemm.rows_gemm(h, w2, ds, H, pair, eoff, K, o)),
-        combine=bench(lambda: triton_gemm.combine(o, w, None, x.dtype)),
-    )
-
-
 def check_exactness(x, wr, bias, w13, w2):
     """Bitwise repeatability and batch invariance (rows alone and in a 64-row batch equal the full batch's)."""
     y = fused_fwd(x, wr, bias, w13, w2)
@@ -165,6 +148,12 @@ def run_point(N, wr, bias, w13, w2, bw, with_loop=True):
 
     # forward times (ms)
     r["fused_fwd"] = bench(lambda: fused_fwd(x, wr, bias, w13, w2))
+    r["fused_fwd_graph"] = graph_time(lambda: fused_fwd(x, wr, bias, w13, w2))
+    try:
+        r["grouped_mm_fwd_graph"] = graph_time(lambda: grouped_mm_moe(x, wr, bias, w13, w2))
+    except RuntimeError as e:
+        r["grouped_mm_fwd_graph"] = None
+        r["grouped_mm_graph_error"] = str(e)[:200]
     r["fused_fwd_atomic"] = bench(lambda: fused_fwd(x, wr, bias, w13, w2, deterministic=False))
     r["grouped_mm_fwd"] = bench(lambda: grouped_mm_moe(x, wr, bias, w13, w2))
     r["grouped_mm_experts_only"] = bench(lambda: grouped_mm_experts(x, idx, w, w13, w2))
@@ -179,7 +168,8 @@ def run_point(N, wr, bias, w13, w2, bw, with_loop=True):
     touched = torch.unique(idx).numel()
     r["experts_touched"] = touched
     r["floor"] = touched * 3 * H * INTER * 2 / (bw * 1e12) * 1e3
-    r["stages"] = stage_times(x, wr, bias, w13, w2)
+    r["kernels_fwd_us"] = kernel_profile(N, wr, bias, w13, w2)
+    r["kernels_fwdbwd_us"] = kernel_profile(N, wr, bias, w13, w2, backward=True)
 
     # forward + backward
     r["fused_fwdbwd"] = bench(fwd_bwd(lambda *a: fused_fwd(a[0], a[1], bias, a[2], a[3]), x, wr, w13, w2, gy))
@@ -201,39 +191,113 @@ def run_point(N, wr, bias, w13, w2, bw, with_loop=True):
     return r
 
 
+# candidate (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) per kernel; the router's are (BLOCK_T, BLOCK_E, BLOCK_K, ...)
 SWEEP = {
-    "gateup": [(64, 64, 64, 4, 4), (64, 128, 64, 8, 3), (64, 128, 64, 4, 3), (64, 64, 128, 4, 3),
-               (128, 64, 64, 8, 3), (64, 32, 128, 4, 4), (128, 128, 64, 8, 3)],
-    "down": [(64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (64, 128, 128, 4, 3), (64, 64, 128, 4, 4),
-             (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)],
+    "router": [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (32, 64, 64, 4, 4), (128, 64, 64, 8, 3)],
+    "gateup": [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3)],
+    "down": [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 4)],
+    "dswiglu": [(64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 64, 8, 4)],
+    "dx": [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)],
+    "wgrad": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3)],
 }
 
 
+def _set_cfg(key, c):
+    if key == "router":
+        triton_route.ROUTER_CFG.update(BLOCK_T=c[0], BLOCK_E=c[1], BLOCK_K=c[2], num_warps=c[3], num_stages=c[4])
+    else:
+        triton_gemm.GEMM_CFG[key] = dict(BLOCK_M=c[0], BLOCK_N=c[1], BLOCK_K=c[2], num_warps=c[3], num_stages=c[4])
+
+
 def sweep(tokens, wr, bias, w13, w2):
-    """Time the two forward GEMMs under candidate block configs (development aid; the shipped config is fixed)."""
-    out = {}
+    """Time each kernel under candidate block configs, then apply the best per kernel and tier (normalised time
+    summed over the token counts of the tier) for the rest of the run. A development aid: the chosen configs are
+    then written into ROUTER_CFG / GEMM_CFG."""
+    times = {}
+    G = triton_gemm
     for N in tokens:
         x = torch.randn(N, H, device=DEV).bfloat16()
+        dy = torch.randn(N, H, device=DEV).bfloat16()
         idx, w, _ = triton_route.router_forward(x, wr, bias, K, NG, TG, SCALE, True)
         pair, eoff = triton_route.make_plan(idx, E)
-        h, _ = triton_gemm.gateup(x, w13, pair, eoff, K, save_ab=False)
+        h, ab = G.gateup(x, w13, pair, eoff, K, save_ab=True)
+        dab, _ = G.dswiglu(dy, w2, ab, h, w, pair, eoff, K)
         o = torch.empty(N * K, H, dtype=x.dtype, device=DEV)
+        g2, g13 = torch.empty_like(w2), torch.empty_like(w13)
         ds = (w2.stride(0), w2.stride(1), w2.stride(2))
-        calls = {"gateup": lambda: triton_gemm.gateup(x, w13, pair, eoff, K, save_ab=False),
-                 "down": lambda: triton_gemm.rows_gemm(h, w2, ds, H, pair, eoff, K, o)}
+        xs = (w13.stride(0), w13.stride(2), w13.stride(1))
+        calls = {
+            "router": lambda: triton_route.router_forward(x, wr, bias, K, NG, TG, SCALE, True),
+            "gateup": lambda: G.gateup(x, w13, pair, eoff, K, save_ab=False),
+            "down": lambda: G.rows_gemm(h, w2, ds, H, pair, eoff, K, o),
+            "dswiglu": lambda: G.dswiglu(dy, w2, ab, h, w, pair, eoff, K),
+            "dx": lambda: G.rows_gemm(dab, w13, xs, H, pair, eoff, K, o, which="dx"),
+            "wgrad": lambda: (G.wgrad(dy, h, g2, pair, eoff, K, True, False, wt=w),
+                              G.wgrad(dab, x, g13, pair, eoff, K, False, True)),
+        }
+        tier = "_large" if N * K >= G.LARGE_ROWS_PER_EXPERT * E else ""
         for which, cands in SWEEP.items():
-            keep = dict(triton_gemm.GEMM_CFG[which])
-            for bm, bn, bk, nw, ns in cands:
-                triton_gemm.GEMM_CFG[which] = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+            key = which + tier if which + tier in G.GEMM_CFG else which
+            saved = dict(triton_route.ROUTER_CFG) if which == "router" else dict(G.GEMM_CFG[key])
+            for c in cands:
+                _set_cfg(key, c)
                 try:
                     t = bench(calls[which], rep=100)
                 except Exception as e:  # noqa: BLE001  (a config that does not compile is a result too)
-                    t = float("nan")
-                    print(f"  {which} {bm, bn, bk, nw, ns}: {type(e).__name__}")
-                out[f"{which} N={N} {bm}x{bn}x{bk} w{nw} s{ns}"] = t
-                print(f"sweep {which:7s} N={N:5d} BM={bm:3d} BN={bn:3d} BK={bk:3d} warps={nw} stages={ns}: {t:.4f} ms")
-            triton_gemm.GEMM_CFG[which] = keep
-    return out
+                    t = float("inf")
+                    print(f"  {which} {c}: {type(e).__name__}: {str(e)[:120]}")
+                times.setdefault(key, {}).setdefault(c, {})[N] = t
+                print(f"sweep {key:14s} N={N:5d} {str(c):24s} {t:.4f} ms")
+            if which == "router":
+                triton_route.ROUTER_CFG.update(saved)
+            else:
+                G.GEMM_CFG[key] = saved
+    chosen = {}
+    for key, per_cfg in times.items():
+        ns = next(iter(per_cfg.values())).keys()
+        best_t = {n: min(v[n] for v in per_cfg.values()) for n in ns}
+        chosen[key] = min(per_cfg, key=lambda c: sum(per_cfg[c][n] / best_t[n] for n in ns))
+        _set_cfg(key, chosen[key])
+    print("chosen configs:", chosen)
+    return {k: {str(c): v for c, v in d.items()} for k, d in times.items()}, {k: list(v) for k, v in chosen.items()}
+
+
+def kernel_profile(N, wr, bias, w13, w2, backward=False):
+    """GPU time per kernel of one fused call (torch profiler, mean over 10 calls), in microseconds."""
+    x = torch.randn(N, H, device=DEV).bfloat16().requires_grad_(backward)
+    gy = torch.randn(N, H, device=DEV).bfloat16()
+    leaves = [t.detach().requires_grad_(backward) for t in (wr, w13, w2)]
+
+    def call():
+        y = fused.moe_forward(x, leaves[0], bias, leaves[1], leaves[2], None, **ROUTE)[0]
+        if backward:
+            torch.autograd.grad(y, [x, *leaves], gy)
+    call()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            call()
+        torch.cuda.synchronize()
+    res = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t:
+            res[ev.key[:60]] = t / 10
+    return dict(sorted(res.items(), key=lambda kv: -kv[1]))
+
+
+def graph_time(fn):
+    """Median replay time of fn captured in a CUDA graph (no launch overhead: how a decode step runs it)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return bench(g.replay)
 
 
 def lm_head_bench():
@@ -272,7 +336,7 @@ def main():
     result = dict(date=datetime.date.today().isoformat(), card=card, torch=torch.__version__, copy_tb_s=bw,
                   shape=dict(hidden=H, experts=E, inter=INTER, top_k=K, n_group=NG, topk_group=TG))
     if args.sweep:
-        result["sweep"] = sweep(args.tokens, wr, bias, w13, w2)
+        result["sweep"], result["chosen_configs"] = sweep(args.tokens, wr, bias, w13, w2)
     if args.lm_head:
         result["lm_head"] = lm_head_bench()
     points = [run_point(N, wr, bias, w13, w2, bw, with_loop=not args.no_loop) for N in args.tokens]
@@ -289,7 +353,10 @@ def main():
                r["rel_err_refbf16_vs_fp64"], r["bitwise_repeatable"], r["batch_invariant"])
         print(" | ".join(f"{v:>10}" if isinstance(v, (int, bool)) else f"{v:>10.4g}" for v in row))
     for r in points:
-        print(f"stages N={r['tokens']}: " + ", ".join(f"{k} {v:.4f}" for k, v in r["stages"].items()))
+        for kind in ("kernels_fwd_us", "kernels_fwdbwd_us"):
+            print(f"{kind} N={r['tokens']}: " + ", ".join(f"{k} {v:.1f}" for k, v in list(r[kind].items())[:12]))
+        print(f"graph replay N={r['tokens']}: fused {r['fused_fwd_graph']:.4f} ms, "
+              f"grouped_mm {r['grouped_mm_fwd_graph'] or float('nan'):.4f} ms")
     print(json.dumps(result, default=float))
 
 

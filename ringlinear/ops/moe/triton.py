@@ -17,7 +17,7 @@ import torch
 
 from . import triton_gemm as G
 from .reference import swiglu
-from .triton_route import make_plan, router_forward
+from .triton_route import make_plan, router_backward_sparse, router_forward
 
 
 def deterministic_default() -> bool:
@@ -25,19 +25,23 @@ def deterministic_default() -> bool:
 
 
 class _RouteFn(torch.autograd.Function):
+    """Router + expert-sorted plan. Outputs (idx, weights, logits, sorted_pair, eoff); grads reach x and the router
+    weight through the chosen experts' weights and through the logits."""
+
     @staticmethod
     def forward(ctx, x, weight, expert_bias, top_k, n_group, topk_group, scale, norm):
         idx, wt, logits = router_forward(x, weight, expert_bias, top_k, n_group, topk_group, scale, norm)
-        ctx.mark_non_differentiable(idx)
-        ctx.save_for_backward(x, weight, idx, logits)
+        pair, eoff = make_plan(idx, weight.shape[0])
+        ctx.mark_non_differentiable(idx, pair, eoff)
+        ctx.save_for_backward(x, weight, idx, logits, pair, eoff)
         ctx.scale, ctx.norm = scale, bool(norm and top_k > 1)
-        return idx, wt, logits
+        return idx, wt, logits, pair, eoff
 
     @staticmethod
-    def backward(ctx, _gidx, gw, glogits):
+    def backward(ctx, _gidx, gw, glogits, _gpair, _geoff):
         # No gradient through the choice of experts; the weights of the chosen ones depend on their sigmoid scores.
-        x, weight, idx, logits = ctx.saved_tensors
-        dl = torch.zeros_like(logits) if glogits is None else glogits.float().clone()
+        x, weight, idx, logits, pair, eoff = ctx.saved_tensors
+        dsel = None
         if gw is not None:
             p = torch.sigmoid(logits.gather(1, idx))
             gw = gw.float()
@@ -46,13 +50,19 @@ class _RouteFn(torch.autograd.Function):
                 dp = ctx.scale / s * (gw - (gw * p).sum(-1, keepdim=True) / s)
             else:
                 dp = ctx.scale * gw
-            dl.scatter_add_(1, idx, dp * p * (1 - p))
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
+            dsel = dp * p * (1 - p)                                              # d logit of each chosen expert
+        if glogits is None:
+            if dsel is None:
+                return (None,) * 8
+            dx, dw = router_backward_sparse(dsel, idx, weight, x, pair, eoff)
+        else:  # a loss on the logits (e.g. z-loss) makes the logit gradient dense: fp32 GEMMs
+            dl = glogits.float().clone()
+            if dsel is not None:
+                dl.scatter_add_(1, idx, dsel)
             dx = (dl @ weight.float()).to(x.dtype)
-        if ctx.needs_input_grad[1]:
             dw = (dl.t() @ x.float()).to(weight.dtype)
-        return dx, dw, None, None, None, None, None, None
+        return (dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
+                None, None, None, None, None, None)
 
 
 class _ExpertsFn(torch.autograd.Function):
@@ -114,7 +124,7 @@ def _experts(x, topk_weight, w13, w2, shared_out, pair, eoff, top_k, determinist
 def route(x, weight, expert_bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob=True):
     """x [N, h], weight [E, h] -> (topk_idx [N, k] int64, topk_weight [N, k] fp32, logits [N, E] fp32)."""
     return _RouteFn.apply(x, weight, expert_bias, top_k, n_group, topk_group, float(routed_scaling_factor),
-                          norm_topk_prob)
+                          norm_topk_prob)[:3]
 
 
 def moe_experts(x, topk_idx, topk_weight, w13, w2, *, deterministic=None):
@@ -126,9 +136,8 @@ def moe_experts(x, topk_idx, topk_weight, w13, w2, *, deterministic=None):
 def moe_forward(x, router_weight, expert_bias, w13, w2, shared, *, top_k, n_group, topk_group,
                 routed_scaling_factor, norm_topk_prob=True, deterministic=None):
     """Routed experts plus the unweighted shared expert -> (y [N, h], topk_idx, topk_weight, router_logits)."""
-    idx, w, logits = route(x, router_weight, expert_bias, top_k, n_group, topk_group, routed_scaling_factor,
-                           norm_topk_prob)
-    pair, eoff = make_plan(idx, w13.shape[0])
+    idx, w, logits, pair, eoff = _RouteFn.apply(x, router_weight, expert_bias, top_k, n_group, topk_group,
+                                                float(routed_scaling_factor), norm_topk_prob)
     shared_out = swiglu(x, *shared) if shared is not None else None
     y = _experts(x, w, w13, w2, shared_out, pair, eoff, top_k, deterministic)
     return y, idx, w, logits

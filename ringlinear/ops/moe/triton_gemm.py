@@ -14,16 +14,29 @@ import triton.language as tl
 
 from .triton_route import dot_precision, fit_block
 
-# Fixed block sizes (never chosen per batch size: batch invariance). BLOCK_M >= 64 keeps Hopper on one MMA
-# instruction shape whatever the rows per expert.
+# Block sizes. Few rows per expert (decode, small prefill) stream weights: 64-row tiles. Many rows per expert
+# (*_large, from LARGE_ROWS_PER_EXPERT on average) are compute-bound: 128x128 tiles. Both tiers keep BLOCK_K = 64
+# and BLOCK_M >= 64 (Hopper wgmma, k16 steps in one K order), so an output element is accumulated identically in
+# either tier: a row's result does not depend on the batch (benchmarks/moe.py checks rows of 1- and 64-token calls
+# bitwise against an 8192-token call).
+LARGE_ROWS_PER_EXPERT = 128
 GEMM_CFG = {
     "gateup": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+    "gateup_large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
     "down": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
-    "dswiglu": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+    "down_large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    "dswiglu": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
     "dx": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+    "dx_large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
     "wgrad": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
     "combine": dict(BLOCK_T=16, BLOCK_H=256, num_warps=4),
 }
+
+
+def gemm_cfg(which, nk, num_experts):
+    """The block config of GEMM `which` for nk sorted rows over num_experts experts."""
+    large = which + "_large"
+    return GEMM_CFG[large] if large in GEMM_CFG and nk >= LARGE_ROWS_PER_EXPERT * num_experts else GEMM_CFG[which]
 
 
 @triton.jit
@@ -233,7 +246,7 @@ def gateup(x, w13, pair, eoff, top_k, save_ab):
     I = I2 // 2
     nk = pair.numel()
     assert w13.stride(2) == 1 and x.stride(1) == 1
-    cfg = GEMM_CFG["gateup"]
+    cfg = gemm_cfg("gateup", nk, E)
     bn, bk = fit_block(cfg["BLOCK_N"], I), fit_block(cfg["BLOCK_K"], H)
     h = torch.empty(nk, I, dtype=x.dtype, device=x.device)
     ab = torch.empty(nk, 2 * I, dtype=x.dtype, device=x.device) if save_ab else h
@@ -249,7 +262,7 @@ def rows_gemm(a, b, b_strides, n_out, pair, eoff, top_k, out, wt=None, atomic=Fa
     atomic: out [N, n_out] fp32 accumulates (wt *) rows per token instead."""
     E = b.shape[0]
     nk, K = a.shape
-    cfg = GEMM_CFG[which]
+    cfg = gemm_cfg(which, nk, E)
     bn, bk = fit_block(cfg["BLOCK_N"], n_out), fit_block(cfg["BLOCK_K"], K)
     grid = (_row_tiles(nk, E, cfg["BLOCK_M"]) * (n_out // bn),)
     _rows_kernel[grid](a, b, out, pair, eoff, wt if wt is not None else out, a.stride(0), *b_strides, out.stride(0),
@@ -264,7 +277,7 @@ def dswiglu(dy, w2, ab, h, wt, pair, eoff, top_k):
     E, H, I = w2.shape
     nk = pair.numel()
     assert w2.stride(2) == 1
-    cfg = GEMM_CFG["dswiglu"]
+    cfg = gemm_cfg("dswiglu", nk, E)
     bn, bk = fit_block(cfg["BLOCK_N"], I), fit_block(cfg["BLOCK_K"], H)
     dab = torch.empty(nk, 2 * I, dtype=ab.dtype, device=ab.device)
     part = torch.empty(I // bn, nk, dtype=torch.float32, device=ab.device)

@@ -13,8 +13,11 @@ from ..lightning_attn.triton_compat import patch_interpreter
 
 patch_interpreter()  # CPU interpreter fixes (runtime loop bounds, bf16 dot); no-op for compiled kernels
 
-ROUTER_CFG = dict(BLOCK_T=32, BLOCK_K=64, num_warps=8, num_stages=3)
-PLAN_BLOCK_T = 64   # tokens per histogram block
+# Logits GEMM tiles (fixed for every N: batch invariance). Splitting the experts over programs keeps a small batch
+# from streaming the whole router weight through one or two SMs.
+ROUTER_CFG = dict(BLOCK_T=64, BLOCK_E=64, BLOCK_K=64, num_warps=4, num_stages=4)
+TOPK_BLOCK_T = 16   # tokens per program of the selection kernel
+PLAN_BLOCK_T = 16   # tokens per histogram block ([BLOCK_T, E] int32 tiles must stay in registers)
 PLAN_BLOCK_B = 32   # histogram blocks per step of the single-program prefix sum
 
 
@@ -34,17 +37,18 @@ def _topk_lowest(sel, cols, E: tl.constexpr):
 
 
 @triton.jit
-def _router_kernel(x_ptr, w_ptr, bias_ptr, logit_ptr, idx_ptr, wt_ptr, N, stride_x, stride_w, scale,
-                   H: tl.constexpr, E: tl.constexpr, TOPK: tl.constexpr, KP2: tl.constexpr,
-                   NG: tl.constexpr, TOPKG: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                   PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+def _router_logits_kernel(x_ptr, w_ptr, logit_ptr, N, stride_x, stride_w, H: tl.constexpr, E: tl.constexpr,
+                          PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """logits [N, E] fp32 = x [N, H] @ W [E, H]^T; expert blocks of one token block are adjacent programs."""
+    NT_E: tl.constexpr = E // BLOCK_E
+    pid = tl.program_id(0)
+    rows = (pid // NT_E) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = (pid % NT_E) * BLOCK_E + tl.arange(0, BLOCK_E)
     rmask = rows < N
-    cols = tl.arange(0, E)
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_x + ks[None, :]
     b_ptrs = w_ptr + cols[None, :] * stride_w + ks[:, None]
-    acc = tl.zeros([BLOCK_T, E], tl.float32)
+    acc = tl.zeros([BLOCK_T, BLOCK_E], tl.float32)
     for _ in range(0, H, BLOCK_K):
         a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
         b = tl.load(b_ptrs)
@@ -58,7 +62,18 @@ def _router_kernel(x_ptr, w_ptr, bias_ptr, logit_ptr, idx_ptr, wt_ptr, N, stride
         b_ptrs += BLOCK_K
     tl.store(logit_ptr + rows[:, None].to(tl.int64) * E + cols[None, :], acc, mask=rmask[:, None])
 
-    p = tl.sigmoid(acc)
+
+@triton.jit
+def _router_topk_kernel(logit_ptr, bias_ptr, idx_ptr, wt_ptr, N, scale, E: tl.constexpr, TOPK: tl.constexpr,
+                        KP2: tl.constexpr, NG: tl.constexpr, TOPKG: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        NORM: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Sigmoid scores, bias for selection only, group-limited top-k (group score = sum of its top-2, lowest
+    index on ties everywhere), weights from the unbiased scores."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rmask = rows < N
+    cols = tl.arange(0, E)
+    p = tl.sigmoid(tl.load(logit_ptr + rows[:, None].to(tl.int64) * E + cols[None, :], mask=rmask[:, None],
+                           other=0.0))
     sel = p
     if HAS_BIAS:
         sel = p + tl.load(bias_ptr + cols)[None, :]
@@ -84,9 +99,8 @@ def _router_kernel(x_ptr, w_ptr, bias_ptr, logit_ptr, idx_ptr, wt_ptr, N, stride
     out_p = tl.zeros([BLOCK_T, KP2], tl.float32)
     for i in tl.static_range(TOPK):
         j, hit = _topk_lowest(sel, cols, E)
-        pj = tl.sum(tl.where(hit, p, 0.0), 1)
         out_idx = tl.where(kk[None, :] == i, j[:, None], out_idx)
-        out_p = tl.where(kk[None, :] == i, pj[:, None], out_p)
+        out_p = tl.where(kk[None, :] == i, tl.sum(tl.where(hit, p, 0.0), 1)[:, None], out_p)
         sel = tl.where(hit, float("-inf"), sel)
     if NORM:
         out_p = out_p / (tl.sum(out_p, 1) + 1e-20)[:, None]
@@ -105,23 +119,82 @@ def router_forward(x, weight, expert_bias, top_k, n_group, topk_group, routed_sc
         raise ValueError(f"fused router needs a power-of-two expert count divisible by n_group (E={E})")
     x = x.contiguous()
     weight = weight.contiguous()
-    cfg = ROUTER_CFG
-    bk = fit_block(cfg["BLOCK_K"], H)
     logits = torch.empty(N, E, dtype=torch.float32, device=x.device)
     idx = torch.empty(N, top_k, dtype=torch.int64, device=x.device)
     wt = torch.empty(N, top_k, dtype=torch.float32, device=x.device)
     if N == 0:
         return idx, wt, logits
+    cfg = ROUTER_CFG
+    be = min(cfg["BLOCK_E"], E)
+    _router_logits_kernel[(triton.cdiv(N, cfg["BLOCK_T"]) * (E // be),)](
+        x, weight, logits, N, x.stride(0), weight.stride(0), H=H, E=E, PREC=dot_precision(x, weight),
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_E=be, BLOCK_K=fit_block(cfg["BLOCK_K"], H), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     grouped = n_group > 1 and topk_group < n_group
     # logits stands in as a never-read pointer when there is no bias
     bias = expert_bias.to(torch.float32).contiguous() if expert_bias is not None else logits
-    _router_kernel[(triton.cdiv(N, cfg["BLOCK_T"]),)](
-        x, weight, bias, logits, idx, wt, N, x.stride(0), weight.stride(0), float(routed_scaling_factor),
-        H=H, E=E, TOPK=top_k, KP2=triton.next_power_of_2(top_k), NG=n_group if grouped else 1,
-        TOPKG=topk_group if grouped else 1, HAS_BIAS=expert_bias is not None,
-        NORM=bool(norm_topk_prob and top_k > 1), PREC=dot_precision(x, weight),
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _router_topk_kernel[(triton.cdiv(N, TOPK_BLOCK_T),)](
+        logits, bias, idx, wt, N, float(routed_scaling_factor), E=E, TOPK=top_k, KP2=triton.next_power_of_2(top_k),
+        NG=n_group if grouped else 1, TOPKG=topk_group if grouped else 1, HAS_BIAS=expert_bias is not None,
+        NORM=bool(norm_topk_prob and top_k > 1), BLOCK_T=TOPK_BLOCK_T, num_warps=4)
     return idx, wt, logits
+
+
+@triton.jit
+def _router_dx_kernel(dl_ptr, idx_ptr, w_ptr, dx_ptr, N, stride_w, TOPK: tl.constexpr, H: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """dx[t] = sum_s dlogit[t, s] W[idx[t, s]] in fp32, slot order (only the chosen logits carry gradient)."""
+    NT_H: tl.constexpr = H // BLOCK_H
+    pid = tl.program_id(0)
+    rows = (pid // NT_H) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = (pid % NT_H) * BLOCK_H + tl.arange(0, BLOCK_H)
+    rmask = rows < N
+    acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
+    for s in tl.static_range(TOPK):
+        e = tl.load(idx_ptr + rows * TOPK + s, mask=rmask, other=0)
+        d = tl.load(dl_ptr + rows * TOPK + s, mask=rmask, other=0.0)
+        wrow = tl.load(w_ptr + e[:, None] * stride_w + cols[None, :], mask=rmask[:, None], other=0.0)
+        acc += d[:, None] * wrow.to(tl.float32)
+    tl.store(dx_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=rmask[:, None])
+
+
+@triton.jit
+def _router_dw_kernel(dl_ptr, x_ptr, pair_ptr, eoff_ptr, dw_ptr, stride_x, TOPK: tl.constexpr, H: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """dW[e] = sum over expert e's pairs, in expert-sorted order, of dlogit[pair] x[token] (fp32)."""
+    NT_H: tl.constexpr = H // BLOCK_H
+    pid = tl.program_id(0)
+    e = pid // NT_H
+    cols = (pid % NT_H) * BLOCK_H + tl.arange(0, BLOCK_H)
+    end = tl.load(eoff_ptr + e + 1)
+    acc = tl.zeros([BLOCK_H], tl.float32)
+    for r0 in range(tl.load(eoff_ptr + e), end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        m = rows < end
+        pr = tl.load(pair_ptr + rows, mask=m, other=0)
+        d = tl.load(dl_ptr + pr, mask=m, other=0.0)
+        xt = tl.load(x_ptr + (pr // TOPK)[:, None].to(tl.int64) * stride_x + cols[None, :], mask=m[:, None],
+                     other=0.0)
+        acc += tl.sum(d[:, None] * xt.to(tl.float32), 0)
+    tl.store(dw_ptr + e * H + cols, acc.to(dw_ptr.dtype.element_ty))
+
+
+def router_backward_sparse(dl_sel, idx, weight, x, pair, eoff):
+    """Router GEMM gradients when only the chosen logits carry gradient: dl_sel [N, k] fp32 (d logit of each
+    chosen expert) -> (dx [N, h] in x.dtype, dW [E, h] in weight.dtype). Gathers instead of dense fp32 GEMMs."""
+    N, k = idx.shape
+    E, H = weight.shape
+    weight, x, dl_sel = weight.contiguous(), x.contiguous(), dl_sel.contiguous()
+    dx = torch.empty(N, H, dtype=x.dtype, device=x.device)
+    dw = torch.empty(E, H, dtype=weight.dtype, device=x.device)
+    bh = fit_block(256, H)
+    if N:
+        _router_dx_kernel[(triton.cdiv(N, 16) * (H // bh),)](dl_sel, idx, weight, dx, N, weight.stride(0), TOPK=k,
+                                                              H=H, BLOCK_T=16, BLOCK_H=bh, num_warps=4)
+    _router_dw_kernel[(E * (H // bh),)](dl_sel, x, pair, eoff, dw, x.stride(0), TOPK=k, H=H, BLOCK_R=32,
+                                        BLOCK_H=bh, num_warps=4)
+    return dx, dw
 
 
 def fit_block(block, dim, minimum=16):
