@@ -69,7 +69,7 @@ class StaticDecodeStep:
         table = torch.full((self.max_batch, self.max_blocks), self.kv.scratch_block, dtype=torch.long)
         for i, s in enumerate(seqs):
             seq, p = s.seq, s.start
-            ids.append(seq.all_token_ids[p])
+            ids += seq.token_slice(p, p + 1)
             pos.append(p)
             slots.append(seq.slot)
             rows.append(seq.block_table[p // bs] * bs + p % bs)

@@ -60,7 +60,7 @@ class ModelRunner:
             return logits[[i for i, s in enumerate(entries) if s.sample]]
         ids: list[int] = []
         for s in entries:
-            ids += s.seq.all_token_ids[s.start:s.start + s.num_tokens]
+            ids += s.seq.token_slice(s.start, s.start + s.num_tokens)
         ctx = PagedContext(self.kv, self.states, [s.seq.slot for s in entries], [s.seq.block_table for s in entries],
                            [s.start for s in entries], [s.num_tokens for s in entries],
                            sum(1 for s in entries if s.is_decode), self.device)

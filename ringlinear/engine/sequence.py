@@ -45,9 +45,12 @@ class Sequence:
         self.finish_time: float | None = None
 
     # ------------------------------------------------------------------ tokens
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens start..end-1 of prompt + output, without concatenating the whole sequence every step."""
+        P = len(self.prompt_token_ids)
+        if start >= P:
+            return self.output_token_ids[start - P:end - P]
+        return self.prompt_token_ids[start:end] + self.output_token_ids[:max(0, end - P)]
 
     @property
     def num_tokens(self) -> int:

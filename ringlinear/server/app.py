@@ -68,8 +68,11 @@ class SSEResponse(StreamingResponse):
         finally:
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
             await self.body_iterator.aclose()
+        err = results[0]
+        if isinstance(err, Exception) and not isinstance(err, (OSError, asyncio.CancelledError)):
+            log.error("stream failed: %s: %s", type(err).__name__, err)  # the client sees a cut stream
 
 
 async def _until_disconnect(request: Request) -> None:

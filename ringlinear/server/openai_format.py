@@ -72,10 +72,7 @@ class Formatter:
     def completion_chunk(self, index: int, o: RequestOutput, want_logprobs: bool, offset: int) -> dict:
         lp = None
         if want_logprobs:
-            n = len(o.new_token_ids)
-            lps = o.logprobs[len(o.logprobs) - n:] if o.logprobs else []
-            tops = o.top_logprobs[len(o.top_logprobs) - n:] if o.top_logprobs is not None else None
-            lp = self.completion_logprobs(o.new_token_ids, lps, tops, offset)
+            lp = self.completion_logprobs(o.new_token_ids, o.new_logprobs or [], o.new_top_logprobs, offset)
         return {**self._head("text_completion"),
                 "choices": [{"index": index, "text": o.delta_text, "logprobs": lp,
                              "finish_reason": o.finish_reason if o.finished else None}]}
@@ -95,10 +92,7 @@ class Formatter:
                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
     def chat_delta_logprobs(self, o: RequestOutput) -> dict:
-        n = len(o.new_token_ids)
-        lps = o.logprobs[len(o.logprobs) - n:] if o.logprobs else []
-        tops = o.top_logprobs[len(o.top_logprobs) - n:] if o.top_logprobs is not None else None
-        return self.chat_logprobs(o.new_token_ids, lps, tops)
+        return self.chat_logprobs(o.new_token_ids, o.new_logprobs or [], o.new_top_logprobs)
 
     def usage_chunk(self, obj: str, prompt_tokens: int, completion_tokens: int) -> dict:
         return {**self._head(obj), "choices": [], "usage": self.usage(prompt_tokens, completion_tokens)}

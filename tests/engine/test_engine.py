@@ -115,3 +115,13 @@ def test_chat_uses_the_template(make_llm, random_prompts):
     ids = llm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
     assert o.prompt_token_ids == ids
     assert o.token_ids == llm.generate([ids], SamplingParams(max_tokens=5, temperature=0))[0].token_ids
+
+
+def test_token_slice_spans_prompt_and_output():
+    from ringlinear.engine.sequence import Sequence
+    seq = Sequence("r", [1, 2, 3], SamplingParams(max_tokens=5), None, max_model_len=100)
+    seq.output_token_ids += [4, 5]
+    full = [1, 2, 3, 4, 5]
+    for a in range(6):
+        for b in range(a, 6):
+            assert seq.token_slice(a, b) == full[a:b]

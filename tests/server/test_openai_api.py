@@ -132,3 +132,16 @@ def test_health_is_open_and_api_key_required(server):
         with pytest.raises(AuthenticationError) as e:
             bad.completions.create(model="tiny", prompt="x", max_tokens=1)
         assert e.value.status_code == 401
+
+
+def test_streaming_logprobs_match_non_streaming(client):
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "count"}], max_tokens=9, temperature=0,
+              logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**kw).choices[0].logprobs.content
+    streamed = [e for c in client.chat.completions.create(stream=True, **kw)
+                if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in full]
+    assert len(streamed) == 9
+    comp = client.completions.create(model="tiny", prompt="count", max_tokens=5, temperature=0, logprobs=1,
+                                     stream=True, extra_body={"ignore_eos": True})
+    assert sum(len(c.choices[0].logprobs.tokens) for c in comp if c.choices) == 5
