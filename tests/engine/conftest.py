@@ -24,6 +24,7 @@ def make_llm(tiny_dir):
     from ringlinear.engine import LLM
 
     def make(**kw):
+        kw.setdefault("device", "cpu")  # CPU tests: batch invariance is claimed (and measured) there
         kw.setdefault("max_num_seqs", 8)
         kw.setdefault("num_kv_blocks", 256)
         kw.setdefault("prefill_chunk", 64)

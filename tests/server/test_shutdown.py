@@ -21,7 +21,7 @@ def test_ctrl_c_drains_and_exits_cleanly(tiny_dir):
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "ringlinear", "serve", "--model", tiny_dir, "--port", str(port),
-                             "--threads", "1", "--max-num-seqs", "4", "--num-kv-blocks", "64",
+                             "--device", "cpu", "--threads", "1", "--max-num-seqs", "4", "--num-kv-blocks", "64",
                              "--prefill-chunk", "64", "--max-num-batched-tokens", "128"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     try:
