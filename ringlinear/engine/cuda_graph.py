@@ -2,14 +2,14 @@
 
 Written to be correct by construction but NOT yet run on a GPU (the author had none): `EngineConfig.cuda_graphs
 = False` (`ringlinear serve --enforce-eager`) turns it off. Capture needs every op of the decode step to be free of
-host syncs; the reference MoE (`bincount().tolist()`) is not, so capture fails until a fused MoE kernel lands and
-the runner then falls back to eager with a warning.
+host syncs (the CUDA kernels are written that way; the CPU reference MoE's `bincount().tolist()` is not); if
+capture fails anyway, the runner logs a warning and runs eagerly.
 
 A graph sees static tensors only: token ids, positions, slot ids, flat KV write rows, block tables padded to
-`max_blocks` and context lengths, all [B_graph, ...]; the paged decode attention kernel's grid depends only on
-the table width, so one graph serves every context length up to max_model_len. Rows beyond the live batch point at the scratch slot and
-scratch block, so they compute garbage that nobody reads. `StaticDecodeStep` is also runnable eagerly (tests use it
-on CPU to check it against the paged context).
+`max_blocks` and context lengths, all [B_graph, ...]. The paged decode attention kernel's grid depends only on the
+table width, so one graph serves every context length up to max_model_len. Rows beyond the live batch point at the
+scratch slot and scratch block, so they compute garbage that nobody reads. `StaticDecodeStep` also runs eagerly
+(tests check it on CPU against the paged context).
 """
 from __future__ import annotations
 

@@ -97,11 +97,18 @@ class LLMEngine:
         linear = [i for i in range(cfg.num_hidden_layers) if not cfg.is_softmax_layer(i)]
         H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim_
         self.states = StatePool(linear, config.max_num_seqs, H, D, device)
-        num_blocks = config.num_kv_blocks or self._auto_blocks(softmax, KV, D, dtype, device)
+        max_pos = cfg.max_position_embeddings
+        if config.num_kv_blocks:
+            num_blocks = config.num_kv_blocks
+        elif softmax:
+            num_blocks = self._auto_blocks(softmax, KV, D, dtype, device)
+        else:  # no softmax layer: blocks are bookkeeping only, enough for every slot at full length
+            num_blocks = config.max_num_seqs * -(-max_pos // config.block_size)
         self.kv = PagedKVCache(softmax, num_blocks, config.block_size, KV, D, dtype, device)
-        cache_tokens = num_blocks * config.block_size
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings,
-                                 cache_tokens if softmax else cfg.max_position_embeddings)
+        self.max_model_len = min(config.max_model_len or max_pos, max_pos, num_blocks * config.block_size)
+        if config.max_model_len and self.max_model_len < config.max_model_len:
+            log.warning("max_model_len %d capped to %d (position limit %d, KV cache %d tokens)", config.max_model_len,
+                        self.max_model_len, max_pos, num_blocks * config.block_size)
         self.scheduler = Scheduler(config, self.kv, self.states)
         self.runner = ModelRunner(model, config, self.kv, self.states, self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
@@ -113,7 +120,7 @@ class LLMEngine:
                  self.max_model_len, self.runner.batch_invariant, self.runner.graphs is not None)
 
     def _auto_blocks(self, softmax, KV, D, dtype, device) -> int:
-        per_block = PagedKVCache.bytes_per_block(len(softmax), self.config.block_size, KV, D, dtype) or 1
+        per_block = PagedKVCache.bytes_per_block(len(softmax), self.config.block_size, KV, D, dtype)
         budget = self.config.kv_cache_bytes
         if budget is None:
             if device.type == "cuda":

@@ -9,8 +9,8 @@ from ringlinear.engine.async_engine import AsyncEngine, EngineDeadError
 
 @pytest.fixture
 def engine(tiny_dir):
-    eng = AsyncEngine(LLMEngine(tiny_dir, EngineConfig(device="cpu", max_num_seqs=4, num_kv_blocks=64, prefill_chunk=64,
-                                                       max_num_batched_tokens=128)))
+    cfg = EngineConfig(device="cpu", max_num_seqs=4, num_kv_blocks=64, prefill_chunk=64, max_num_batched_tokens=128)
+    eng = AsyncEngine(LLMEngine(tiny_dir, cfg))
     yield eng
     eng.shutdown()
 
