@@ -56,6 +56,8 @@ def cmd_serve(args) -> int:
 
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"model directory {args.model} does not exist")
+    if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding %s without --api-key: anyone who can reach this port can use the model", args.host)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     engine = AsyncEngine(build_engine(args))
     app = create_app(engine, name, api_key=args.api_key, drain_timeout=args.drain_timeout)

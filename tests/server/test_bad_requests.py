@@ -113,4 +113,9 @@ def test_openai_client_sees_typed_errors(client, server):
     assert e.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="x", stream=True, max_tokens=0)
+    with pytest.raises(openai.BadRequestError) as e:  # the client does not check types: the server must
+        client.completions.create(model="tiny", prompt="x", max_tokens="ten")
+    assert e.value.param == "max_tokens"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], temperature="hot")
     _still_serving(server)
