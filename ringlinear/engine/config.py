@@ -13,7 +13,7 @@ class EngineConfig:
     prefill_chunk: int = 512             # a request's prompt is prefilled in pieces of exactly this many tokens
     block_size: int = 16                 # tokens per KV block (softmax layers)
     num_kv_blocks: int | None = None     # None: from kv_cache_bytes / free GPU memory
-    kv_cache_bytes: int | None = None    # None: 85% of free GPU memory, or 1 GiB on CPU
+    kv_cache_bytes: int | None = None    # None: 80% of free GPU memory, or 1 GiB on CPU
     max_model_len: int | None = None     # None: the checkpoint's max_position_embeddings (capped by the cache)
     device: str | None = None            # None: cuda if available else cpu
     dtype: str | None = "auto"           # auto = the checkpoint's torch_dtype

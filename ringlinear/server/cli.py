@@ -23,7 +23,7 @@ def register(sub) -> None:
     s.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     s.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks (default: from memory)")
     s.add_argument("--kv-cache-gib", type=float, default=None,
-                   help="memory for the KV cache (default: 85%% of free GPU memory, 1 GiB on CPU)")
+                   help="memory for the KV cache (default: 80%% of free GPU memory, 1 GiB on CPU)")
     s.add_argument("--max-model-len", type=int, default=None, help="context limit (prompt + output)")
     s.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     s.add_argument("--batch-invariant", choices=("auto", "on", "off"), default="auto",
