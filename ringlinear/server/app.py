@@ -48,8 +48,12 @@ class AuthMiddleware:
 
 
 class SSEResponse(StreamingResponse):
-    """Streams `body_iterator` while watching for the client going away; either way the iterator is closed,
-    which aborts the engine requests behind it (independent of the ASGI spec version the server speaks)."""
+    """Streams `body_iterator` while watching for the client going away; either way the iterator is closed and
+    `on_close` runs (it aborts the engine requests behind the stream, even if the body never started)."""
+
+    def __init__(self, content, on_close, **kw):
+        super().__init__(content, **kw)
+        self.on_close = on_close
 
     async def __call__(self, scope, receive, send):
         async def stream():
@@ -70,6 +74,7 @@ class SSEResponse(StreamingResponse):
                 t.cancel()
             results = await asyncio.gather(*tasks, return_exceptions=True)
             await self.body_iterator.aclose()
+            self.on_close()
         err = results[0]
         if isinstance(err, Exception) and not isinstance(err, (OSError, asyncio.CancelledError)):
             log.error("stream failed: %s: %s", type(err).__name__, err)  # the client sees a cut stream
@@ -193,19 +198,22 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         return streams
 
     async def collect(streams: list[RequestStream]):
-        try:
-            async for _ in _merged(streams):
-                pass
-            return [s.last for s in streams]
-        finally:
-            for s in streams:
-                s.abort()
+        async for _ in _merged(streams):
+            pass
+        return [s.last for s in streams]
 
     async def respond(request, req, streams, prompt_tokens, chunk_object, head, chunks, final, fmt):
         """Non-streaming: wait for every choice (abort on disconnect) and build the body with `final(outs)`.
         Streaming: SSE of `head` chunks, then `chunks(i, output)` per engine output, optional usage, [DONE]."""
+        def abort_all():
+            for s in streams:
+                s.abort()
+
         if not req.stream:
-            outs = await _unless_disconnected(request, collect(streams))
+            try:
+                outs = await _unless_disconnected(request, collect(streams))
+            finally:
+                abort_all()  # no-op for finished requests; frees the rest if the client left
             return outs if isinstance(outs, JSONResponse) else final(outs)
 
         async def events():
@@ -220,12 +228,9 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                     yield sse(fmt.usage_chunk(chunk_object, prompt_tokens, done))
             except (EngineDeadError, RequestError) as e:
                 yield sse(APIError(500, str(e), type="server_error").body())
-            finally:
-                for s in streams:
-                    s.abort()
             yield SSE_DONE
 
-        return SSEResponse(events(), media_type="text/event-stream")
+        return SSEResponse(events(), abort_all, media_type="text/event-stream")
 
     @app.get("/health")
     async def health():
