@@ -6,6 +6,9 @@
 Each request sends a random token-id prompt (length drawn from --prompt-len) and asks for exactly --output-len
 tokens (ignore_eos), streaming. Reports request throughput, output tokens/s, time to first token (TTFT) and time
 per output token after the first (TPOT), median and p99, as a table and then one JSON line.
+
+Baseline (`--baseline`, with --model): the same requests through `ringlinear.generate()` one at a time in this
+process (no batching, no server), on the device the server used; the JSON line then carries the ratio.
 """
 from __future__ import annotations
 
@@ -58,11 +61,8 @@ async def one_request(client, url, model, headers, prompt, n_out):
             "latency": last - t0, "tokens": tokens, "prompt": len(prompt)}
 
 
-async def run(args, url, model):
+async def run(args, url, model, work):
     import httpx
-    rng = random.Random(args.seed)
-    work = [([rng.randrange(10, 250) for _ in range(rng.randint(*args.prompt_len))], rng.randint(*args.output_len))
-            for _ in range(args.num_requests)]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     queue: asyncio.Queue = asyncio.Queue()
     for w in work:
@@ -101,6 +101,30 @@ def summarize(results, errors, wall, args):
         "tpot_ms_p99": round(1e3 * _pct(tpot, 99), 2) if tpot else None,
         "prompt_len": list(args.prompt_len), "output_len": list(args.output_len),
     }
+
+
+def run_baseline(args, work):
+    """Output tok/s of plain generate(), one request after another (same prompts and lengths)."""
+    import torch
+
+    from ringlinear.generation import generate
+    from ringlinear.models.modeling import RingLinearForCausalLM
+    if args.baseline_threads:
+        torch.set_num_threads(args.baseline_threads)
+    device = args.baseline_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = RingLinearForCausalLM.from_pretrained(args.model, dtype="auto", device=device)
+    generate(model, [work[0][0]], max_new_tokens=2, temperature=0, stop_token_ids=[])  # warm-up
+    t0 = time.perf_counter()
+    n = 0
+    for prompt, out_len in work:
+        n += len(generate(model, [prompt], max_new_tokens=out_len, temperature=0, stop_token_ids=[]).sequences[0])
+    return n / (time.perf_counter() - t0)
+
+
+def make_work(args):
+    rng = random.Random(args.seed)
+    return [([rng.randrange(10, 250) for _ in range(rng.randint(*args.prompt_len))], rng.randint(*args.output_len))
+            for _ in range(args.num_requests)]
 
 
 def start_server(args):
@@ -143,10 +167,16 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
     p.add_argument("--server-log", action="store_true", help="show the started server's log")
+    p.add_argument("--baseline", action="store_true", help="also time sequential generate() (needs --model)")
+    p.add_argument("--baseline-device", default=None, help="device for the baseline (default: cuda if available)")
+    p.add_argument("--baseline-threads", type=int, default=None, help="torch CPU threads for the baseline")
     p.add_argument("server_args", nargs=argparse.REMAINDER, help="after --: extra `ringlinear serve` flags")
     args = p.parse_args(argv)
     args.server_args = [a for a in args.server_args if a != "--"]
     args.num_requests = args.num_requests or 4 * args.num_clients
+    if args.baseline and not args.model:
+        p.error("--baseline needs --model")
+    work = make_work(args)
 
     proc = None
     if args.model:
@@ -157,7 +187,7 @@ def main(argv=None):
         import httpx
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         model = args.served_model_name or httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"]
-        results, errors, wall = asyncio.run(run(args, url, model))
+        results, errors, wall = asyncio.run(run(args, url, model, work))
     finally:
         if proc is not None:
             proc.send_signal(2)  # SIGINT: the server drains and exits
@@ -166,6 +196,9 @@ def main(argv=None):
             except subprocess.TimeoutExpired:
                 proc.kill()
     s = summarize(results, errors, wall, args)
+    if args.baseline:
+        s["baseline_generate_output_tok_s"] = round(run_baseline(args, work), 1)
+        s["speedup_vs_generate"] = round(s["output_tok_s"] / s["baseline_generate_output_tok_s"], 2)
     rows = [("requests", f"{s['requests']} ok, {s['errors']} failed, {s['clients']} concurrent clients"),
             ("prompt / output tokens", f"{s['prompt_tokens']} / {s['output_tokens']}"),
             ("wall time", f"{s['wall_s']:.2f} s"),
@@ -173,6 +206,9 @@ def main(argv=None):
             ("output throughput", f"{s['output_tok_s']:.1f} tok/s"),
             ("TTFT median / p99", f"{s['ttft_ms_median']} / {s['ttft_ms_p99']} ms"),
             ("TPOT median / p99", f"{s['tpot_ms_median']} / {s['tpot_ms_p99']} ms")]
+    if args.baseline:
+        rows.append(("sequential generate()", f"{s['baseline_generate_output_tok_s']:.1f} tok/s "
+                                              f"(engine: {s['speedup_vs_generate']:.2f}x)"))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
