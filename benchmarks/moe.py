@@ -194,6 +194,7 @@ def run_point(N, wr, bias, w13, w2, bw, with_loop=True):
 # candidate (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) per kernel; the router's are (BLOCK_T, BLOCK_E, BLOCK_K, ...)
 SWEEP = {
     "router": [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (32, 64, 64, 4, 4), (128, 64, 64, 8, 3)],
+    "topk": [(16, 4), (16, 2), (8, 1), (32, 4), (4, 1)],  # (BLOCK_T, warps)
     "gateup": [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3)],
     "down": [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 4)],
     "dswiglu": [(64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 64, 8, 4)],
@@ -203,13 +204,15 @@ SWEEP = {
 
 
 def _set_cfg(key, c):
-    if key == "router":
+    if key == "topk":
+        triton_route.TOPK_CFG.update(BLOCK_T=c[0], num_warps=c[1])
+    elif key == "router":
         triton_route.ROUTER_CFG.update(BLOCK_T=c[0], BLOCK_E=c[1], BLOCK_K=c[2], num_warps=c[3], num_stages=c[4])
     else:
         triton_gemm.GEMM_CFG[key] = dict(BLOCK_M=c[0], BLOCK_N=c[1], BLOCK_K=c[2], num_warps=c[3], num_stages=c[4])
 
 
-def sweep(tokens, wr, bias, w13, w2):
+def sweep(tokens, wr, bias, w13, w2, kernels):
     """Time each kernel under candidate block configs, then apply the best per kernel and tier (normalised time
     summed over the token counts of the tier) for the rest of the run. A development aid: the chosen configs are
     then written into ROUTER_CFG / GEMM_CFG."""
@@ -228,6 +231,7 @@ def sweep(tokens, wr, bias, w13, w2):
         xs = (w13.stride(0), w13.stride(2), w13.stride(1))
         calls = {
             "router": lambda: triton_route.router_forward(x, wr, bias, K, NG, TG, SCALE, True),
+            "topk": lambda: triton_route.router_forward(x, wr, bias, K, NG, TG, SCALE, True),
             "gateup": lambda: G.gateup(x, w13, pair, eoff, K, save_ab=False),
             "down": lambda: G.rows_gemm(h, w2, ds, H, pair, eoff, K, o),
             "dswiglu": lambda: G.dswiglu(dy, w2, ab, h, w, pair, eoff, K),
@@ -236,9 +240,11 @@ def sweep(tokens, wr, bias, w13, w2):
                               G.wgrad(dab, x, g13, pair, eoff, K, False, True)),
         }
         tier = "_large" if N * K >= G.LARGE_ROWS_PER_EXPERT * E else ""
-        for which, cands in SWEEP.items():
+        for which in kernels:
+            cands = SWEEP[which]
             key = which + tier if which + tier in G.GEMM_CFG else which
-            saved = dict(triton_route.ROUTER_CFG) if which == "router" else dict(G.GEMM_CFG[key])
+            tables = {"router": triton_route.ROUTER_CFG, "topk": triton_route.TOPK_CFG}
+            saved = dict(tables[which] if which in tables else G.GEMM_CFG[key])
             for c in cands:
                 _set_cfg(key, c)
                 try:
@@ -248,8 +254,8 @@ def sweep(tokens, wr, bias, w13, w2):
                     print(f"  {which} {c}: {type(e).__name__}: {str(e)[:120]}")
                 times.setdefault(key, {}).setdefault(c, {})[N] = t
                 print(f"sweep {key:14s} N={N:5d} {str(c):24s} {t:.4f} ms")
-            if which == "router":
-                triton_route.ROUTER_CFG.update(saved)
+            if which in tables:
+                tables[which].update(saved)
             else:
                 G.GEMM_CFG[key] = saved
     chosen = {}
@@ -323,7 +329,8 @@ def lm_head_bench():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[64, 1024, 8192])
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep", nargs="*", default=None, metavar="KERNEL",
+                    help="time candidate configs of these kernels (all when none named) and use the best")
     ap.add_argument("--lm-head", action="store_true")
     ap.add_argument("--no-loop", action="store_true", help="skip the (slow) loop-over-experts baseline")
     args = ap.parse_args()
@@ -335,8 +342,8 @@ def main():
     wr, bias, w13, w2 = make_weights()
     result = dict(date=datetime.date.today().isoformat(), card=card, torch=torch.__version__, copy_tb_s=bw,
                   shape=dict(hidden=H, experts=E, inter=INTER, top_k=K, n_group=NG, topk_group=TG))
-    if args.sweep:
-        result["sweep"], result["chosen_configs"] = sweep(args.tokens, wr, bias, w13, w2)
+    if args.sweep is not None:
+        result["sweep"], result["chosen_configs"] = sweep(args.tokens, wr, bias, w13, w2, args.sweep or list(SWEEP))
     if args.lm_head:
         result["lm_head"] = lm_head_bench()
     points = [run_point(N, wr, bias, w13, w2, bw, with_loop=not args.no_loop) for N in args.tokens]

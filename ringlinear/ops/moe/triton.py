@@ -33,6 +33,7 @@ class _RouteFn(torch.autograd.Function):
         idx, wt, logits = router_forward(x, weight, expert_bias, top_k, n_group, topk_group, scale, norm)
         pair, eoff = make_plan(idx, weight.shape[0])
         ctx.mark_non_differentiable(idx, pair, eoff)
+        ctx.set_materialize_grads(False)  # unused logits must arrive as None, not zeros: keeps the sparse backward
         ctx.save_for_backward(x, weight, idx, logits, pair, eoff)
         ctx.scale, ctx.norm = scale, bool(norm and top_k > 1)
         return idx, wt, logits, pair, eoff

@@ -15,7 +15,7 @@ import triton.language as tl
 from .triton_route import dot_precision, fit_block
 
 # Block sizes. Few rows per expert (decode, small prefill) stream weights: 64-row tiles. Many rows per expert
-# (*_large, from LARGE_ROWS_PER_EXPERT on average) are compute-bound: 128x128 tiles. Both tiers keep BLOCK_K = 64
+# (*_large, from LARGE_ROWS_PER_EXPERT on average) are compute-bound: 128-row tiles. Both tiers keep BLOCK_K = 64
 # and BLOCK_M >= 64 (Hopper wgmma, k16 steps in one K order), so an output element is accumulated identically in
 # either tier: a row's result does not depend on the batch (benchmarks/moe.py checks rows of 1- and 64-token calls
 # bitwise against an 8192-token call).
@@ -24,10 +24,10 @@ GEMM_CFG = {
     "gateup": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
     "gateup_large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
     "down": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
-    "down_large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    "down_large": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
     "dswiglu": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
     "dx": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
-    "dx_large": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    "dx_large": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
     "wgrad": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
     "combine": dict(BLOCK_T=16, BLOCK_H=256, num_warps=4),
 }

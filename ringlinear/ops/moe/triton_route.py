@@ -15,10 +15,10 @@ patch_interpreter()  # CPU interpreter fixes (runtime loop bounds, bf16 dot); no
 
 # Logits GEMM tiles (fixed for every N: batch invariance). Splitting the experts over programs keeps a small batch
 # from streaming the whole router weight through one or two SMs.
-ROUTER_CFG = dict(BLOCK_T=64, BLOCK_E=64, BLOCK_K=64, num_warps=4, num_stages=4)
-TOPK_BLOCK_T = 16   # tokens per program of the selection kernel
+ROUTER_CFG = dict(BLOCK_T=64, BLOCK_E=128, BLOCK_K=64, num_warps=4, num_stages=4)
+TOPK_CFG = dict(BLOCK_T=16, num_warps=4)   # selection: a chain of row reductions, latency-bound
 PLAN_BLOCK_T = 16   # tokens per histogram block ([BLOCK_T, E] int32 tiles must stay in registers)
-PLAN_BLOCK_B = 32   # histogram blocks per step of the single-program prefix sum
+PLAN_BLOCK_B = 64   # histogram blocks per step of the single-program prefix sum
 
 
 def dot_precision(*tensors):
@@ -133,10 +133,10 @@ def router_forward(x, weight, expert_bias, top_k, n_group, topk_group, routed_sc
     grouped = n_group > 1 and topk_group < n_group
     # logits stands in as a never-read pointer when there is no bias
     bias = expert_bias.to(torch.float32).contiguous() if expert_bias is not None else logits
-    _router_topk_kernel[(triton.cdiv(N, TOPK_BLOCK_T),)](
+    _router_topk_kernel[(triton.cdiv(N, TOPK_CFG["BLOCK_T"]),)](
         logits, bias, idx, wt, N, float(routed_scaling_factor), E=E, TOPK=top_k, KP2=triton.next_power_of_2(top_k),
         NG=n_group if grouped else 1, TOPKG=topk_group if grouped else 1, HAS_BIAS=expert_bias is not None,
-        NORM=bool(norm_topk_prob and top_k > 1), BLOCK_T=TOPK_BLOCK_T, num_warps=4)
+        NORM=bool(norm_topk_prob and top_k > 1), BLOCK_T=TOPK_CFG["BLOCK_T"], num_warps=TOPK_CFG["num_warps"])
     return idx, wt, logits
 
 
@@ -279,6 +279,6 @@ def make_plan(topk_idx, num_experts):
     eoff = torch.empty(E + 1, dtype=torch.int32, device=dev)
     pair = torch.empty(N * k, dtype=torch.int32, device=dev)
     _hist_kernel[(nb,)](idx, hist, rank, N, TOPK=k, E=E, BLOCK_T=PLAN_BLOCK_T, num_warps=4)
-    _plan_kernel[(1,)](hist, base, eoff, nb, E=E, BLOCK_B=PLAN_BLOCK_B, num_warps=4)
+    _plan_kernel[(1,)](hist, base, eoff, nb, E=E, BLOCK_B=PLAN_BLOCK_B, num_warps=8)
     _scatter_kernel[(nb,)](idx, rank, base, pair, N, TOPK=k, E=E, BLOCK_T=PLAN_BLOCK_T, num_warps=4)
     return pair, eoff
