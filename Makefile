@@ -10,8 +10,10 @@ install:
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[dev]"
 
+# Train the default tiny-code model on this Python's stdlib sources (minutes on a 2-core CPU), then sample from it.
 demo: install
-	$(PYTHON) -m ringlinear demo --out $(DEMO_DIR)
+	$(PYTHON) -m ringlinear train --out $(DEMO_DIR) --overwrite
+	$(PYTHON) -m ringlinear generate --model $(DEMO_DIR)/final --prompt "def " --max-new-tokens 96
 
 test: install
 	$(PYTHON) -m pytest -q tests

@@ -77,7 +77,8 @@ def resolve_config(args) -> TrainConfig:
             if changed:
                 raise ValueError(f"--resume continues the saved run; {', '.join('--' + k.replace('_', '-') for k in changed)}"
                                  " cannot change (start a new run with another --out)")
-            keep = {k: v for k, v in saved.items() if k in names and k not in ("resume",)}
+            # --resume and --stop-at belong to one invocation, not to the run
+            keep = {k: v for k, v in saved.items() if k in names and k not in ("resume", "stop_at")}
             cfg = TrainConfig.from_dict(keep).replace(**explicit)
             if "out" not in explicit and cfg.resume != "auto":
                 cfg = cfg.replace(out=saved.get("out", cfg.out))

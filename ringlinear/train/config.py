@@ -65,6 +65,7 @@ class TrainConfig:
     save_every: int = _f(200, "checkpoint every N steps (and at the end; 0 = only at the end)")
     keep_last: int = _f(2, "keep the last N checkpoints")
     resume: str = _f("", "'auto' = latest checkpoint in --out, or a checkpoint directory; continues exactly")
+    overwrite: bool = _f(False, "start a new run in an --out that holds checkpoints of an earlier one (deletes them)")
     progress: bool = _f(True, "progress bar (tqdm) on a terminal; plain log lines otherwise")
     plot: bool = _f(True, "write loss.png (matplotlib) at the end")
     # --- performance
@@ -72,7 +73,8 @@ class TrainConfig:
     precision: str = _f("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", choices=["auto", "fp32", "bf16"])
     grad_checkpointing: bool = _f(False, "activation checkpointing per decoder layer")
     compile: bool = _f(False, "torch.compile the model")
-    fsdp: bool = _f(False, "FSDP2 (fully_shard) instead of DDP, CUDA only: see docs/training.md")
+    fsdp: bool = _f(False, "FSDP2 (fully_shard per layer; routed experts replicated) instead of DDP: see "
+                           "docs/training.md")
     threads: int = _f(0, "torch CPU threads per process (0 = torch default)")
 
     def to_dict(self) -> dict:

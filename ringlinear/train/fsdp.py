@@ -20,13 +20,16 @@ def expert_params(model) -> list[torch.nn.Parameter]:
 
 
 def apply_fsdp(model, env):
+    """Shard in place (each decoder layer, then the root) over all ranks; CUDA (nccl) or CPU (gloo)."""
     if not env.distributed:
         raise ValueError("--fsdp needs several processes (torchrun --nproc-per-node N)")
-    if env.device.type != "cuda":
-        raise ValueError("--fsdp is supported on CUDA only; on CPU use the default DDP")
+    import warnings
+
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    mesh = init_device_mesh("cuda", (env.world,))
+    # The logits are returned as a view; nothing modifies them in place, so FSDP's warning about that is moot.
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+    mesh = init_device_mesh(env.device.type, (env.world,))
     ignored = set(expert_params(model))
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, ignored_params=ignored)
@@ -56,3 +59,53 @@ class ExpertGradSync:
                 n = p.grad.numel()
                 p.grad.copy_(flat[off:off + n].view_as(p.grad))
                 off += n
+
+
+def clip_grads(params, max_norm: float) -> torch.Tensor:
+    """Global grad norm over sharded (DTensor) and replicated gradients; scales them in place when max_norm > 0."""
+    sq = None
+    for p in params:
+        n = torch.linalg.vector_norm(p.grad.detach().float())
+        if hasattr(n, "full_tensor"):
+            n = n.full_tensor()
+        sq = n * n if sq is None else sq + n * n
+    total = sq.sqrt()
+    if max_norm > 0:
+        coef = min(1.0, max_norm / (float(total) + 1e-6))
+        for p in params:
+            p.grad.detach().mul_(coef)
+    return total
+
+
+def _opts(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def gathered_model(model, env):
+    """A plain CPU copy of the sharded model on rank 0 (None elsewhere), for save_pretrained. Collective."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    sd = get_model_state_dict(model, options=_opts(cpu_offload=True))
+    if not env.is_main:
+        return None
+    from ..models.modeling import RingLinearForCausalLM
+    with torch.device("meta"):
+        full = RingLinearForCausalLM(model.config)
+    full.to_empty(device="cpu")
+    missing, unexpected = full.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"gathering the FSDP model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return full
+
+
+def full_optimizer_state(model, opt) -> dict:
+    """Unsharded optimizer state keyed by parameter name (collective; meaningful on rank 0)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    return get_optimizer_state_dict(model, opt, options=_opts(cpu_offload=True))
+
+
+def load_optimizer(model, opt, state: dict) -> None:
+    if "optimizer_full" not in state:
+        raise ValueError("this checkpoint was written without --fsdp: resume it without --fsdp")
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    set_optimizer_state_dict(model, opt, state["optimizer_full"], options=_opts())

@@ -81,8 +81,8 @@ def run(tr) -> dict:
     if saved_at != tr.step and tr.step > first:
         tr.save()
     final_dir = os.path.join(out, "final")
-    if main and tr.step == cfg.steps:
-        tr.model.save_pretrained(final_dir, tokenizer_dir=tr.prep.tokenizer_dir)
+    if tr.step == cfg.steps:
+        tr.export_model(final_dir)
     seconds = time.perf_counter() - t_run
     summary = {"params": n_params, "layout": describe_model(mc), "step": tr.step, "total_steps": cfg.steps,
                "steps_run": tr.step - first, "tokens": tr.tokens_seen - tokens0, "seconds": seconds,

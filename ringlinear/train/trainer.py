@@ -9,20 +9,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
+import shutil
 
 import torch
 import torch.nn.functional as F
 
 from . import dist as D
 from .balance import MoEBalancer
-from .checkpoint import (find_resume, load_trainer_state, remove_stale_temp, rng_state, save_checkpoint,
-                         set_rng_state, verify_checkpoint)
+from .checkpoint import (find_resume, list_checkpoints, load_trainer_state, remove_stale_temp, rng_state,
+                         save_checkpoint, set_rng_state, verify_checkpoint)
 from .config import RUN_DEFINING, TrainConfig, model_config_for
 from .optim import make_optimizer, make_scheduler
 from .packing import PackedRows, RowSchedule, collate
 from .prepare import load_streams, prepare
-from .report import MetricsLog, Progress, plot_losses, summary_line
 
 log = logging.getLogger("ringlinear.train")
 
@@ -56,9 +55,7 @@ class Trainer:
             state = load_trainer_state(self.resume_path)
             _check_same_run(state["config"], cfg)
         tok_src = self.resume_path or cfg.init_from or cfg.tokenizer or None
-        if env.is_main:
-            os.makedirs(cfg.out, exist_ok=True)
-            remove_stale_temp(os.path.join(cfg.out, "checkpoints"))
+        _on_main(env, lambda: _claim_out_dir(cfg))
         self.prep = _on_main(env, lambda: prepare(cfg, tok_src))
         train_stream, val_stream = load_streams(self.prep)
         self.rows = PackedRows(train_stream, cfg.seq_len)
@@ -72,6 +69,7 @@ class Trainer:
         self.model.to(dev).train()
         self.model.model.gradient_checkpointing = cfg.grad_checkpointing
         self.balancer = MoEBalancer(self.model, cfg.bias_update_rate, cfg.seq_aux_loss_coef)
+        self.fwd = self._wrap()  # before the optimizer: FSDP2 replaces the Parameters it shards
         self.opt = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps,
                                   dev.type)
         self.lr_sched = make_scheduler(self.opt, cfg)
@@ -81,7 +79,6 @@ class Trainer:
         self.val_start = None
         if state is not None:
             self._load_state(state)
-        self.fwd = self._wrap()
         amp = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
         self.autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
 
@@ -108,7 +105,13 @@ class Trainer:
         if saved_global != self.sched_rows.global_rows:
             raise ValueError(f"cannot resume: the checkpoint used {saved_global} rows per step (world x grad-accum x "
                              f"batch-size), this run {self.sched_rows.global_rows}; keep the product equal")
-        self.opt.load_state_dict(st["optimizer"])
+        if self.fsdp:
+            from .fsdp import load_optimizer
+            load_optimizer(self.model, self.opt, st)
+        elif "optimizer" not in st:
+            raise ValueError("this checkpoint was written by an --fsdp run: resume it with --fsdp")
+        else:
+            self.opt.load_state_dict(st["optimizer"])
         # The schedule's lambdas are plain functions, never pickled: they follow this run's --steps.
         self.lr_sched.load_state_dict(st["scheduler"])
         self.step, self.tokens_seen, self.elapsed = st["step"], st["tokens"], st["elapsed_s"]
@@ -119,6 +122,7 @@ class Trainer:
     def _wrap(self):
         cfg, env = self.cfg, self.env
         m = self.model
+        self.fsdp = cfg.fsdp
         if cfg.fsdp:
             from .fsdp import apply_fsdp
             m = apply_fsdp(m, env)
@@ -168,7 +172,11 @@ class Trainer:
     def optimizer_step(self) -> dict:
         cfg = self.cfg
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if cfg.grad_clip > 0:
+        if self.fsdp:
+            from .fsdp import clip_grads
+            self.model._expert_sync()
+            gn = clip_grads(params, cfg.grad_clip)
+        elif cfg.grad_clip > 0:
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
             gn = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
@@ -187,7 +195,8 @@ class Trainer:
         if n == 0:
             return None
         self.model.eval()
-        mine = list(range(env.rank, n, env.world))
+        # FSDP forwards are collective: every rank scores every row (in lockstep) instead of a share of them
+        mine = list(range(n)) if self.fsdp else list(range(env.rank, n, env.world))
         tot = torch.zeros(2, dtype=torch.float64, device=env.device)
         for i in range(0, len(mine), cfg.batch_size):
             b = collate([self.val_rows.row(j) for j in mine[i:i + cfg.batch_size]], env.device)
@@ -197,24 +206,40 @@ class Trainer:
                                  reduction="sum")
             tot += torch.stack([ce.double(), (b["labels"] != -100).sum().double()])
         self.model.train()
-        D.all_reduce_sum(env, tot)
+        if not self.fsdp:
+            D.all_reduce_sum(env, tot)
         return float(tot[0] / tot[1].clamp_min(1))
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str | None:
         env, cfg = self.env, self.cfg
         rngs = D.gather_objects(env, rng_state())
+        if self.fsdp:
+            from .fsdp import full_optimizer_state, gathered_model
+            model, opt_state = gathered_model(self.model, env), {"optimizer_full": full_optimizer_state(self.model,
+                                                                                                      self.opt)}
+        else:
+            model, opt_state = self.model, {"optimizer": self.opt.state_dict()}
         path = None
         if env.is_main:
             state = {"step": self.step, "rows_consumed": self.step * self.sched_rows.global_rows,
-                     "global_rows": self.sched_rows.global_rows, "world_size": env.world,
-                     "optimizer": self.opt.state_dict(), "scheduler": self.lr_sched.state_dict(), "rng": rngs,
-                     "config": cfg.to_dict(), "tokens": self.tokens_seen, "elapsed_s": self.elapsed,
-                     "val_start": self.val_start}
-            path = save_checkpoint(os.path.join(cfg.out, "checkpoints"), self.step, self.model,
+                     "global_rows": self.sched_rows.global_rows, "world_size": env.world, **opt_state,
+                     "scheduler": self.lr_sched.state_dict(), "rng": rngs, "config": cfg.to_dict(),
+                     "tokens": self.tokens_seen, "elapsed_s": self.elapsed, "val_start": self.val_start}
+            path = save_checkpoint(os.path.join(cfg.out, "checkpoints"), self.step, model,
                                    self.prep.tokenizer_dir, state, cfg.keep_last)
         D.barrier(env)
         return path
+
+    def export_model(self, path: str) -> None:
+        """The model alone, in the published layout (collective under FSDP: call on every rank)."""
+        model = self.model
+        if self.fsdp:
+            from .fsdp import gathered_model
+            model = gathered_model(self.model, self.env)
+        if self.env.is_main:
+            model.save_pretrained(path, tokenizer_dir=self.prep.tokenizer_dir)
+        D.barrier(self.env)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:
@@ -223,6 +248,21 @@ class Trainer:
             return run(self)
         finally:
             D.teardown(self.env)
+
+
+def _claim_out_dir(cfg) -> None:
+    """A new run never mixes with an earlier run's checkpoints (rotation would delete the wrong ones)."""
+    root = os.path.join(cfg.out, "checkpoints")
+    os.makedirs(cfg.out, exist_ok=True)
+    remove_stale_temp(root)
+    if cfg.resume or not list_checkpoints(root):
+        return
+    if not cfg.overwrite:
+        raise ValueError(f"{cfg.out} holds checkpoints of an earlier run: continue it with --resume auto, start over "
+                         "with --overwrite, or pick another --out")
+    log.info("--overwrite: removing the earlier run's checkpoints and final model in %s", cfg.out)
+    shutil.rmtree(root)
+    shutil.rmtree(os.path.join(cfg.out, "final"), ignore_errors=True)
 
 
 def _checked_resume(cfg) -> str:
@@ -238,5 +278,3 @@ def _check_same_run(saved: dict, cfg: TrainConfig) -> None:
         raise ValueError(f"--resume continues the saved run, but these settings differ from it: {parts}. "
                          "Start a new run (another --out) to change them.")
 
-
-__all__ = ["Trainer", "summary_line", "plot_losses", "MetricsLog", "Progress"]
