@@ -69,6 +69,18 @@ def test_moe_forward_matches_reference(dtype, tol):
     assert rel(y, ry) < tol
 
 
+def test_plan_is_a_stable_sort_by_expert():
+    from ringlinear.ops.moe.triton_route import PLAN_BLOCK_B, PLAN_BLOCK_T, make_plan
+
+    n = PLAN_BLOCK_T * PLAN_BLOCK_B + 37  # more histogram blocks than one step of the prefix sum over blocks
+    idx = torch.randint(0, E, (n, K), generator=torch.Generator().manual_seed(11)).to(DEV)  # repeats in rows too
+    pair, eoff = make_plan(idx, E)
+    flat = idx.reshape(-1)
+    assert torch.equal(pair.long(), torch.argsort(flat, stable=True))
+    counts = torch.bincount(flat, minlength=E)
+    assert torch.equal(eoff.long(), torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
+
+
 def test_moe_experts_repeated_expert_in_a_row():
     # The API allows any indices; a row naming one expert twice must count it twice, like the reference.
     x, _, _, w13, w2, _ = make(8, torch.float32, shared=False)
