@@ -1,0 +1,286 @@
+"""Long-context prefill and decode: Ring-mini-linear-2.0 vs its all-softmax twin, through the serving engine.
+
+Both models have the Ring-mini-linear-2.0 shape with random bf16 weights; the twin makes every layer softmax
+(layer_group_size = 1: the Ring-mini-2.0 shape). Same process, same engine, same card.
+
+- prefill: one request of T tokens (batch 1), time to its first token, tokens/s.
+- decode: B requests at context C, output tokens/s over steps where every request decodes (CUDA graphs as the
+  engine configures them). The prompts' KV cache and states are filled with random values instead of running a
+  real prefill (decode cost does not depend on the values; it saves minutes of device time); the engine's
+  scheduler, block tables and slots are the real ones. Where a model's cache cannot hold B requests at C, the
+  largest batch that fits is used and reported.
+- floor per decode step = (weight bytes the step reads, every expert touched by at least one token counted once,
+  plus per-request state read+write and KV read) / measured copy bandwidth.
+
+Prints a table and a final JSON line; writes JSON (and a PNG when matplotlib is present) to --out.
+Run: PYTHONPATH=. python benchmarks/long_context.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+
+import torch
+
+from ringlinear.engine.config import EngineConfig
+from ringlinear.engine.engine import LLMEngine
+from ringlinear.engine.sampling_params import SamplingParams
+from ringlinear.models.config import get_preset
+from ringlinear.models.context import StatelessContext
+from ringlinear.models.modeling import RingLinearForCausalLM
+
+GiB = 1 << 30
+
+
+def copy_bandwidth(dev) -> float:
+    """Device-to-device copy, bytes read + written per second (median of 20)."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    ts = []
+    for _ in range(25):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * (1 << 30) / sorted(ts[5:])[len(ts[5:]) // 2]
+
+
+@torch.no_grad()
+def random_model(cfg, dev, seed=0):
+    """Random bf16 weights allocated directly on the GPU (no CPU init of 16B parameters)."""
+    with torch.device("meta"):
+        m = RingLinearForCausalLM(cfg)
+    m.to(torch.bfloat16).to_empty(device=dev)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    for name, p in m.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, cfg.initializer_range, generator=g)
+    for mod in m.modules():
+        if hasattr(mod, "expert_bias"):
+            mod.expert_bias.normal_(0.0, 1e-3, generator=g)
+    return m.eval()
+
+
+def engine_for(model, num_seqs, tokens_per_seq, chunk, cuda_graphs=True):
+    bs = 16
+    blocks = num_seqs * (-(-tokens_per_seq // bs) + 1) + 1
+    cfg = EngineConfig(max_num_seqs=num_seqs, max_num_batched_tokens=max(chunk, num_seqs), prefill_chunk=chunk,
+                       block_size=bs, num_kv_blocks=blocks, max_model_len=tokens_per_seq + 64,
+                       cuda_graphs=cuda_graphs, cuda_graph_max_batch=max(1, num_seqs))
+    return LLMEngine(model=model, config=cfg)
+
+
+def bench_prefill(model, T, chunk):
+    eng = engine_for(model, 1, T + 8, chunk, cuda_graphs=False)
+    ids = torch.randint(10, model.config.vocab_size, (T,)).tolist()
+    warm = torch.randint(10, model.config.vocab_size, (min(T, 2048),)).tolist()
+    for prompt in (warm, ids):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        eng.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+        while eng.has_unfinished():
+            eng.step()
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / GiB
+    del eng
+    return T / dt, dt, peak
+
+
+def fits(model, B, C, free_bytes):
+    cfg = model.config
+    n_sm = sum(cfg.is_softmax_layer(i) for i in range(cfg.num_hidden_layers))
+    n_lin = cfg.num_hidden_layers - n_sm
+    per_seq = C * n_sm * 2 * cfg.num_key_value_heads * cfg.head_dim_ * 2 + n_lin * cfg.num_attention_heads * \
+        cfg.head_dim_ ** 2 * 4
+    return per_seq * B <= free_bytes
+
+
+@torch.no_grad()
+def touched_weight_bytes(model, B):
+    """Weight bytes one decode step of B tokens reads: everything but the experts, plus each expert that at least
+    one of the B tokens routes to (measured on a random batch), plus the lm_head; embeddings: B rows."""
+    cfg = model.config
+    dev = next(model.parameters()).device
+    for layer in model.model.layers:
+        if hasattr(layer.mlp, "record_stats"):
+            layer.mlp.record_stats = True
+    ids = torch.randint(10, cfg.vocab_size, (B,), device=dev)
+    ctx = StatelessContext(torch.arange(B + 1, device=dev, dtype=torch.int32))
+    model.model.forward_packed(ids, ctx)
+    total = 0
+    for name, p in model.named_parameters():
+        if ".experts." in name or "word_embeddings" in name:
+            continue
+        total += p.numel() * p.element_size()
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2
+    for layer in model.model.layers:
+        if hasattr(layer.mlp, "record_stats"):
+            total += int(torch.unique(layer.mlp.last_topk_idx).numel()) * per_expert
+            layer.mlp.record_stats = False
+            layer.mlp.last_topk_idx = layer.mlp.last_router_logits = None
+    return total + B * cfg.hidden_size * 2
+
+
+def bench_decode(model, B, C, steps, bw):
+    cfg = model.config
+    eng = engine_for(model, B, C + steps + 8, 8192)
+    for d in (eng.kv.k, eng.kv.v):  # random cache contents: a real prefill's cost without running it
+        for t in d.values():
+            t.normal_()
+    for t in eng.states.states.values():
+        t.normal_()
+    real = eng.runner.execute
+
+    def execute(batch):  # prefill pieces are skipped (their cache was filled above); decode runs for real
+        if batch.all_decode:
+            return real(batch)
+        n = sum(1 for s in batch.seqs if s.sample)
+        return torch.zeros(n, cfg.vocab_size, device=next(model.parameters()).device)
+    eng.runner.execute = execute
+    for _ in range(B):
+        eng.add_request(torch.randint(10, cfg.vocab_size, (C,)).tolist(),
+                        SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True))
+    times = []
+    while eng.has_unfinished():
+        all_dec = len(eng.scheduler.waiting) == 0 and all(s.num_uncomputed == 1 for s in eng.scheduler.running)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        eng.step()
+        torch.cuda.synchronize()
+        if all_dec and len(eng.scheduler.running) == B:
+            times.append(time.perf_counter() - t0)
+    times = times[2:]  # warm-up
+    step = sorted(times)[len(times) // 2]
+    n_sm = sum(cfg.is_softmax_layer(i) for i in range(cfg.num_hidden_layers))
+    n_lin = cfg.num_hidden_layers - n_sm
+    state_b = n_lin * cfg.num_attention_heads * cfg.head_dim_ ** 2 * 4 * 2  # read + write
+    kv_b = C * n_sm * 2 * cfg.num_key_value_heads * cfg.head_dim_ * 2
+    floor = (touched_weight_bytes(model, B) + B * (state_b + kv_b)) / bw
+    peak = torch.cuda.max_memory_allocated() / GiB
+    del eng
+    return {"batch": B, "context": C, "step_ms": step * 1e3, "tok_s": B / step, "floor_ms": floor * 1e3,
+            "pct_of_floor": 100 * floor / step, "peak_gib": peak}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--plot-from", help="only draw the PNG from an earlier JSON result")
+    args = ap.parse_args()
+    if args.plot_from:
+        plot(json.load(open(args.plot_from)), os.path.dirname(os.path.abspath(args.plot_from)))
+        return
+    dev = torch.device("cuda")
+    card = torch.cuda.get_device_name(dev)
+    bw = copy_bandwidth(dev)
+    prefill_T = [4096, 16384] if args.quick else [4096, 16384, 32768, 65536, 131072]
+    decode_C = [4096] if args.quick else [4096, 16384, 32768, 65536]
+    steps = 8 if args.quick else 24
+    hybrid = get_preset("ring-mini-linear-2.0")
+    models = {"hybrid": hybrid, "softmax_twin": hybrid.replace(layer_group_size=1)}
+    res = {"card": card, "copy_bw_TBps": bw / 1e12, "date": time.strftime("%Y-%m-%d"), "prefill": {}, "decode": {}}
+    for name, cfg in models.items():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        model = random_model(cfg, dev)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        print(f"[{name}] {weights / GiB:.1f} GiB of weights", flush=True)
+        res["prefill"][name] = {}
+        for T in prefill_T:
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                tps, dt, peak = bench_prefill(model, T, chunk=min(T, 16384))
+            except Exception as e:  # record and go on: one failing point must not lose the others
+                res["prefill"][name][T] = {"error": f"{type(e).__name__}: {e}"}
+                print(f"  prefill T={T}: FAILED {type(e).__name__}: {e}", flush=True)
+                continue
+            finally:
+                gc.collect()
+                torch.cuda.empty_cache()
+            res["prefill"][name][T] = {"tok_s": tps, "s": dt, "peak_gib": peak}
+            print(f"  prefill T={T:>6}: {tps:>9.0f} tok/s ({dt:.2f} s), peak {peak:.1f} GiB", flush=True)
+            save(res, args.out)
+        res["decode"][name] = {}
+        for C in decode_C:
+            free = torch.cuda.mem_get_info(dev)[0] - 6 * GiB
+            B = 64
+            while B > 1 and not fits(model, B, C + steps + 16, free):
+                B //= 2
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                r = bench_decode(model, B, C, steps, bw)
+            except Exception as e:
+                res["decode"][name][C] = {"error": f"{type(e).__name__}: {e}", "batch": B}
+                print(f"  decode C={C} B={B}: FAILED {type(e).__name__}: {e}", flush=True)
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
+            res["decode"][name][C] = r
+            save(res, args.out)
+            print(f"  decode C={C:>6} B={B:>3}: {r['tok_s']:>8.0f} tok/s, step {r['step_ms']:.2f} ms, floor "
+                  f"{r['floor_ms']:.2f} ms ({r['pct_of_floor']:.0f}%), peak {r['peak_gib']:.1f} GiB", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    print(f"\ncard: {card}, copy bandwidth {bw / 1e12:.2f} TB/s")
+    print(f"{'point':<22}{'hybrid':>12}{'twin':>12}{'ratio':>8}")
+    nan = {"tok_s": float("nan"), "batch": "-"}
+    for T in prefill_T:
+        h = res["prefill"]["hybrid"].get(T, nan).get("tok_s", float("nan"))
+        s = res["prefill"]["softmax_twin"].get(T, nan).get("tok_s", float("nan"))
+        print(f"{'prefill tok/s T=' + str(T):<22}{h:>12.0f}{s:>12.0f}{h / s:>8.2f}")
+    for C in decode_C:
+        h, s = res["decode"]["hybrid"].get(C, nan), res["decode"]["softmax_twin"].get(C, nan)
+        ht, st = h.get("tok_s", float("nan")), s.get("tok_s", float("nan"))
+        print(f"{'decode tok/s C=' + str(C):<22}{ht:>12.0f}{st:>12.0f}{ht / st:>8.2f}"
+              f"   (batch {h.get('batch')} vs {s.get('batch')})")
+    save(res, args.out)
+    plot(res, args.out)
+    print(json.dumps(res))
+
+
+def save(res, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "long_context.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+def plot(res, out_dir):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib missing: no plot; rerun with --plot-from JSON elsewhere)")
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for name, style in (("hybrid", "o-"), ("softmax_twin", "s--")):
+        for a, part in zip(ax, ("prefill", "decode")):
+            pts = {int(k): v for k, v in res[part].get(name, {}).items() if "tok_s" in v}
+            xs = sorted(pts)
+            a.plot(xs, [pts[x]["tok_s"] for x in xs], style, label=name)
+    for a, t in zip(ax, ("prefill, batch 1 (tok/s)", "decode, batch 64 or largest fitting (tok/s)")):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("context tokens")
+        a.set_title(t)
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.suptitle(f"Ring-mini-linear-2.0 shape vs softmax twin — {res['card']} ({res['date']})")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "long_context.png"), dpi=110)
+
+
+if __name__ == "__main__":
+    main()
