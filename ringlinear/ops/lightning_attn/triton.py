@@ -49,6 +49,11 @@ def _prec(dtype: torch.dtype) -> tuple[str, bool]:
     return "tf32", True
 
 
+def _f16s() -> bool:
+    """State update as one power-of-two-scaled fp16 dot (True) or two bf16 dots (False); see _state_update."""
+    return TUNE.get("f16s", True)
+
+
 def _fwd_configs(K: int, V: int, dtype: torch.dtype):
     """(wide, narrow) forward configs (BT, BV, warps, stages). Wide blocks re-read q, k less and won on an H100
     (T=4K: 0.47 ms vs 0.67 ms); narrow ones double the programs when there are too few (T=16K, B=4: 0.52 ms
@@ -71,7 +76,9 @@ def _bwd_blocks(K: int, V: int, dtype: torch.dtype):
         return 16, (min(K, 32), 8), (min(K, 32), 8), (min(V, 32), 8), 2
     if K >= 256:
         return 32, (32, 8), (32, 8), (32, 8), 2
-    return 64, (min(K, 32), 4), (min(K, 32), 4), (min(V, 32), 4), 2
+    # H200, T=4K, backward alone: 1.29 ms with 64-wide blocks vs 2.02 ms with 32 (half the re-read and
+    # re-computed shared tiles; ptxas reports <= 56 bytes of spills).
+    return 64, (min(K, 64), 4), (min(K, 64), 4), (min(V, 64), 4), 2
 
 
 class _Plan:
@@ -192,8 +199,8 @@ def _forward(q, k, v, g, scale, h0, want_ht, plan, slots=None, ht_out=None):
         local = torch.empty(plan.max_seg, H, K, V, device=q.device, dtype=torch.float32)
         kern._local_state_kernel[(plan.max_seg * H * nv,)](
             kf, vf, g, local, cu, seg_seq, seg_ptr, sk, sv, 1.0, T, plan.L,
-            H=H, K=K, V=V, BT=bt, BV=bv, VARLEN=True, REVERSE=False, LOWP=lowp, PREC=prec, num_warps=warps,
-            num_stages=stages)
+            H=H, K=K, V=V, BT=bt, BV=bv, VARLEN=True, REVERSE=False, LOWP=lowp, PREC=prec, F16S=_f16s(),
+            num_warps=warps, num_stages=stages)
         seg_init = torch.empty_like(local)
         _scan(local, seg_init, g, h0, ht, slots, plan, H, K * V, reverse=False)
     kern._fwd_kernel[(plan.n_seg * H * nv,)](
@@ -203,7 +210,7 @@ def _forward(q, k, v, g, scale, h0, want_ht, plan, slots=None, ht_out=None):
         seg_ptr if seg_ptr is not None else dummy,
         sq, sk, sv, scale, T, plan.L,
         H=H, K=K, V=V, BT=bt, BV=bv, VARLEN=plan.varlen, SPLIT=plan.split, HAS_H0=h0 is not None,
-        STORE_HT=(ht is not None) and not plan.split, USE_SLOTS=slots is not None, LOWP=lowp, PREC=prec,
+        STORE_HT=(ht is not None) and not plan.split, USE_SLOTS=slots is not None, LOWP=lowp, PREC=prec, F16S=_f16s(),
         num_warps=warps, num_stages=stages)
     return o, ht, seg_init
 
@@ -248,8 +255,8 @@ def _backward(do, dht, q, k, v, g, scale, h0, seg_init, plan, need_dh0):
         bts, bvs, ws, ss = plan.fwd
         kern._local_state_kernel[(plan.max_seg * H * (V // bvs),)](
             qf, dof, g, local, cu, seg_seq, seg_ptr, sq, sdo, scale, T, plan.L,
-            H=H, K=K, V=V, BT=bts, BV=bvs, VARLEN=True, REVERSE=True, LOWP=lowp, PREC=prec, num_warps=ws,
-            num_stages=ss)
+            H=H, K=K, V=V, BT=bts, BV=bvs, VARLEN=True, REVERSE=True, LOWP=lowp, PREC=prec, F16S=_f16s(),
+            num_warps=ws, num_stages=ss)
         g_end = torch.empty_like(local)
         _scan(local, g_end, g, dht, dh0, None, plan, H, K * V, reverse=True)
     g_end_ = g_end if g_end is not None else dummy
@@ -324,11 +331,10 @@ def lightning_attn_prefill(q, k, v, g_gamma, state, slot_ids, cu_seqlens, scale=
 
 
 def _decode_block(rows: int, V: int, device) -> tuple[int, int]:
-    """Widest value block that still leaves ~4 programs per SM: wide tiles move the state in long contiguous
-    runs (H100, batch 256: 2.92 TB/s at BV=128 vs 2.49 at BV=16), narrow ones spread a small batch over the
-    chip (batch 1 is launch-latency bound either way)."""
-    want = 4 * _sms(device)
-    for bv, warps in ((128, 8), (64, 8), (32, 4)):
+    """64-wide value blocks with 8 warps whenever they still give ~2 programs per SM (H200: batch 64 37.5 us,
+    batch 256 133 us, against 39.5 / 142 us at 128-wide); narrower for small batches, which are launch-bound."""
+    want = 2 * _sms(device)
+    for bv, warps in ((64, 8), (32, 4)):
         if bv <= V and rows * (V // bv) >= want:
             return bv, warps
     return min(V, 16), 2
