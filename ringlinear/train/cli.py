@@ -24,7 +24,8 @@ examples:
 def register(sub) -> None:
     t = sub.add_parser("train", help="train or continue a hybrid model (default: a tiny code model, minutes on CPU)",
                        description="Train a Ring-linear hybrid: packing with document boundaries, AdamW + "
-                                   "warmup/cosine|WSD, aux-loss-free MoE balancing, exact resume, DDP via torchrun.",
+                                   "warmup/cosine|WSD, aux-loss-free MoE balancing, exact resume, DDP via torchrun. "
+                                   "Defaults shown are those of the tiny-code preset.",
                        epilog=_EPILOG.format(presets=describe_presets()),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):

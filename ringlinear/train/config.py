@@ -21,7 +21,7 @@ def _f(default, help: str, **meta):
 @dataclass
 class TrainConfig:
     # --- what to train
-    preset: str = _f("tiny-code", "training preset (fills every field; flags override): see --list-presets")
+    preset: str = _f("tiny-code", "training preset (fills every field; the flags given override it): listed below")
     data: list = _f([], "corpus: files, directories or globs of .txt/.md/.py, .jsonl (text field) and .parquet; "
                         "empty = the embedded default (this Python's standard-library sources)", nargs="*",
                     type=str)
@@ -40,7 +40,7 @@ class TrainConfig:
     seq_len: int = _f(256, "tokens per packed row")
     batch_size: int = _f(8, "rows per micro-batch per process")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
-    steps: int = _f(400, "optimizer steps (the LR schedule spans these)")
+    steps: int = _f(500, "optimizer steps (the LR schedule spans these)")
     stop_at: int = _f(0, "stop (with a checkpoint) after this step, keeping the schedule of --steps; resume "
                          "later with --resume; 0 = run to --steps")
     lr: float = _f(3e-3, "peak learning rate")
@@ -62,7 +62,7 @@ class TrainConfig:
     val_fraction: float = _f(0.02, "fraction of documents held out for validation")
     eval_every: int = _f(100, "validation loss every N steps (also at the start and the end; 0 = only those)")
     eval_rows: int = _f(32, "rows of the held-out set scored per validation (0 = all)")
-    save_every: int = _f(200, "checkpoint every N steps (and at the end; 0 = only at the end)")
+    save_every: int = _f(250, "checkpoint every N steps (and at the end; 0 = only at the end)")
     keep_last: int = _f(2, "keep the last N checkpoints")
     resume: str = _f("", "'auto' = latest checkpoint in --out, or a checkpoint directory; continues exactly")
     overwrite: bool = _f(False, "start a new run in an --out that holds checkpoints of an earlier one (deletes them)")
@@ -117,7 +117,7 @@ RUN_DEFINING = ("data", "text_field", "init_from", "model_preset", "model_config
 
 # ---------------------------------------------------------------------- presets
 def _tiny_code() -> TrainConfig:
-    # Sized so `make demo` (BPE, ~400 steps, generation) finishes in a few minutes on a 2-core CPU.
+    # Sized so `make demo` (BPE, 500 steps, generation) finishes in about 5 minutes on a 2-core CPU.
     return TrainConfig()
 
 

@@ -12,6 +12,7 @@ global rows consumed, so resuming is exact and independent of how a step's rows 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,13 +24,21 @@ class TokenStream:
     tokens: np.ndarray      # [N] int32, documents end to end, each followed by the separator
     doc_starts: np.ndarray  # [D] int64 offset of each document's first token (increasing, doc_starts[0] == 0)
 
-    def save(self, path: str) -> None:
-        np.savez(path, tokens=self.tokens, doc_starts=self.doc_starts)
+    def save(self, prefix: str) -> None:
+        """prefix.tokens.npy and prefix.starts.npy, each written to a temp name and renamed (complete or absent)."""
+        for suffix, arr in ((".tokens.npy", self.tokens), (".starts.npy", self.doc_starts)):
+            with open(prefix + suffix + ".tmp", "wb") as f:
+                np.save(f, arr)
+            os.replace(prefix + suffix + ".tmp", prefix + suffix)
+
+    @staticmethod
+    def exists(prefix: str) -> bool:
+        return os.path.exists(prefix + ".tokens.npy") and os.path.exists(prefix + ".starts.npy")
 
     @classmethod
-    def load(cls, path: str) -> "TokenStream":
-        with np.load(path) as z:
-            return cls(z["tokens"], z["doc_starts"])
+    def load(cls, prefix: str) -> "TokenStream":
+        # memory-mapped: a corpus larger than RAM is paged in as rows are read
+        return cls(np.load(prefix + ".tokens.npy", mmap_mode="r"), np.load(prefix + ".starts.npy"))
 
 
 def tokenize_documents(tok, docs: list[str], sep_id: int, batch: int = 512) -> TokenStream:
@@ -72,10 +81,6 @@ class PackedRows:
         self.last_len = 0
         if partial and (n - 1) - self.n_rows * seq_len > 0:
             self.last_len = (n - 1) - self.n_rows * seq_len
-        # is_start[p]: a document starts at stream position p (one extra slot for the end of the stream)
-        self.is_start = np.zeros(n + 1, dtype=bool)
-        self.is_start[stream.doc_starts] = True
-        self.is_start[n] = True
 
     def __len__(self) -> int:
         return self.n_rows + (1 if self.last_len else 0)
@@ -85,12 +90,12 @@ class PackedRows:
             raise IndexError(f"row {i} of {len(self)}")
         s = i * self.L
         ln = self.L if i < self.n_rows else self.last_len
-        toks = self.stream.tokens
-        x = toks[s:s + ln].astype(np.int64)
-        y = toks[s + 1:s + ln + 1].astype(np.int64)
-        y[self.is_start[s + 1:s + ln + 1]] = -100  # targets that belong to the next document
-        starts = np.flatnonzero(self.is_start[s + 1:s + ln]) + 1
-        return Row(x, y, [0] + starts.tolist())
+        toks, ds = self.stream.tokens, self.stream.doc_starts
+        x = np.asarray(toks[s:s + ln], dtype=np.int64)
+        y = np.asarray(toks[s + 1:s + ln + 1], dtype=np.int64)
+        inside = ds[np.searchsorted(ds, s + 1):np.searchsorted(ds, s + ln + 1)] - s  # doc starts in (s, s+ln]
+        y[inside - 1] = -100  # the target there is the next document's first token
+        return Row(x, y, [0] + inside[inside < ln].tolist())
 
 
 def collate(rows: list[Row], device=None):

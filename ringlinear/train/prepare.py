@@ -1,6 +1,6 @@
 """Run preparation on the main process: tokenizer (reuse or learn), document split, tokenised-stream cache.
 
-The cache `OUT/data/<key>-{train,val}.npz` is keyed by the input files (path, size, mtime), the split settings and
+The cache `OUT/data/<key>-{train,val}.{tokens,starts}.npy` is keyed by the input files (path, size, mtime), the split settings and
 the tokenizer, so a resumed or repeated run skips reading and tokenising, and any change re-tokenises.
 """
 from __future__ import annotations
@@ -56,8 +56,8 @@ def prepare(cfg, tokenizer_src: str | None) -> Prepared:
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     data_dir = os.path.join(out, "data")
     os.makedirs(data_dir, exist_ok=True)
-    train_path, val_path = (os.path.join(data_dir, f"{key}-{s}.npz") for s in ("train", "val"))
-    if os.path.exists(train_path) and os.path.exists(val_path):
+    train_path, val_path = (os.path.join(data_dir, f"{key}-{s}") for s in ("train", "val"))
+    if TokenStream.exists(train_path) and TokenStream.exists(val_path):
         log.info("tokenised corpus from the cache %s", data_dir)
         n_docs = None
     else:
@@ -66,12 +66,9 @@ def prepare(cfg, tokenizer_src: str | None) -> Prepared:
             split = split_documents(docs, cfg.val_fraction, cfg.seed, cfg.max_corpus_mb)
         n_docs = (len(split[0]), len(split[1]))
         for docs_, path in ((split[0], train_path), (split[1], val_path)):
-            stream = tokenize_documents(tok.tokenizer, docs_, sep)
-            tmp = path + ".tmp.npz"
-            stream.save(tmp)
-            os.replace(tmp, path)
+            tokenize_documents(tok.tokenizer, docs_, sep).save(path)
         for name in os.listdir(data_dir):  # caches of earlier settings
-            if not name.startswith(key) and name.endswith(".npz"):
+            if not name.startswith(key) and name.endswith(".npy"):
                 os.remove(os.path.join(data_dir, name))
     info = {"files": len(files), "default_corpus": not cfg.data, "docs": n_docs, "vocab": tok.vocab_size,
             "sep_id": sep}

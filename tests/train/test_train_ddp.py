@@ -4,6 +4,7 @@ import socket
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ringlinear.models.modeling import RingLinearForCausalLM
@@ -29,10 +30,16 @@ def _first_step(tr: Trainer) -> dict:
             "bias": bias}
 
 
-def _worker(rank, world, port, cfg_dict, result_dir):
+def _init(rank, world, port):
+    """One process group for the worker's lifetime: the Trainers join it (and leave it to us to destroy)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _worker(rank, world, port, cfg_dict, result_dir):
+    _init(rank, world, port)
     cfg = TrainConfig.from_dict(cfg_dict)
     tr = Trainer(cfg)
     assert tr.ddp is not None and tr.env.world == world
@@ -42,6 +49,7 @@ def _worker(rank, world, port, cfg_dict, result_dir):
     s = tr2.train()
     torch.save({"summary": s, "params": {n: p.detach().clone() for n, p in tr2.model.named_parameters()}},
                os.path.join(result_dir, f"loop-rank{rank}.pt"))
+    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +99,13 @@ def test_two_process_training_loop_matches_one(ddp_results):
 
 
 def _fsdp_worker(rank, world, port, cfg_dict, result_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    _init(rank, world, port)
     cfg = TrainConfig.from_dict(cfg_dict)
     straight = Trainer(cfg.replace(out=cfg.out + "-a")).train()
     Trainer(cfg.replace(out=cfg.out + "-b", stop_at=2)).train()
     resumed = Trainer(cfg.replace(out=cfg.out + "-b", resume="auto")).train()
     torch.save({"straight": straight, "resumed": resumed}, os.path.join(result_dir, f"fsdp-rank{rank}.pt"))
+    dist.destroy_process_group()
 
 
 def test_fsdp2_two_processes(ddp_results, tmp_path, corpus):

@@ -72,3 +72,15 @@ def test_bias_update_moves_toward_balance():
     ratios = [float(c.max() / c.double().mean()) for c in counts]
     assert stats["moe_imbalance"] == pytest.approx(sum(ratios) / 4) and stats["moe_imbalance_max"] == max(ratios)
     assert bal.counts is None  # reset for the next step
+
+
+def test_grad_checkpointing_gives_the_same_training(tmp_path, tiny_cfg):
+    """Recomputing each layer in the backward changes memory, not results (CPU: bitwise), aux loss included."""
+    from ringlinear.train import train
+    from ringlinear.train.report import read_metrics
+    runs = {}
+    for gc in (False, True):
+        out = tmp_path / f"gc{int(gc)}"
+        train(tiny_cfg(out, steps=3, eval_every=0, save_every=0, grad_checkpointing=gc, seq_aux_loss_coef=1e-2))
+        runs[gc] = [(r["loss"], r["grad_norm"]) for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert runs[True] == runs[False]
