@@ -49,11 +49,6 @@ def _prec(dtype: torch.dtype) -> tuple[str, bool]:
     return "tf32", True
 
 
-def _f16s() -> bool:
-    """State update as one power-of-two-scaled fp16 dot (True) or two bf16 dots (False); see _state_update."""
-    return TUNE.get("f16s", True)
-
-
 def _fwd_configs(K: int, V: int, dtype: torch.dtype):
     """(wide, narrow) forward configs (BT, BV, warps, stages). Wide blocks re-read q, k less and won on an H100
     (T=4K: 0.47 ms vs 0.67 ms); narrow ones double the programs when there are too few (T=16K, B=4: 0.52 ms
@@ -89,7 +84,7 @@ class _Plan:
     so that about 4 programs per SM exist. With cu_seqlens on the CPU the lengths are known for free, and a
     packed batch whose longest sequence dwarfs the rest is split too."""
 
-    def __init__(self, B, T, H, K, V, cu_seqlens, device, dtype):
+    def __init__(self, B, T, H, K, V, cu_seqlens, device, dtype, training=False):
         self.varlen = cu_seqlens is not None
         self.N = cu_seqlens.numel() - 1 if self.varlen else B
         self.Ttot = B * T
@@ -110,6 +105,11 @@ class _Plan:
             self.fwd = narrow
         else:
             split = True
+        # Training: the backward kernels have (K / BK) programs per (sequence, head). At T=16K, B=4 that is 128
+        # for 132 SMs; split then, as at T=64K (H200: fwd+bwd 26.8 Mtok/s unsplit at 16K, 28.8 split at 64K).
+        bk = _bwd_blocks(K, V, dtype)[1][0]
+        if training and self.N * H * (K // bk) < 2 * sms:
+            split, self.fwd = True, wide
         split = split or outlier
         self.fwd = TUNE.get("fwd", self.fwd)
         self.split = False
@@ -120,6 +120,8 @@ class _Plan:
             self.split, self.L = True, -(-int(TUNE["segment"]) // SEG_ALIGN) * SEG_ALIGN
         elif split:
             L = max(-(-self.Ttot * H * nv // target), 4 * SEG_ALIGN)
+            if not self.varlen:  # equal segments: no short tail segment per sequence
+                L = -(-T // -(-T // L))
             L = -(-L // SEG_ALIGN) * SEG_ALIGN
             if L < longest:
                 self.split, self.L = True, L
@@ -199,7 +201,7 @@ def _forward(q, k, v, g, scale, h0, want_ht, plan, slots=None, ht_out=None):
         local = torch.empty(plan.max_seg, H, K, V, device=q.device, dtype=torch.float32)
         kern._local_state_kernel[(plan.max_seg * H * nv,)](
             kf, vf, g, local, cu, seg_seq, seg_ptr, sk, sv, 1.0, T, plan.L,
-            H=H, K=K, V=V, BT=bt, BV=bv, VARLEN=True, REVERSE=False, LOWP=lowp, PREC=prec, F16S=_f16s(),
+            H=H, K=K, V=V, BT=bt, BV=bv, VARLEN=True, REVERSE=False, LOWP=lowp, PREC=prec,
             num_warps=warps, num_stages=stages)
         seg_init = torch.empty_like(local)
         _scan(local, seg_init, g, h0, ht, slots, plan, H, K * V, reverse=False)
@@ -210,7 +212,7 @@ def _forward(q, k, v, g, scale, h0, want_ht, plan, slots=None, ht_out=None):
         seg_ptr if seg_ptr is not None else dummy,
         sq, sk, sv, scale, T, plan.L,
         H=H, K=K, V=V, BT=bt, BV=bv, VARLEN=plan.varlen, SPLIT=plan.split, HAS_H0=h0 is not None,
-        STORE_HT=(ht is not None) and not plan.split, USE_SLOTS=slots is not None, LOWP=lowp, PREC=prec, F16S=_f16s(),
+        STORE_HT=(ht is not None) and not plan.split, USE_SLOTS=slots is not None, LOWP=lowp, PREC=prec,
         num_warps=warps, num_stages=stages)
     return o, ht, seg_init
 
@@ -255,7 +257,7 @@ def _backward(do, dht, q, k, v, g, scale, h0, seg_init, plan, need_dh0):
         bts, bvs, ws, ss = plan.fwd
         kern._local_state_kernel[(plan.max_seg * H * (V // bvs),)](
             qf, dof, g, local, cu, seg_seq, seg_ptr, sq, sdo, scale, T, plan.L,
-            H=H, K=K, V=V, BT=bts, BV=bvs, VARLEN=True, REVERSE=True, LOWP=lowp, PREC=prec, F16S=_f16s(),
+            H=H, K=K, V=V, BT=bts, BV=bvs, VARLEN=True, REVERSE=True, LOWP=lowp, PREC=prec,
             num_warps=ws, num_stages=ss)
         g_end = torch.empty_like(local)
         _scan(local, g_end, g, dht, dh0, None, plan, H, K * V, reverse=True)
@@ -275,9 +277,9 @@ def _backward(do, dht, q, k, v, g, scale, h0, seg_init, plan, need_dh0):
 
 class _LightningAttnFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, scale, h0, want_ht, cu_seqlens):
+    def forward(ctx, q, k, v, g, scale, h0, want_ht, cu_seqlens, training):
         B, T, H, K = q.shape
-        plan = _Plan(B, T, H, K, v.shape[-1], cu_seqlens, q.device, q.dtype)
+        plan = _Plan(B, T, H, K, v.shape[-1], cu_seqlens, q.device, q.dtype, training=training)
         o, ht, seg_init = _forward(q, k, v, g, scale, h0, want_ht, plan)
         ctx.save_for_backward(q, k, v, g, h0, seg_init)
         ctx.plan, ctx.scale = plan, scale
@@ -292,7 +294,7 @@ class _LightningAttnFn(torch.autograd.Function):
         need_dh0 = h0 is not None and ctx.needs_input_grad[5]
         dht = dht.contiguous() if dht is not None else None
         dq, dk, dv, dh0 = _backward(do, dht, q, k, v, g, ctx.scale, h0, seg_init, ctx.plan, need_dh0)
-        return dq, dk, dv, None, None, dh0, None, None
+        return dq, dk, dv, None, None, dh0, None, None, None
 
 
 def _prep(q, k, v, g_gamma, scale):
@@ -310,7 +312,9 @@ def lightning_attn(q, k, v, g_gamma, scale=None, initial_state=None, output_fina
         raise ValueError(f"packed input (cu_seqlens) needs B == 1, got B={B}")
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     h0 = _states(initial_state, N, H, K, v.shape[-1], "initial_state")
-    return _LightningAttnFn.apply(q, k, v, g, scale, h0, bool(output_final_state), cu_seqlens)
+    # grad mode is off inside Function.forward, so whether a backward will follow is decided here
+    training = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, h0))
+    return _LightningAttnFn.apply(q, k, v, g, scale, h0, bool(output_final_state), cu_seqlens, training)
 
 
 def lightning_attn_prefill(q, k, v, g_gamma, state, slot_ids, cu_seqlens, scale=None, chunk_size=64):

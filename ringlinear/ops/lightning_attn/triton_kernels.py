@@ -15,8 +15,8 @@ Decay: lam = exp(g), g <= 0. Inside a chunk of c tokens (0-based i, j):
 Backward keeps G = dL/dS at the chunk end (reverse sweep) and the forward state S (recomputed, forward sweep).
 
 Precision: q.k^T and the masked-score products run in the input dtype with fp32 accumulation. The forward state
-update keeps ~1e-4 accuracy on 16-bit tensor cores (see `_state_update`): one bf16 rounding of lam^(c-1-j) v
-would cost ~1.7e-3 relative error in the final state, above the 1e-3 budget. q.S rounds S to bf16 (output error ~2.4e-3 < 5e-3; bf16, not
+update splits lam^(c-1-j) v into two bf16 parts (see `_state_update`): one rounding would cost ~1.7e-3 relative
+error in the final state, above the 1e-3 budget. q.S rounds S to bf16 (output error ~2.4e-3 < 5e-3; bf16, not
 fp16, because S can leave fp16's range). The backward (1e-2 budget) runs every product in 16 bits, carried states
 as bf16. fp32 inputs use fp32-accurate dots (PREC = "tf32x3" or "ieee") throughout, on smaller chunks.
 """
@@ -105,27 +105,15 @@ def _chunk_weights(gl, rt, t0, end, BT: tl.constexpr):
 
 
 @triton.jit
-def _pow2_exp(x):
-    """floor(log2(max|x|)), clamped so that 2^(13 - e) stays finite in fp32 for an all-zero block."""
-    return tl.floor(tl.log2(tl.maximum(tl.max(tl.abs(x)), 1e-30)))
-
-
-@triton.jit
-def _state_update(S, a, b, w, decay, LOWP: tl.constexpr, PREC: tl.constexpr, F16S: tl.constexpr):
+def _state_update(S, a, b, w, decay, LOWP: tl.constexpr, PREC: tl.constexpr):
     """S * decay + a^T (w * b), a [BT, K], b [BT, BV] in the input dtype, w [BT] fp32.
 
-    A single bf16 rounding of w*b costs ~1.7e-3 relative error in the state, over the 1e-3 budget. Two ways to
-    stay under it on 16-bit tensor cores: F16S scales a and w*b by powers of two into fp16's range (a exactly,
-    w*b to 11 bits: ~1e-4) for one fp16 dot; otherwise w*b is split into high and low bf16 parts, two dots."""
+    For 16-bit inputs w*b is split into high and low bf16 parts (two tensor-core dots, ~1e-5): one bf16 rounding
+    would cost ~1.7e-3 relative error in the state, over the 1e-3 budget. (A single fp16 dot on power-of-two
+    scaled operands is as accurate, ~2e-4, but needs the k tile in registers: 23-29% slower on an H200.)"""
     bw = b.to(tl.float32) * w[:, None]
     if not LOWP:
         return tl.dot(tl.trans(a.to(tl.float32)), bw, S * decay, input_precision=PREC)
-    if F16S:
-        ea = _pow2_exp(a.to(tl.float32))
-        eb = _pow2_exp(bw)
-        a16 = (a.to(tl.float32) * tl.exp2(13.0 - ea)).to(tl.float16)
-        b16 = (bw * tl.exp2(13.0 - eb)).to(tl.float16)
-        return S * decay + tl.dot(tl.trans(a16), b16) * tl.exp2(ea + eb - 26.0)
     hi = bw.to(b.dtype)
     lo = (bw - hi.to(tl.float32)).to(b.dtype)
     S = tl.dot(tl.trans(a), hi, S * decay)
@@ -137,7 +125,7 @@ def _fwd_kernel(q, k, v, o, g, h0, ht, slots, seg_init, cu, seg_seq, seg_ptr,
                 sq, sk, sv, scale, T, L,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                 VARLEN: tl.constexpr, SPLIT: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
-                USE_SLOTS: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr, F16S: tl.constexpr):
+                USE_SLOTS: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
     """One program per (segment, head, value block): o [Ttot, H, V]; final state when not split."""
     NV: tl.constexpr = V // BV
     i_v, i_h, i_s = _ids(NV, H)
@@ -169,7 +157,7 @@ def _fwd_kernel(q, k, v, o, g, h0, ht, slots, seg_init, cu, seg_seq, seg_ptr,
         b_o = tl.dot(A.to(b_v.dtype), b_v, b_o * d_row[:, None], input_precision=PREC)
         tl.store(o + rows[:, None] * (H * V) + rv[None, :], (b_o * scale).to(o.dtype.element_ty), mask=m[:, None])
         c, w = _chunk_weights(gl, rt, t0, end, BT)
-        S = _state_update(S, b_k, b_v, w, tl.exp2(gl * c), LOWP, PREC, F16S)
+        S = _state_update(S, b_k, b_v, w, tl.exp2(gl * c), LOWP, PREC)
     if STORE_HT:
         tl.store(ht + slot * (H * K * V) + st_off, S)
 
@@ -177,8 +165,7 @@ def _fwd_kernel(q, k, v, o, g, h0, ht, slots, seg_init, cu, seg_seq, seg_ptr,
 @triton.jit
 def _local_state_kernel(a, b, g, out, cu, seg_seq, seg_ptr, sa, sb, scale, T, L,
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                        VARLEN: tl.constexpr, REVERSE: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr,
-                        F16S: tl.constexpr):
+                        VARLEN: tl.constexpr, REVERSE: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
     """Per segment, the state it contributes on its own, out [max_seg, H, K, V]:
     forward  (a=k, b=v):  sum_t lam^(end-1-t) k_t^T v_t            (decayed to the segment end)
     reverse  (a=q, b=dO): scale * sum_t lam^(t-start+1) q_t^T dO_t (decayed to the segment start)."""
@@ -204,7 +191,7 @@ def _local_state_kernel(a, b, g, out, cu, seg_seq, seg_ptr, sa, sb, scale, T, L,
         c, w = _chunk_weights(gl, rt, t0, end, BT)
         if REVERSE:
             w = d_row * scale
-        S = _state_update(S, b_a, b_b, w, tl.exp2(gl * c), LOWP, PREC, F16S)
+        S = _state_update(S, b_a, b_b, w, tl.exp2(gl * c), LOWP, PREC)
     st_off = (i_h * K + rk[:, None]).to(tl.int64) * V + rv[None, :]
     tl.store(out + i_s.to(tl.int64) * (H * K * V) + st_off, S)
 
