@@ -100,7 +100,6 @@ class Trainer:
         return model
 
     def _load_state(self, st: dict) -> None:
-        cfg = self.cfg
         saved_global = st["global_rows"]
         if saved_global != self.sched_rows.global_rows:
             raise ValueError(f"cannot resume: the checkpoint used {saved_global} rows per step (world x grad-accum x "
@@ -149,11 +148,10 @@ class Trainer:
         aux_scale = env.world / self.sched_rows.global_rows
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
         aux_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+        no_sync = getattr(self.ddp, "no_sync", None)  # DDP only; FSDP2 reduces every micro-batch
         for m, b in enumerate(batches):
             last = m == len(batches) - 1
-            sync = self.ddp.no_sync() if (self.ddp is not None and env.distributed and not last
-                                          and hasattr(self.ddp, "no_sync")) else contextlib.nullcontext()
-            with sync:
+            with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
                 with self.autocast():
                     logits = self.fwd(b["input_ids"], cu_seqlens=b["cu_seqlens"]).logits  # [1, T, V] fp32
                 ce = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), b["labels"].view(-1),
