@@ -84,25 +84,6 @@ def rand_qkv(B, T, dtype, requires_grad=False, seed=0):
 
 # ------------------------------------------------------------------------------------------------ accuracy
 
-def choose_state_update(la, Ts):
-    """A/B of the two 16-bit state-update forms (see _state_update) on the forward at every T; the faster
-    (by total time) becomes the setting for the rest of the run, and is printed."""
-    g = g_gamma_for_layer(10).cuda()
-    tot = {}
-    for f16s in (False, True):
-        la.TUNE["f16s"] = f16s
-        tot[f16s] = 0.0
-        for T in Ts:
-            q, k, v = rand_qkv(TOKENS // T, T, torch.bfloat16)
-            ms = bench_ms(lambda: la.lightning_attn(q, k, v, g)[0], rep=50)
-            tot[f16s] += ms
-            print(f"  state update {'fp16-scaled' if f16s else 'bf16 hi/lo'} T={T}: fwd {ms:.3f} ms", flush=True)
-    best = min(tot, key=tot.get)
-    la.TUNE["f16s"] = best
-    print(f"# using the {'fp16-scaled' if best else 'bf16 hi/lo'} state update")
-    return dict(f16s=best, **{f"total_ms_f16s={k}": v for k, v in tot.items()})
-
-
 def accuracy(la, ref, fla_chunk, T=65536, small=True):
     """bf16 inputs vs an fp64 reference at T (smallest decay), with h0 and dht; fp32 small-shape checks."""
     out = {}
@@ -444,8 +425,6 @@ def main():
         if os.environ.get("OUT"):
             with open(os.path.join(os.environ["OUT"], "lightning_attn.json"), "w") as f:
                 f.write(json.dumps(res, default=float) + "\n")
-    res["state_update"] = choose_state_update(la, Ts)
-    save()
     if not args.skip_accuracy:
         res["accuracy"] = accuracy(la, ref, fla_chunk, T=4096 if args.quick else 65536, small=not args.lean)
         print("# accuracy vs fp64 (rel. RMS error), bf16 inputs, smallest decay:")
