@@ -67,6 +67,6 @@ class ModelRunner:
         last_rows = [ctx.cu[i + 1] - 1 for i, s in enumerate(entries) if s.sample]
         with self._mode():
             hidden = self.model.model.forward_packed(torch.tensor(ids, device=self.device), ctx)
-            if not last_rows:
-                return hidden.new_zeros(0, 0, dtype=torch.float32)
+            if not last_rows:  # a step of prefill pieces only: nothing to sample, but keep the [n, V] shape
+                return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)
             return self.model.compute_logits(hidden[last_rows])

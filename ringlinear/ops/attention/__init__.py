@@ -17,19 +17,28 @@ def attention_with_prefix(q, k, v, scale):
     return reference.attention_with_prefix(q, k, v, scale)
 
 
-def _sdpa_prefix(q, k, v, scale):
-    # Flash/efficient SDPA in the model dtype (their softmax runs in fp32); bottom-right causal alignment.
-    from torch.nn.attention.bias import causal_lower_right
+def _sdpa_prefix(q, k, v, scale, max_mask_elems: int = 1 << 27):
+    # SDPA in the model dtype (flash / memory-efficient kernels; their softmax runs in fp32).
     Tq, H, D = q.shape
     Tk, KV, _ = k.shape
-    qh = q.transpose(0, 1)[None]
-    kh = k.repeat_interleave(H // KV, 1).transpose(0, 1)[None]
+    kh = k.repeat_interleave(H // KV, 1).transpose(0, 1)[None]  # [1, H, Tk, D]
     vh = v.repeat_interleave(H // KV, 1).transpose(0, 1)[None]
     if Tq == Tk:
-        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
-    else:
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(Tq, Tk), scale=scale)
-    return o[0].transpose(0, 1)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kh, vh, is_causal=True, scale=scale)
+        return o[0].transpose(0, 1)
+    # A chunk continuing a cached prefix: an explicit bottom-right causal mask, in row blocks so the mask stays
+    # small (torch's causal_lower_right bias failed on CUDA for long prefixes in our runs).
+    out = torch.empty_like(q)
+    off = Tk - Tq
+    rows = max(1, min(Tq, max_mask_elems // Tk))
+    for a in range(0, Tq, rows):
+        b = min(Tq, a + rows)
+        keys = off + b
+        mask = torch.arange(keys, device=q.device)[None, :] <= (off + torch.arange(a, b, device=q.device))[:, None]
+        o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1)[None], kh[:, :, :keys], vh[:, :, :keys],
+                                           attn_mask=mask, scale=scale)
+        out[a:b] = o[0].transpose(0, 1)
+    return out
 
 
 def paged_decode_attention(q, K, V, block_tables, context_lens, block_size: int, scale: float, out=None):
