@@ -163,6 +163,8 @@ def _check(q, k, v, g_gamma):
                          f"{tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"the Triton kernels take bf16/fp16/fp32 inputs, got {q.dtype} (fp64: use the reference)")
     D, Dv, H = q.shape[-1], v.shape[-1], q.shape[2]
     for d in (D, Dv):
         if d not in (16, 32, 64, 128, 256):
