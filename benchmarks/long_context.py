@@ -204,9 +204,8 @@ def main():
         res["prefill"][name] = {}
         for T in (prefill_T if args.only != "decode" else []):
             torch.cuda.reset_peak_memory_stats()
-            try:
-                # The whole prompt in one engine step (the best case for both models).
-            tps, dt, peak = bench_prefill(model, T, chunk=-(-T // 64) * 64)
+            try:  # the whole prompt in one engine step (the best case for both models)
+                tps, dt, peak = bench_prefill(model, T, chunk=-(-T // 64) * 64)
             except Exception as e:  # record and go on: one failing point must not lose the others
                 res["prefill"][name][T] = {"error": f"{type(e).__name__}: {e}"}
                 print(f"  prefill T={T}: FAILED {type(e).__name__}: {e}", flush=True)
