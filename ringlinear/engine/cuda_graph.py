@@ -60,13 +60,32 @@ class StaticDecodeStep:
         self.write_rows = torch.full((max_batch,), kv.scratch_block * kv.block_size, **z)
         self.block_tables = torch.full((max_batch, max_blocks), kv.scratch_block, **z)
         self.context_lens = torch.ones(max_batch, **z)
+        # Host mirror of block_tables and what each row holds: (request id, preemption count, blocks written).
+        # A running request's table only grows, and a preemption bumps its count, so a row whose key matches
+        # needs only its new tail written. Rebuilding every row every step cost O(batch x context) host work.
+        self._host_table = torch.full((max_batch, max_blocks), kv.scratch_block, dtype=torch.long)
+        self._row_key: list[tuple | None] = [None] * max_batch
+
+    def _load_table_row(self, i: int, seq) -> bool:
+        """Bring row i of the block table up to date for `seq`; True when the row changed."""
+        bt = seq.block_table
+        key = self._row_key[i]
+        if key is not None and key[0] == seq.request_id and key[1] == seq.num_preemptions and key[2] <= len(bt):
+            if key[2] == len(bt):
+                return False
+            self._host_table[i, key[2]:len(bt)] = torch.tensor(bt[key[2]:], dtype=torch.long)
+        else:
+            self._host_table[i].fill_(self.kv.scratch_block)
+            self._host_table[i, :len(bt)] = torch.tensor(bt, dtype=torch.long)
+        self._row_key[i] = (seq.request_id, seq.num_preemptions, len(bt))
+        return True
 
     def load(self, seqs) -> int:
         """Fill the buffers from scheduled decode entries; returns the live batch size."""
         n = len(seqs)
         bs = self.kv.block_size
         ids, pos, slots, rows, lens = [], [], [], [], []
-        table = torch.full((self.max_batch, self.max_blocks), self.kv.scratch_block, dtype=torch.long)
+        changed = []
         for i, s in enumerate(seqs):
             seq, p = s.seq, s.start
             ids += seq.token_slice(p, p + 1)
@@ -74,14 +93,25 @@ class StaticDecodeStep:
             slots.append(seq.slot)
             rows.append(seq.block_table[p // bs] * bs + p % bs)
             lens.append(p + 1)
-            table[i, :len(seq.block_table)] = torch.tensor(seq.block_table)
+            if self._load_table_row(i, seq):
+                changed.append(i)
+        for i in range(n, self.max_batch):  # padding rows: the scratch block (their outputs are never read)
+            if self._row_key[i] is not None:
+                self._host_table[i].fill_(self.kv.scratch_block)
+                self._row_key[i] = None
+                changed.append(i)
         pad = self.max_batch - n
         self.ids.copy_(torch.tensor(ids + [0] * pad))
         self.positions.copy_(torch.tensor(pos + [0] * pad))
         self.slot_ids.copy_(torch.tensor(slots + [self.states.scratch_slot] * pad))
         self.write_rows.copy_(torch.tensor(rows + [self.kv.scratch_block * bs] * pad))
         self.context_lens.copy_(torch.tensor(lens + [1] * pad))
-        self.block_tables.copy_(table)
+        if len(changed) > self.max_batch // 4:
+            self.block_tables.copy_(self._host_table)
+        elif changed:
+            idx = torch.tensor(changed)
+            self.block_tables.index_copy_(0, idx.to(self.block_tables.device), self._host_table[idx].to(
+                self.block_tables.device))
         return n
 
     def forward(self, B: int) -> torch.Tensor:

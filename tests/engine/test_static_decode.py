@@ -44,3 +44,37 @@ def test_graph_batch_sizes():
     assert graph_batch_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
     assert graph_batch_sizes(3) == [1, 2, 3]
     assert graph_batch_sizes(1) == [1]
+
+
+def test_incremental_block_tables_match_a_full_rebuild():
+    """The graph step rewrites only changed rows of its block table; after any sequence of loads (growth,
+    reordering, a preempted request coming back with new blocks, a shrinking batch) it must equal a full rebuild."""
+    from types import SimpleNamespace as NS
+
+    class KV:
+        block_size, scratch_block = 4, 99
+
+    class States:
+        scratch_slot = 7
+
+    step = StaticDecodeStep.__new__(StaticDecodeStep)
+    StaticDecodeStep.__init__(step, None, KV(), States(), max_batch=4, max_blocks=6, device=torch.device("cpu"))
+    seqs = {r: NS(request_id=r, num_preemptions=0, block_table=[], slot=i, token_slice=lambda a, b: [1])
+            for i, r in enumerate("abc")}
+    seqs["a"].block_table, seqs["b"].block_table, seqs["c"].block_table = [3], [5, 6], [8]
+    g = torch.Generator().manual_seed(0)
+    for it in range(30):
+        order = [seqs[r] for r in "abc"]
+        order = [order[j] for j in torch.randperm(3, generator=g).tolist()][: 1 + it % 3]
+        for s in order:
+            if torch.rand(1, generator=g) < 0.3 and len(s.block_table) < 6:
+                s.block_table.append(int(torch.randint(0, 50, (1,), generator=g)))
+        if it == 12:  # preempted and re-admitted with the same number of (different) blocks
+            seqs["b"].num_preemptions += 1
+            seqs["b"].block_table = [40 + j for j in range(len(seqs["b"].block_table))]
+        entries = [NS(seq=s, start=len(s.block_table) * 4 - 1) for s in order]
+        step.load(entries)
+        want = torch.full((4, 6), 99, dtype=torch.long)
+        for i, s in enumerate(order):
+            want[i, :len(s.block_table)] = torch.tensor(s.block_table)
+        assert torch.equal(step.block_tables, want), it
