@@ -22,8 +22,8 @@ def lightning_attn(q, k, v, g_gamma, scale=None, initial_state=None, output_fina
                                    chunk_size=chunk_size)
 
 
-def lightning_attn_decode(q, k, v, g_gamma, state, slot_ids=None, scale=None):
-    return _impl(q).lightning_attn_decode(q, k, v, g_gamma, state, slot_ids=slot_ids, scale=scale)
+def lightning_attn_decode(q, k, v, g_gamma, state, slot_ids=None, scale=None, out=None):
+    return _impl(q).lightning_attn_decode(q, k, v, g_gamma, state, slot_ids=slot_ids, scale=scale, out=out)
 
 
 def lightning_attn_prefill(q, k, v, g_gamma, state, slot_ids, cu_seqlens, scale=None, chunk_size=64):

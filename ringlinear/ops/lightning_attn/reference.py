@@ -112,10 +112,11 @@ def lightning_attn(q, k, v, g_gamma, scale=None, initial_state=None, output_fina
     return o.to(q.dtype), final
 
 
-def lightning_attn_decode(q, k, v, g_gamma, state, slot_ids=None, scale=None):
+def lightning_attn_decode(q, k, v, g_gamma, state, slot_ids=None, scale=None, out=None):
     """One token per request; updates `state[slot_ids]` in place.
 
-    q, k, v [N, H, D]; state [S, H, D, Dv] fp32 pool; slot_ids [N] int (None: 0..N-1). Returns o [N, H, Dv].
+    q, k, v [N, H, D]; state [S, H, D, Dv] fp32 pool; slot_ids [N] int (None: 0..N-1); `out` [N, H, Dv] optional
+    preallocated output. Returns o [N, H, Dv].
     """
     N, H, D = q.shape
     if slot_ids is None:
@@ -125,7 +126,11 @@ def lightning_attn_decode(q, k, v, g_gamma, state, slot_ids=None, scale=None):
     lam = torch.exp(g_gamma.to(acc))[None, :, None, None]
     S = lam * state[slot_ids] + k.to(acc)[..., :, None] * v.to(acc)[..., None, :]
     state[slot_ids] = S
-    return (scale * torch.einsum("nhd,nhde->nhe", q.to(acc), S)).to(q.dtype)
+    o = (scale * torch.einsum("nhd,nhde->nhe", q.to(acc), S)).to(q.dtype)
+    if out is not None:
+        out.copy_(o)
+        return out
+    return o
 
 
 def lightning_attn_prefill(q, k, v, g_gamma, state, slot_ids, cu_seqlens, scale=None, chunk_size=64):
