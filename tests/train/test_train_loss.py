@@ -2,7 +2,8 @@
 
 Fast test: the tiny-code preset unchanged (model, batch, LR, schedule shape) but 40 steps on the first 1 MB of the
 shuffled stdlib corpus. Measured on a 2-core CPU: val loss 8.35 (= ln 4096 + init noise) -> 6.57 after 40 steps.
-Slow tests (RINGLINEAR_SLOW=1): the full `make demo` run: under 10 minutes (measured 5m38s), val loss 8.36 -> 4.71,
+Slow tests (RINGLINEAR_SLOW=1): the full `make demo` run: under 10 minutes (measured 5m38s; 8m05s with another
+session's jobs on the same 2 cores), val loss 8.36 -> 4.71,
 then
 `ringlinear generate` on the result; and the same training through `torchrun --nproc-per-node 2` (gloo).
 """
