@@ -35,7 +35,7 @@ def setup(device_arg: str) -> DistEnv:
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_arg == "cuda" and world > 1:
+    if device_arg == "cuda":  # set_device needs an index; one process per GPU under torchrun
         device_arg = f"cuda:{local}"
     device = torch.device(device_arg)
     if device.type == "cuda":
