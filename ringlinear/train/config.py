@@ -158,8 +158,9 @@ def get_train_preset(name: str) -> TrainConfig:
 # ---------------------------------------------------------------------- model shapes
 def _tiny_code_model() -> RingLinearConfig:
     # 6 layers in groups of 3 (2 linear : 1 softmax), dense layer 0, 8 routed experts (top-2 of 2 groups) + shared.
+    # head_dim 32: a size the Triton kernels take (16..256, powers of two), so the same preset trains on CUDA.
     return RingLinearConfig(vocab_size=4096, hidden_size=192, intermediate_size=512, num_hidden_layers=6,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=48, num_experts=8,
+                            num_attention_heads=6, num_key_value_heads=2, head_dim=32, num_experts=8,
                             num_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
                             moe_intermediate_size=128, moe_shared_expert_intermediate_size=128, layer_group_size=3,
                             group_norm_size=2, max_position_embeddings=4096, rope_theta=10000.0,

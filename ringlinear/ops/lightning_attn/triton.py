@@ -168,7 +168,8 @@ def _check(q, k, v, g_gamma):
     D, Dv, H = q.shape[-1], v.shape[-1], q.shape[2]
     for d in (D, Dv):
         if d not in (16, 32, 64, 128, 256):
-            raise ValueError(f"head dims must be one of 16, 32, 64, 128, 256 for the Triton kernels, got {d}")
+            raise ValueError(f"head dims must be one of 16, 32, 64, 128, 256 for the Triton kernels, got {d} "
+                             "(RINGLINEAR_BACKEND=torch runs the reference ops instead)")
     if g_gamma.shape != (H,):
         raise ValueError(f"g_gamma must be [H]={H}, got {tuple(g_gamma.shape)}")
 
