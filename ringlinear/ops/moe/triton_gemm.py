@@ -236,8 +236,13 @@ def _row_tiles(nk, E, block_m):
     return max(min(nk, triton.cdiv(nk, block_m) + E), 1)
 
 
-def _launch_opts(cfg):
-    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+def _launch_opts(cfg, dtype=None):
+    # The stage counts are sized for 16-bit tiles; fp32 tiles are twice as large and would overflow shared memory
+    # (seen on H100 with fp32 master weights under autocast). Stages do not change the K order: same numbers.
+    stages = cfg["num_stages"]
+    if dtype is not None and torch.empty(0, dtype=dtype).element_size() >= 4:
+        stages = min(stages, 2)
+    return dict(num_warps=cfg["num_warps"], num_stages=stages)
 
 
 def gateup(x, w13, pair, eoff, top_k, save_ab):
@@ -253,7 +258,7 @@ def gateup(x, w13, pair, eoff, top_k, save_ab):
     grid = (_row_tiles(nk, E, cfg["BLOCK_M"]) * (I // bn),)
     _gateup_kernel[grid](x, w13, pair, eoff, ab, h, x.stride(0), w13.stride(0), w13.stride(1), TOPK=top_k, H=H,
                          I=I, E=E, SAVE_AB=save_ab, PREC=dot_precision(x, w13), BLOCK_M=cfg["BLOCK_M"],
-                         BLOCK_N=bn, BLOCK_K=bk, **_launch_opts(cfg))
+                         BLOCK_N=bn, BLOCK_K=bk, **_launch_opts(cfg, x.dtype))
     return h, (ab if save_ab else None)
 
 
@@ -268,7 +273,7 @@ def rows_gemm(a, b, b_strides, n_out, pair, eoff, top_k, out, wt=None, atomic=Fa
     _rows_kernel[grid](a, b, out, pair, eoff, wt if wt is not None else out, a.stride(0), *b_strides, out.stride(0),
                        TOPK=top_k, K=K, NOUT=n_out, E=E, ATOMIC=atomic, SCALE=wt is not None,
                        PREC=dot_precision(a, b), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, BLOCK_K=bk,
-                       **_launch_opts(cfg))
+                       **_launch_opts(cfg, a.dtype))
     return out
 
 
@@ -284,7 +289,7 @@ def dswiglu(dy, w2, ab, h, wt, pair, eoff, top_k):
     grid = (_row_tiles(nk, E, cfg["BLOCK_M"]) * (I // bn),)
     _dswiglu_kernel[grid](dy, w2, ab, h, wt, dab, part, pair, eoff, nk, dy.stride(0), w2.stride(0), w2.stride(1),
                           TOPK=top_k, H=H, I=I, E=E, PREC=dot_precision(dy, w2), BLOCK_M=cfg["BLOCK_M"],
-                          BLOCK_N=bn, BLOCK_K=bk, **_launch_opts(cfg))
+                          BLOCK_N=bn, BLOCK_K=bk, **_launch_opts(cfg, dy.dtype))
     return dab, part
 
 
@@ -297,7 +302,7 @@ def wgrad(a, b, out, pair, eoff, top_k, a_gather, b_gather, wt=None):
     _wgrad_kernel[grid](a, b, out, pair, eoff, wt if wt is not None else out, a.stride(0), b.stride(0),
                         out.stride(0), out.stride(1), TOPK=top_k, MO=MO, NO=NO, A_GATHER=a_gather,
                         B_GATHER=b_gather, A_SCALE=wt is not None, PREC=dot_precision(a, b), BLOCK_M=bm,
-                        BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], **_launch_opts(cfg))
+                        BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], **_launch_opts(cfg, a.dtype))
     return out
 
 
