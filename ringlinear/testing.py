@@ -29,6 +29,19 @@ Numbers 0 1 2 3 4 5 6 7 8 9 and punctuation: , . ; : ! ? ( ) [ ] { } = + - * / #
 """
 
 
+@torch.no_grad()
+def perturb_norms_and_biases(model, seed: int = 0, bias_std: float = 0.05):
+    """Give norm weights (1 + 0.1 N) and expert biases (bias_std N) random values, so no term of a test hides
+    behind a weight of 1 or a bias of 0. Returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    for mod in model.modules():
+        if hasattr(mod, "expert_bias"):
+            mod.expert_bias.copy_(torch.randn(mod.expert_bias.shape, generator=g) * bias_std)
+        if hasattr(mod, "variance_epsilon") and hasattr(mod, "weight"):
+            mod.weight.copy_(1 + 0.1 * torch.randn(mod.weight.shape, generator=g))
+    return model
+
+
 def train_tiny_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())

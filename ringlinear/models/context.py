@@ -12,25 +12,27 @@ Any object with these two methods and the two attributes can drive the model.
 """
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from ..ops.attention import causal_attention_varlen
 from ..ops.lightning_attn import lightning_attn
 
 
-class AttentionContext:
+class AttentionContext(abc.ABC):
     """Protocol. `cu_seqlens` [N+1] int32/int64 and `positions` [T] int64 describe the packed step."""
 
     cu_seqlens: torch.Tensor
     positions: torch.Tensor
 
+    @abc.abstractmethod
     def linear_attention(self, layer_idx: int, q, k, v, g_gamma, scale: float):
         """q, k, v [T, H, D] (model dtype), g_gamma [H] fp32 -> o [T, H, D]."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def softmax_attention(self, layer_idx: int, q, k, v, scale: float):
         """q [T, H, D], k, v [T, KV, D] -> o [T, H, D]; causal within each sequence (plus any cached prefix)."""
-        raise NotImplementedError
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:

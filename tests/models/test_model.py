@@ -5,6 +5,7 @@ import torch
 from ringlinear.models.cache import HybridCache
 from ringlinear.models.config import get_preset
 from ringlinear.models.modeling import RingLinearForCausalLM
+from ringlinear.testing import perturb_norms_and_biases
 
 
 def rel(a, b):
@@ -13,16 +14,8 @@ def rel(a, b):
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = get_preset("tiny")
-    m = RingLinearForCausalLM.from_config(cfg, dtype=torch.float32, seed=3).eval()
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for mod in m.modules():
-            if hasattr(mod, "expert_bias"):
-                mod.expert_bias.copy_(torch.randn(mod.expert_bias.shape, generator=g) * 0.05)
-            if hasattr(mod, "variance_epsilon") and hasattr(mod, "weight"):
-                mod.weight.copy_(1 + 0.1 * torch.randn(mod.weight.shape, generator=g))
-    return m
+    m = RingLinearForCausalLM.from_config(get_preset("tiny"), dtype=torch.float32, seed=3).eval()
+    return perturb_norms_and_biases(m, seed=7)
 
 
 def test_layer_pattern(model):

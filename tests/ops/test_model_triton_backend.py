@@ -9,6 +9,7 @@ pytest.importorskip("triton")
 
 from ringlinear.models.config import get_preset  # noqa: E402
 from ringlinear.models.modeling import RingLinearForCausalLM  # noqa: E402
+from ringlinear.testing import perturb_norms_and_biases  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -21,14 +22,7 @@ def rel(a, b):
 @pytest.fixture(scope="module")
 def model():
     m = RingLinearForCausalLM.from_config(get_preset("tiny"), dtype=torch.float32, seed=5).to(DEV)
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():  # non-trivial norm weights and expert biases, so no term hides behind a 1 or a 0
-        for mod in m.modules():
-            if hasattr(mod, "expert_bias"):
-                mod.expert_bias.copy_(torch.randn(mod.expert_bias.shape, generator=g) * 0.05)
-            if hasattr(mod, "variance_epsilon") and hasattr(mod, "weight"):
-                mod.weight.copy_(1 + 0.1 * torch.randn(mod.weight.shape, generator=g))
-    return m
+    return perturb_norms_and_biases(m, seed=11)
 
 
 def _ids(seed, *shape):
