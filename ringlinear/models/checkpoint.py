@@ -98,11 +98,15 @@ def load_pretrained(cls, path, dtype=None, device=None, strict: bool = True):
     by_file: dict[str, list[str]] = {}
     for name, fn in files.items():
         by_file.setdefault(fn, []).append(name)
+    # A published checkpoint is tens of GB: show progress on a terminal (tqdm disables itself otherwise).
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(files), desc="loading weights", unit="tensor", disable=None, leave=False)
     for fn, names in sorted(by_file.items()):
         full = os.path.join(path, fn)
         with _open(full) as f:
             present = set(f.keys())
             for name in names:
+                bar.update(1)
                 if name not in present:
                     raise CheckpointError(f"index maps {name!r} to {fn}, but that file lacks it")
                 if _is_mtp(name, cfg.num_hidden_layers):
@@ -126,6 +130,7 @@ def load_pretrained(cls, path, dtype=None, device=None, strict: bool = True):
                 with torch.no_grad():
                     dst.copy_(t)
                 loaded.add(key)
+    bar.close()
     if skipped:
         log.info("skipped %d MTP tensors (model.layers.>=%d / model.mtp.*): not used for inference",
                  len(skipped), cfg.num_hidden_layers)
