@@ -54,25 +54,50 @@ class RotaryEmbedding(nn.Module):
         return rope_cos_sin(positions, self.inv_freq.float(), self.attention_scaling)
 
 
-class LinearAttention(nn.Module):
-    """Lightning attention layer: MHA qkv, QK-norm, partial RoPE, constant per-head decay, GroupRMSNorm x gate."""
+class _QKVAttention(nn.Module):
+    """What both attention kinds share: fused qkv projection (MHA on linear layers, GQA on softmax layers),
+    per-head QK RMSNorm, partial NeoX RoPE (fp32, cast once), output projection `dense`."""
 
-    def __init__(self, cfg: RingLinearConfig, layer_idx: int):
+    def __init__(self, cfg: RingLinearConfig, layer_idx: int, num_kv_heads: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = cfg.num_attention_heads
-        self.head_dim = cfg.head_dim_
-        H, D, h = self.num_heads, self.head_dim, cfg.hidden_size
-        self.query_key_value = nn.Linear(h, 3 * H * D, bias=cfg.use_qkv_bias)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, num_kv_heads, cfg.head_dim_
+        H, KV, D, h = self.num_heads, num_kv_heads, self.head_dim, cfg.hidden_size
+        self.query_key_value = nn.Linear(h, (H + 2 * KV) * D, bias=cfg.use_qkv_bias)
         self.use_qk_norm = cfg.use_qk_norm
         if cfg.use_qk_norm:
             self.query_layernorm = RMSNorm(D, cfg.rms_norm_eps)
             self.key_layernorm = RMSNorm(D, cfg.rms_norm_eps)
         self.dense = nn.Linear(H * D, h, bias=cfg.use_bias)
-        self.g_proj = nn.Linear(h, H * D, bias=False)
-        self.g_norm = GroupRMSNorm(H * D, cfg.group_norm_size, cfg.rms_norm_eps)
-        self.linear_silu = cfg.linear_silu
         self.eps = cfg.rms_norm_eps
+
+    def _qkv(self, x, cos, sin, silu: bool = False):
+        """x [T, h] -> q [T, H, D], k, v [T, KV, D] (q, k normed and rotated; v contiguous)."""
+        T = x.shape[0]
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.query_key_value(x)
+        if silu:
+            qkv = nn.functional.silu(qkv)
+        q, k, v = qkv.view(T, H + 2 * KV, D).split([H, KV, KV], dim=1)
+        if self.use_qk_norm:
+            q, k = norm_ops.qk_norm_rope(q, k, self.query_layernorm.weight, self.key_layernorm.weight, cos, sin,
+                                         self.eps)
+        else:
+            from ..ops.rope import apply_rope
+            acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+            q, k = apply_rope(q.to(acc), cos, sin).to(q.dtype), apply_rope(k.to(acc), cos, sin).to(k.dtype)
+        return q, k, v.contiguous()
+
+
+class LinearAttention(_QKVAttention):
+    """Lightning attention layer: MHA qkv, QK-norm, partial RoPE, constant per-head decay, GroupRMSNorm x gate."""
+
+    def __init__(self, cfg: RingLinearConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx, num_kv_heads=cfg.num_attention_heads)
+        HD, h = self.num_heads * self.head_dim, cfg.hidden_size
+        self.g_proj = nn.Linear(h, HD, bias=False)
+        self.g_norm = GroupRMSNorm(HD, cfg.group_norm_size, cfg.rms_norm_eps)
+        self.linear_silu = cfg.linear_silu
         # Fixed decay, not a checkpoint tensor; kept fp32 whatever the model dtype (numerics.md).
         self._g_values = layer_log_decay(cfg, layer_idx).tolist()
         self.register_buffer("g_gamma", torch.tensor(self._g_values, dtype=torch.float32), persistent=False)
@@ -83,52 +108,24 @@ class LinearAttention(nn.Module):
         return out
 
     def forward(self, x, cos, sin, ctx):  # x [T, h]
-        T = x.shape[0]
-        H, D = self.num_heads, self.head_dim
-        qkv = self.query_key_value(x)
-        if self.linear_silu:
-            qkv = nn.functional.silu(qkv)
-        q, k, v = qkv.view(T, 3 * H, D).split([H, H, H], dim=1)
-        q, k = _qk_norm_rope(self, q, k, cos, sin)
-        o = ctx.linear_attention(self.layer_idx, q, k, v.contiguous(), self.g_gamma, D ** -0.5)  # [T, H, D]
-        o = norm_ops.group_rms_norm_gate(o.reshape(T, H * D), self.g_norm.weight, self.g_proj(x),
+        T, HD = x.shape[0], self.num_heads * self.head_dim
+        q, k, v = self._qkv(x, cos, sin, silu=self.linear_silu)
+        o = ctx.linear_attention(self.layer_idx, q, k, v, self.g_gamma, self.head_dim ** -0.5)  # [T, H, D]
+        o = norm_ops.group_rms_norm_gate(o.reshape(T, HD), self.g_norm.weight, self.g_proj(x),
                                          self.g_norm.group_norm_size, self.eps)
         return self.dense(o)
 
 
-class SoftmaxAttention(nn.Module):
+class SoftmaxAttention(_QKVAttention):
     """GQA softmax layer: qkv, QK-norm, partial RoPE, causal attention, dense. No gate, no g_norm."""
 
     def __init__(self, cfg: RingLinearConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = cfg.head_dim_
-        H, KV, D, h = self.num_heads, self.num_kv_heads, self.head_dim, cfg.hidden_size
-        self.query_key_value = nn.Linear(h, (H + 2 * KV) * D, bias=cfg.use_qkv_bias)
-        self.use_qk_norm = cfg.use_qk_norm
-        if cfg.use_qk_norm:
-            self.query_layernorm = RMSNorm(D, cfg.rms_norm_eps)
-            self.key_layernorm = RMSNorm(D, cfg.rms_norm_eps)
-        self.dense = nn.Linear(H * D, h, bias=cfg.use_bias)
-        self.eps = cfg.rms_norm_eps
+        super().__init__(cfg, layer_idx, num_kv_heads=cfg.num_key_value_heads)
 
     def forward(self, x, cos, sin, ctx):
-        T = x.shape[0]
-        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.query_key_value(x).view(T, H + 2 * KV, D).split([H, KV, KV], dim=1)
-        q, k = _qk_norm_rope(self, q, k, cos, sin)
-        o = ctx.softmax_attention(self.layer_idx, q, k, v.contiguous(), D ** -0.5)
-        return self.dense(o.reshape(T, H * D))
-
-
-def _qk_norm_rope(mod, q, k, cos, sin):
-    if mod.use_qk_norm:
-        return norm_ops.qk_norm_rope(q, k, mod.query_layernorm.weight, mod.key_layernorm.weight, cos, sin, mod.eps)
-    from ..ops.rope import apply_rope
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return apply_rope(q.to(acc), cos, sin).to(q.dtype), apply_rope(k.to(acc), cos, sin).to(k.dtype)
+        q, k, v = self._qkv(x, cos, sin)
+        o = ctx.softmax_attention(self.layer_idx, q, k, v, self.head_dim ** -0.5)
+        return self.dense(o.reshape(x.shape[0], self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):

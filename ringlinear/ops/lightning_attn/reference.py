@@ -48,7 +48,7 @@ def _segments(B, T, cu_seqlens):
 def lightning_attn_recurrent(q, k, v, g_gamma, scale=None, initial_state=None, output_final_state=False,
                              cu_seqlens=None):
     """Token-by-token recurrence. Returns (o [B, T, H, Dv], final_state [N, H, D, Dv] or None)."""
-    N = _check(q, k, v, g_gamma, initial_state, cu_seqlens)
+    _check(q, k, v, g_gamma, initial_state, cu_seqlens)
     B, T, H, D = q.shape
     Dv = v.shape[-1]
     acc = _acc_dtype(q)
@@ -94,7 +94,7 @@ def lightning_attn(q, k, v, g_gamma, scale=None, initial_state=None, output_fina
 
     Returns (o [B, T, H, Dv] in q.dtype, final_state [N, H, D, Dv] fp32 or None).
     """
-    N = _check(q, k, v, g_gamma, initial_state, cu_seqlens)
+    _check(q, k, v, g_gamma, initial_state, cu_seqlens)
     B, T, H, D = q.shape
     Dv = v.shape[-1]
     acc = _acc_dtype(q)
