@@ -17,16 +17,17 @@ def _setup(lens, H=4, KV=2, D=16, bs=8, seed=0, dtype=torch.float32):
         nb = -(-n // bs)
         tables[i, :nb] = torch.tensor([perm.pop() for _ in range(nb)], dtype=torch.int32)
     q = torch.randn(len(lens), H, D, generator=g).to(dtype)
-    return q, K, V, tables, torch.tensor(lens, dtype=torch.int32), bs
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel itself on a GPU, the interpreter on CPU
+    return (q.to(dev), K.to(dev), V.to(dev), tables.to(dev), torch.tensor(lens, dtype=torch.int32, device=dev), bs)
 
 
 @pytest.mark.parametrize("lens", [[1, 9, 600], [1100, 37]])
 def test_paged_decode_matches_reference(lens):
     tri = pytest.importorskip("ringlinear.ops.attention.triton", reason="triton not installed")
     q, K, V, bt, cl, bs = _setup(lens, seed=len(lens))
-    ref = R.paged_decode_attention(q.double(), K.double(), V.double(), bt, cl, bs, 0.25)
+    ref = R.paged_decode_attention(q.double().cpu(), K.double().cpu(), V.double().cpu(), bt.cpu(), cl.cpu(), bs, 0.25)
     out = tri.paged_decode_attention(q, K, V, bt, cl, bs, 0.25)
-    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+    assert ((out.double().cpu() - ref).norm() / ref.norm()).item() < 1e-5
 
 
 def test_paged_decode_batch_invariant():

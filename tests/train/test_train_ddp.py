@@ -57,7 +57,8 @@ def ddp_results(tmp_path_factory, corpus):
     from ringlinear.train.config import get_train_preset
     tmp = tmp_path_factory.mktemp("ddp")
     base = get_train_preset("tiny-test").replace(data=[corpus], progress=False, plot=False, steps=3, eval_every=0,
-                                                 save_every=0, seq_aux_loss_coef=1e-2, threads=1)
+                                                 save_every=0, seq_aux_loss_coef=1e-2, threads=1,
+                                                 device="cpu")  # gloo: CPU processes, also on a CUDA box
     single_cfg = base.replace(out=str(tmp / "one"), batch_size=4, grad_accum=2)  # 8 rows per step
     single = _first_step(Trainer(single_cfg))
     single_loop = Trainer(single_cfg.replace(out=str(tmp / "one-loop"))).train()
@@ -117,7 +118,7 @@ def test_fsdp2_two_processes(ddp_results, tmp_path, corpus):
     tok = os.path.join(os.path.dirname(single_loop["model_dir"]), "tokenizer")
     cfg = get_train_preset("tiny-test").replace(data=[corpus], progress=False, plot=False, steps=3, eval_every=0,
                                                 save_every=0, seq_aux_loss_coef=1e-2, threads=1, batch_size=4,
-                                                fsdp=True, tokenizer=tok, out=str(tmp_path / "fsdp"))
+                                                fsdp=True, tokenizer=tok, out=str(tmp_path / "fsdp"), device="cpu")
     mp.spawn(_fsdp_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2, join=True)
     r = torch.load(tmp_path / "fsdp-rank0.pt", weights_only=False)
     assert r["straight"]["loss_end"] == pytest.approx(single_loop["loss_end"], rel=1e-4)
