@@ -1,9 +1,15 @@
-"""AdamW with decay only on weight matrices, and the learning-rate schedules (warmup + cosine / WSD / constant)."""
+"""AdamW with decay only on weight matrices, and the learning-rate schedules (warmup + cosine / WSD / constant).
+
+Parameters in bf16 (the fast training precision on CUDA: every kernel runs on bf16 operands, no per-step casts)
+get fp32 master weights in the optimizer state, so updates smaller than a bf16 ulp are not lost: `MasterAdamW`.
+"""
 from __future__ import annotations
 
 import math
 
 import torch
+
+from ..ops.optim import adamw_step
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -21,11 +27,57 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
 
+class MasterAdamW(torch.optim.Optimizer):
+    """torch.optim.AdamW semantics; parameters that are not fp32 are updated through an fp32 master copy kept in
+    the state (`master`), moments are fp32. One fused pass per tensor on CUDA (ringlinear.ops.optim).
+
+    `step(grad_scale=t)` multiplies every gradient by the 0-d device tensor t first (gradient clipping without a
+    host sync)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None, grad_scale=None):
+        if closure is not None:
+            raise ValueError("MasterAdamW does not take a closure")
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = 0
+                    st["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                    st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
+                    if p.dtype != torch.float32:
+                        st["master"] = p.detach().float().contiguous()
+                st["step"] += 1
+                adamw_step(p.data, p.grad.contiguous(), st.get("master"), st["exp_avg"], st["exp_avg_sq"],
+                           lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"], weight_decay=group["weight_decay"],
+                           step=st["step"], grad_scale=grad_scale)
+
+    def load_state_dict(self, state_dict):
+        # torch's loader casts floating-point state to the parameter's dtype: that would round the fp32 master
+        # weights and moments to bf16. Put the fp32 tensors back afterwards.
+        saved = {pid: {k: v for k, v in st.items() if torch.is_tensor(v)} for pid, st in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, tensors in saved.items():
+            p = params[pid]
+            for k, v in tensors.items():
+                self.state[p][k] = v.to(p.device, copy=True)
+
+
 def make_optimizer(model, lr, weight_decay, betas, eps, device_type: str):
+    groups = param_groups(model, weight_decay)
+    if any(p.dtype != torch.float32 for g in groups for p in g["params"]):
+        return MasterAdamW(groups, lr=lr, betas=betas, eps=eps)
     kw = {}
     if device_type == "cuda":
         kw["fused"] = True
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, **kw)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kw)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float, decay_fraction: float) -> float:
