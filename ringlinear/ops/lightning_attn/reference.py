@@ -89,12 +89,18 @@ def _chunked_one(q, k, v, g, scale, S, C):
 
 
 def lightning_attn(q, k, v, g_gamma, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-                   chunk_size=64):
+                   chunk_size=64, aligned=False):
     """Chunked form (the prefill/training algorithm). Same signature and results as the recurrent form.
 
-    Returns (o [B, T, H, Dv] in q.dtype, final_state [N, H, D, Dv] fp32 or None).
+    Returns (o [B, T, H, Dv] in q.dtype, final_state [N, H, D, Dv] fp32 or None). aligned: the fixed-shape chunk
+    arithmetic that aligned serving reproduces bit for bit (aligned.py; zero initial state, no final state).
     """
     _check(q, k, v, g_gamma, initial_state, cu_seqlens)
+    if aligned:
+        if initial_state is not None or output_final_state:
+            raise ValueError("aligned lightning attention starts from a zero state and returns no final state")
+        from .aligned import lightning_attn_aligned
+        return lightning_attn_aligned(q, k, v, g_gamma, scale=scale, cu_seqlens=cu_seqlens), None
     B, T, H, D = q.shape
     Dv = v.shape[-1]
     acc = _acc_dtype(q)

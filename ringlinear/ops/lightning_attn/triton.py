@@ -49,6 +49,11 @@ def _prec(dtype: torch.dtype) -> tuple[str, bool]:
     return "tf32", True
 
 
+def aligned_config(K: int, V: int, dtype: torch.dtype):
+    """(BT, BV, warps, stages) of numerics="aligned": training, prefill and decode must all use it."""
+    return _fwd_configs(K, V, dtype)[0]
+
+
 def _fwd_configs(K: int, V: int, dtype: torch.dtype):
     """(wide, narrow) forward configs (BT, BV, warps, stages). Wide blocks re-read q, k less and won on an H100
     (T=4K: 0.47 ms vs 0.67 ms); narrow ones double the programs when there are too few (T=16K, B=4: 0.52 ms
@@ -84,7 +89,7 @@ class _Plan:
     so that about 4 programs per SM exist. With cu_seqlens on the CPU the lengths are known for free, and a
     packed batch whose longest sequence dwarfs the rest is split too."""
 
-    def __init__(self, B, T, H, K, V, cu_seqlens, device, dtype, training=False):
+    def __init__(self, B, T, H, K, V, cu_seqlens, device, dtype, training=False, aligned=False):
         self.varlen = cu_seqlens is not None
         self.N = cu_seqlens.numel() - 1 if self.varlen else B
         self.Ttot = B * T
@@ -112,13 +117,15 @@ class _Plan:
             split, self.fwd = True, wide
         split = split or outlier
         self.fwd = TUNE.get("fwd", self.fwd)
+        if aligned:  # one arithmetic for every call: whole sequences, one fixed config (see aligned.py)
+            split, self.fwd = False, aligned_config(K, V, dtype)
         self.split = False
         self.L = max(self.Ttot, 1)
         nv = V // self.fwd[1]
         target = TUNE.get("programs", 4 * sms)
-        if "segment" in TUNE:
+        if "segment" in TUNE and not aligned:
             self.split, self.L = True, -(-int(TUNE["segment"]) // SEG_ALIGN) * SEG_ALIGN
-        elif split:
+        elif split and not aligned:
             L = max(-(-self.Ttot * H * nv // target), 4 * SEG_ALIGN)
             if not self.varlen:  # equal segments: no short tail segment per sequence
                 L = -(-T // -(-T // L))
@@ -182,10 +189,11 @@ def _states(x, N, H, K, V, what):
     return x.contiguous()
 
 
-def _forward(q, k, v, g, scale, h0, want_ht, plan, slots=None, ht_out=None):
+def _forward(q, k, v, g, scale, h0, want_ht, plan, slots=None, ht_out=None, open_kv=None):
     """Returns (o [B, T, H, V], ht [N, H, K, V] or None, seg_init [max_seg, H, K, V] or None).
 
-    With `slots`, h0 and ht are one state pool indexed by slots[n] (in place)."""
+    With `slots`, h0 and ht are one state pool indexed by slots[n] (in place). With `open_kv` (aligned prefill),
+    partial last chunks go to those open-chunk buffers instead of the state."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     qf, sq = _flat(q)
@@ -213,10 +221,11 @@ def _forward(q, k, v, g, scale, h0, want_ht, plan, slots=None, ht_out=None):
         slots if slots is not None else dummy, seg_init if seg_init is not None else dummy,
         cu if cu is not None else dummy, seg_seq if seg_seq is not None else dummy,
         seg_ptr if seg_ptr is not None else dummy,
+        open_kv[0] if open_kv is not None else dummy, open_kv[1] if open_kv is not None else dummy,
         sq, sk, sv, scale, T, plan.L,
         H=H, K=K, V=V, BT=bt, BV=bv, VARLEN=plan.varlen, SPLIT=plan.split, HAS_H0=h0 is not None,
         STORE_HT=(ht is not None) and not plan.split, USE_SLOTS=slots is not None, LOWP=lowp, PREC=prec,
-        num_warps=warps, num_stages=stages)
+        ALIGNED=open_kv is not None, num_warps=warps, num_stages=stages)
     return o, ht, seg_init
 
 
@@ -280,9 +289,9 @@ def _backward(do, dht, q, k, v, g, scale, h0, seg_init, plan, need_dh0):
 
 class _LightningAttnFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, scale, h0, want_ht, cu_seqlens, training):
+    def forward(ctx, q, k, v, g, scale, h0, want_ht, cu_seqlens, training, aligned):
         B, T, H, K = q.shape
-        plan = _Plan(B, T, H, K, v.shape[-1], cu_seqlens, q.device, q.dtype, training=training)
+        plan = _Plan(B, T, H, K, v.shape[-1], cu_seqlens, q.device, q.dtype, training=training, aligned=aligned)
         o, ht, seg_init = _forward(q, k, v, g, scale, h0, want_ht, plan)
         ctx.save_for_backward(q, k, v, g, h0, seg_init)
         ctx.plan, ctx.scale = plan, scale
@@ -297,7 +306,7 @@ class _LightningAttnFn(torch.autograd.Function):
         need_dh0 = h0 is not None and ctx.needs_input_grad[5]
         dht = dht.contiguous() if dht is not None else None
         dq, dk, dv, dh0 = _backward(do, dht, q, k, v, g, ctx.scale, h0, seg_init, ctx.plan, need_dh0)
-        return dq, dk, dv, None, None, dh0, None, None, None
+        return dq, dk, dv, None, None, dh0, None, None, None, None
 
 
 def _prep(q, k, v, g_gamma, scale):
@@ -307,17 +316,21 @@ def _prep(q, k, v, g_gamma, scale):
 
 
 def lightning_attn(q, k, v, g_gamma, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-                   chunk_size=64):
-    """Chunked lightning attention with autograd. Returns (o [B, T, H, V] in q.dtype, final [N, H, K, V] fp32)."""
+                   chunk_size=64, aligned=False):
+    """Chunked lightning attention with autograd. Returns (o [B, T, H, V] in q.dtype, final [N, H, K, V] fp32).
+    aligned: the fixed plan that serving's aligned prefill and decode reproduce bit for bit."""
     g, scale = _prep(q, k, v, g_gamma, scale)
     B, T, H, K = q.shape
+    if aligned and (initial_state is not None or output_final_state):
+        raise ValueError("aligned lightning attention starts from a zero state and returns no final state")
     if cu_seqlens is not None and B != 1:
         raise ValueError(f"packed input (cu_seqlens) needs B == 1, got B={B}")
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     h0 = _states(initial_state, N, H, K, v.shape[-1], "initial_state")
     # grad mode is off inside Function.forward, so whether a backward will follow is decided here
     training = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, h0))
-    return _LightningAttnFn.apply(q, k, v, g, scale, h0, bool(output_final_state), cu_seqlens, training)
+    return _LightningAttnFn.apply(q, k, v, g, scale, h0, bool(output_final_state), cu_seqlens, training,
+                                  bool(aligned))
 
 
 def lightning_attn_prefill(q, k, v, g_gamma, state, slot_ids, cu_seqlens, scale=None, chunk_size=64):

@@ -121,12 +121,28 @@ def _state_update(S, a, b, w, decay, LOWP: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(q, k, v, o, g, h0, ht, slots, seg_init, cu, seg_seq, seg_ptr,
+def _chunk_out(b_q, b_k, b_v, S, mask, d_row, LOWP: tl.constexpr, PREC: tl.constexpr):
+    """Output rows of one chunk before the scale: (Q K^T * mask) V + lam^(i+1) Q S, [BT, BV] fp32. Row i reads only
+    q_i, the k/v rows j <= i (the mask is exactly 0 beyond) and S: the aligned decode calls this on a chunk of which
+    it has only seen rows 0..i, with the same shapes, and gets row i's bits."""
+    A = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * mask
+    if LOWP:
+        b_o = tl.dot(b_q.to(tl.bfloat16), S.to(tl.bfloat16))
+    else:
+        b_o = tl.dot(b_q.to(tl.float32), S, input_precision=PREC)
+    return tl.dot(A.to(b_v.dtype), b_v, b_o * d_row[:, None], input_precision=PREC)
+
+
+@triton.jit
+def _fwd_kernel(q, k, v, o, g, h0, ht, slots, seg_init, cu, seg_seq, seg_ptr, open_k, open_v,
                 sq, sk, sv, scale, T, L,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                 VARLEN: tl.constexpr, SPLIT: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
-                USE_SLOTS: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
-    """One program per (segment, head, value block): o [Ttot, H, V]; final state when not split."""
+                USE_SLOTS: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr, ALIGNED: tl.constexpr):
+    """One program per (segment, head, value block): o [Ttot, H, V]; final state when not split.
+
+    ALIGNED (serving prefill in numerics="aligned"): a partial last chunk is not folded into the state; its k, v
+    rows go to the open-chunk buffers open_k / open_v [slots, BT, H, K|V] instead (see aligned.py)."""
     NV: tl.constexpr = V // BV
     i_v, i_h, i_s = _ids(NV, H)
     n, start, end = _segment(i_s, cu, seg_seq, seg_ptr, T, L, VARLEN, SPLIT)
@@ -149,15 +165,19 @@ def _fwd_kernel(q, k, v, o, g, h0, ht, slots, seg_init, cu, seg_seq, seg_ptr,
         b_q = _tile(q, rows, sq, rk, m)
         b_k = _tile(k, rows, sk, rk, m)
         b_v = _tile(v, rows, sv, rv, m)
-        A = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * mask
-        if LOWP:
-            b_o = tl.dot(b_q.to(tl.bfloat16), S.to(tl.bfloat16))
-        else:
-            b_o = tl.dot(b_q.to(tl.float32), S, input_precision=PREC)
-        b_o = tl.dot(A.to(b_v.dtype), b_v, b_o * d_row[:, None], input_precision=PREC)
+        b_o = _chunk_out(b_q, b_k, b_v, S, mask, d_row, LOWP, PREC)
         tl.store(o + rows[:, None] * (H * V) + rv[None, :], (b_o * scale).to(o.dtype.element_ty), mask=m[:, None])
         c, w = _chunk_weights(gl, rt, t0, end, BT)
-        S = _state_update(S, b_k, b_v, w, tl.exp2(gl * c), LOWP, PREC)
+        if ALIGNED:
+            if end - t0 >= BT:
+                S = _state_update(S, b_k, b_v, w, tl.exp2(gl * c), LOWP, PREC)
+            else:  # the open chunk: keep its rows for decode
+                buf = (slot * BT + rt.to(tl.int64)) * H + i_h
+                if i_v == 0:
+                    tl.store(open_k + buf[:, None] * K + rk[None, :], b_k, mask=m[:, None])
+                tl.store(open_v + buf[:, None] * V + rv[None, :], b_v, mask=m[:, None])
+        else:
+            S = _state_update(S, b_k, b_v, w, tl.exp2(gl * c), LOWP, PREC)
     if STORE_HT:
         tl.store(ht + slot * (H * K * V) + st_off, S)
 
