@@ -11,7 +11,7 @@ import torch
 from ..models.context import AttentionContext
 from ..ops.attention import attention_with_prefix, paged_decode_attention
 from ..ops.lightning_attn import lightning_attn_decode, lightning_attn_prefill
-from .batch_invariant import suspended
+from ..ops.linear import suspended
 from .kv_cache import PagedKVCache
 from .state_pool import StatePool
 

@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from .batch_invariant import RowBlockMode
+from ..ops.linear import RowBlockMode
 from .config import EngineConfig
 from .context import PagedContext
 from .cuda_graph import DecodeGraphs, StaticDecodeStep, graph_batch_sizes

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from ringlinear.engine import SamplingParams
-from ringlinear.engine.batch_invariant import RowBlockMode, row_block_linear
+from ringlinear.ops.linear import RowBlockMode, row_block_linear
 
 
 def _run(llm, target, target_params, others, other_params, position):
