@@ -109,7 +109,13 @@ def check_lightning():
                                                          torch.tensor(live, device="cuda"),
                                                          torch.full((len(live),), t, device="cuda"))
     ref = T.lightning_attn(q, k, v, g, cu_seqlens=cu)[0][0]
-    return {"aligned_eq_served": bool(torch.equal(train, out)),
+    bad = (train != out).flatten(1).any(1).nonzero().flatten().tolist()
+    where = []
+    for p_ in bad[:5]:  # (sequence, position, prefill or decode) of the first differing rows
+        n = int((cu[1:] <= p_).sum())
+        t = p_ - int(cu[n])
+        where.append((n, t, "prefill" if t < prompts[n] else "decode"))
+    return {"aligned_eq_served": bool(torch.equal(train, out)), "rows_differing": len(bad), "first": where,
             "aligned_vs_default_rel": float((train.float() - ref.float()).norm() / ref.float().norm())}
 
 

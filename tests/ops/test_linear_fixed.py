@@ -12,13 +12,13 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 def test_matches_f_linear_and_is_row_invariant():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(70, 96, generator=g).to(DEV)
+    x = torch.randn(300, 96, generator=g).to(DEV)  # 300 rows: the large tier; slices below: the small one
     w = torch.randn(200, 96, generator=g).to(DEV)
     b = torch.randn(200, generator=g).to(DEV)
     y = linear(x, w, b)
     ref = F.linear(x.double(), w.double(), b.double())
     assert float((y.double() - ref).norm() / ref.norm()) < 1e-6
-    for rows in (slice(3, 4), slice(0, 1), slice(5, 69)):
+    for rows in (slice(3, 4), slice(0, 1), slice(5, 69), slice(1, 299)):
         assert torch.equal(linear(x[rows], w, b), y[rows])
 
 

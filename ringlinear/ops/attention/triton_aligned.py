@@ -112,7 +112,8 @@ def aligned_forward(q, k, v, q_cu, q_start, scale, max_q, k_cu=None, block_table
         _fwd_kernel[(N * max_tiles * KVH,)](
             q, k, v, o, lse, q_cu, q_start, k_cu if k_cu is not None else q_cu, bt, float(scale),
             bt.stride(0) if paged else 0, max_tiles, H=H, KVH=KVH, G=G, D=D, BM=BM, BN=BLOCK_N,
-            BS=block_size, PAGED=paged, STORE_LSE=want_lse, PREC=_prec(q), num_warps=NUM_WARPS)
+            BS=block_size, PAGED=paged, STORE_LSE=want_lse, PREC=_prec(q), num_warps=NUM_WARPS,
+            enable_fp_fusion=False)  # no compiler-chosen fma contraction: the same rounding in every variant
     return o, (lse if want_lse else None)
 
 

@@ -117,7 +117,11 @@ class _Plan:
             split, self.fwd = True, wide
         split = split or outlier
         self.fwd = TUNE.get("fwd", self.fwd)
-        if aligned:  # one arithmetic for every call: whole sequences, one fixed config (see aligned.py)
+        # Aligned: one arithmetic for every call: whole sequences, one fixed config, and no fused multiply-adds
+        # (the compiler contracts a*b+c into an fma or not depending on the surrounding code, which differs
+        # between the forward, its aligned-prefill variant and the decode kernel; see aligned.py).
+        self.launch = {"enable_fp_fusion": False} if aligned else {}
+        if aligned:
             split, self.fwd = False, aligned_config(K, V, dtype)
         self.split = False
         self.L = max(self.Ttot, 1)
@@ -225,7 +229,7 @@ def _forward(q, k, v, g, scale, h0, want_ht, plan, slots=None, ht_out=None, open
         sq, sk, sv, scale, T, plan.L,
         H=H, K=K, V=V, BT=bt, BV=bv, VARLEN=plan.varlen, SPLIT=plan.split, HAS_H0=h0 is not None,
         STORE_HT=(ht is not None) and not plan.split, USE_SLOTS=slots is not None, LOWP=lowp, PREC=prec,
-        ALIGNED=open_kv is not None, num_warps=warps, num_stages=stages)
+        ALIGNED=open_kv is not None, num_warps=warps, num_stages=stages, **plan.launch)
     return o, ht, seg_init
 
 

@@ -100,5 +100,5 @@ def lightning_attn_decode_aligned(q, k, v, g_gamma, state, open_k, open_v, slot_
     _decode_aligned_kernel[(N * H * (V // bv),)](
         q, k, v, out, g_gamma, state, open_k, open_v, slot_ids, positions, q.stride(0), k.stride(0), v.stride(0),
         K ** -0.5 if scale is None else float(scale), H=H, K=K, V=V, BT=bt, BV=bv, LOWP=lowp, PREC=prec,
-        num_warps=warps)
+        num_warps=warps, enable_fp_fusion=False)
     return out

@@ -16,7 +16,13 @@ from ..lightning_attn.triton_compat import patch_interpreter
 
 patch_interpreter()
 
-CFG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+# Two tiers, like the fused MoE's: small calls (decode) on 64-row tiles, large ones (prefill, training) on 128x256
+# tiles, which run near cuBLAS's rate (64-row tiles reached half of it at M = 8192 on an H200). Both keep BLOCK_K = 64
+# and >= 64 rows per warpgroup, so an output element takes the same k16 steps in the same order in either tier
+# (benchmarks/aligned.py checks rows of small and large calls bitwise).
+SMALL = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+LARGE = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+LARGE_FROM_ROWS = 256
 
 
 @triton.jit
@@ -61,7 +67,7 @@ def linear_forward(x2, weight, bias=None):
     out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     if M == 0:
         return out
-    c = CFG
+    c = LARGE if M >= LARGE_FROM_ROWS else SMALL
     grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
     _linear_kernel[grid](x2, w, bias if bias is not None else w, out, M, N, K, x2.stride(0), w.stride(0),
                          out.stride(0), HAS_BIAS=bias is not None,
