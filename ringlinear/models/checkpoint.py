@@ -73,11 +73,29 @@ def _keys_of(file: str) -> list[str]:
         return list(f.keys())
 
 
-def _is_mtp(name: str, num_layers: int) -> bool:
-    if name.startswith("model.mtp."):
-        return True
-    m = re.match(r"model\.layers\.(\d+)\.", name)
-    return bool(m) and int(m.group(1)) >= num_layers
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def mtp_tensor_names(names, cfg: RingLinearConfig, where: str) -> set[str]:
+    """The MTP tensors among `names` (training-only blocks, never used for inference): `model.mtp.*`, and
+    `model.layers.{L..L+M-1}.*` for the M = num_nextn_predict_layers blocks the config declares (model.md §2(e)).
+    A layer index past those means config.json and the weights disagree: an error, because loading the first L
+    layers of a deeper model "succeeds" and generates garbage."""
+    L, M = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    mtp, extra = set(), set()
+    for name in names:
+        m = _LAYER.match(name)
+        if name.startswith("model.mtp."):
+            mtp.add(name)
+        elif m and int(m.group(1)) >= L:
+            (mtp if int(m.group(1)) < L + M else extra).add(name)
+    if extra:
+        idx = sorted({int(_LAYER.match(n).group(1)) for n in extra})
+        raise CheckpointError(
+            f"{where}: config.json says num_hidden_layers {L} and num_nextn_predict_layers {M}, but the weights hold "
+            f"layer(s) {idx[0]}..{idx[-1]} ({len(extra)} tensors): fix num_hidden_layers, or declare MTP blocks with "
+            "num_nextn_predict_layers")
+    return mtp
 
 
 def load_pretrained(cls, path, dtype=None, device=None, strict: bool = True):
@@ -88,6 +106,7 @@ def load_pretrained(cls, path, dtype=None, device=None, strict: bool = True):
     dt = resolve_dtype(dtype, cfg)
     device = torch.device(device or "cpu")
     files = _weight_files(path)
+    mtp = mtp_tensor_names(files, cfg, path)
 
     with torch.device("meta"):
         model = cls(cfg)
@@ -109,7 +128,7 @@ def load_pretrained(cls, path, dtype=None, device=None, strict: bool = True):
                 bar.update(1)
                 if name not in present:
                     raise CheckpointError(f"index maps {name!r} to {fn}, but that file lacks it")
-                if _is_mtp(name, cfg.num_hidden_layers):
+                if name in mtp:
                     skipped.append(name)
                     continue
                 key = name
