@@ -41,6 +41,26 @@ def resolve_dtype(dtype, cfg: RingLinearConfig | None = None) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def resolve_device(device=None) -> torch.device:
+    """None or "auto": cuda if available, else cpu. Otherwise the named device, checked here so that an unknown
+    name or a device this machine lacks is one ValueError naming it, not a traceback from deep inside torch."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r}: not a device torch knows (use cpu, cuda or cuda:N)") from None
+    if dev.type in ("cpu", "meta"):
+        return dev
+    available = getattr(getattr(torch, dev.type, None), "is_available", None)
+    if available is None or not available():
+        why = "this torch build has no CUDA, or no GPU is visible" if dev.type == "cuda" else "not on this machine"
+        raise ValueError(f"device {device!r}: {'CUDA' if dev.type == 'cuda' else dev.type} is not available ({why})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def _weight_files(path: str) -> dict[str, str]:
     """{tensor name: file} from the index, or from the single model.safetensors."""
     idx = os.path.join(path, INDEX_NAME)
@@ -104,7 +124,7 @@ def load_pretrained(cls, path, dtype=None, device=None, strict: bool = True):
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     cfg = RingLinearConfig.from_json(path)
     dt = resolve_dtype(dtype, cfg)
-    device = torch.device(device or "cpu")
+    device = resolve_device(device or "cpu")
     files = _weight_files(path)
     mtp = mtp_tensor_names(files, cfg, path)
 

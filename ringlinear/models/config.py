@@ -195,7 +195,7 @@ class RingLinearConfig:
         if os.path.isdir(p):
             p = os.path.join(p, "config.json")
         if not os.path.exists(p):
-            raise FileNotFoundError(f"no config.json at {p}")
+            raise FileNotFoundError(f"no config.json at {p}{training_run_hint(os.path.dirname(p))}")
         with open(p) as f:
             try:
                 d = json.load(f)
@@ -213,6 +213,14 @@ class RingLinearConfig:
 
     def replace(self, **kw) -> "RingLinearConfig":
         return dataclasses.replace(self, **kw)
+
+
+def training_run_hint(directory: str) -> str:
+    """For an error about a directory that is not a model: where the model is, if it is a training run's output
+    (`ringlinear train --out DIR` writes the model to DIR/final)."""
+    final = os.path.join(directory, "final")
+    return f" (it is a training run; its model is {final})" if os.path.exists(os.path.join(final, "config.json")) \
+        else ""
 
 
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
@@ -277,7 +285,7 @@ PRESETS = {
 
 def get_preset(name: str) -> RingLinearConfig:
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
     return PRESETS[name]()
 
 
