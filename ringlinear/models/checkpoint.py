@@ -236,10 +236,34 @@ def save_pretrained(model, path, max_shard_bytes: int = 4 << 30, tokenizer_dir=N
             for name in TOKENIZER_FILES:
                 if os.path.exists(os.path.join(src, name)):
                     shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+        follow_umask(tmp)
         _swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    try:  # read, not set: os.umask() changes it process-wide for a moment
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(root: str) -> None:
+    """Give a staged directory tree the modes a plain mkdir/open would have: mkdtemp makes it 0700 and
+    safetensors writes 0600, so a model saved for others on a shared machine was readable by its owner only."""
+    mask = _umask()
+    for d, _, files in os.walk(root):
+        os.chmod(d, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(d, name), 0o666 & ~mask)
 
 
 def _swap_into_place(tmp: str, path: str) -> None:

@@ -21,6 +21,8 @@ import tempfile
 import numpy as np
 import torch
 
+from ..models.checkpoint import follow_umask
+
 log = logging.getLogger("ringlinear.train")
 
 MANIFEST = "checkpoint.json"
@@ -94,6 +96,7 @@ def save_checkpoint(root: str, step: int, model, tokenizer_dir: str, state: dict
                       f, indent=2)
             f.flush()
             os.fsync(f.fileno())
+        follow_umask(tmp)
         if os.path.exists(final):  # the same step saved again (e.g. --stop-at then a resume that stops there)
             old = tmp + ".old"
             os.rename(final, old)

@@ -20,7 +20,7 @@ import tempfile
 import torch
 
 from ..models.checkpoint import (_ALIASES, INDEX_NAME, SINGLE_NAME, _open, _swap_into_place, _weight_files,
-                                 mtp_tensor_names)
+                                 follow_umask, mtp_tensor_names)
 from ..models.config import RingLinearConfig
 from .bpe import copy_tokenizer_files
 
@@ -118,6 +118,7 @@ def convert_softmax_to_hybrid(src: str, layer_group_size: int, out: str, group_n
         writer.close()
         new.to_json(os.path.join(tmp, "config.json"))
         copy_tokenizer_files(src, tmp)
+        follow_umask(tmp)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -166,3 +166,16 @@ def test_atomic_save_keeps_old_checkpoint_on_failure(ckpt, tmp_path, monkeypatch
         m.save_pretrained(out)
     assert {f: os.path.getsize(out / f) for f in os.listdir(out)} == before
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]  # temp dir cleaned up
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_follow_the_umask(ckpt, tmp_path, umask):
+    m = RingLinearForCausalLM.from_pretrained(ckpt)
+    old = os.umask(umask)
+    try:
+        m.save_pretrained(tmp_path / "out", max_shard_bytes=200_000)
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o777 & ~umask
+    for f in os.listdir(tmp_path / "out"):
+        assert os.stat(tmp_path / "out" / f).st_mode & 0o777 == 0o666 & ~umask, f

@@ -75,6 +75,11 @@ def test_checkpoint_is_a_loadable_model_dir(runs):
     tok = load_tokenizer(path)
     assert tok.stop_token_ids == [1, 2] and m.config.vocab_size >= tok.vocab_size
     assert not [n for n in os.listdir(os.path.join(a, "checkpoints")) if n.startswith(".tmp")]
+    mask = os.umask(0)
+    os.umask(mask)
+    for d in (path, os.path.join(a, "final")):  # modes follow the umask (mkdtemp alone makes 0700 and 0600)
+        assert os.stat(d).st_mode & 0o777 == 0o777 & ~mask
+        assert all(os.stat(os.path.join(d, f)).st_mode & 0o777 == 0o666 & ~mask for f in os.listdir(d))
 
 
 def _stopped_run(tmp_path, tiny_cfg):
