@@ -33,21 +33,25 @@ def register(sub) -> None:
     d.set_defaults(func=cmd_demo)
 
 
-def _device(arg):
-    import torch
-    return arg or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def cmd_generate(args) -> int:
     import torch
 
     from .generation import generate
+    from .models.checkpoint import resolve_device, resolve_dtype
     from .models.modeling import RingLinearForCausalLM
     from .models.tokenizer import StreamDecoder, load_tokenizer
+    from .sampling import validate_sampling
+    # Every flag is checked before the model loads (and before the prompt is echoed).
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
+    validate_sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    device = resolve_device(args.device)
+    if args.dtype != "auto":
+        resolve_dtype(args.dtype)
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"model directory {args.model} does not exist")
     tok = load_tokenizer(args.model)
-    model = RingLinearForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=_device(args.device))
+    model = RingLinearForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=device)
     if args.chat is not None:
         msgs = ([{"role": "system", "content": args.system}] if args.system else [])
         msgs.append({"role": "user", "content": args.chat})
@@ -90,6 +94,8 @@ def cmd_info(args) -> int:
     from .models.modeling import count_parameters, kv_bytes_per_token, state_bytes_per_sequence
     if bool(args.model) == bool(args.preset):
         raise ValueError("give exactly one of --model DIR or --preset NAME")
+    if args.context < 1:
+        raise ValueError(f"--context must be >= 1, got {args.context}")
     cfg = RingLinearConfig.from_json(args.model) if args.model else get_preset(args.preset)
     c = count_parameters(cfg)
     types = cfg.layer_types

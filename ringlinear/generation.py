@@ -27,7 +27,7 @@ def generate(model, input_ids, max_new_tokens: int = 64, temperature: float = 1.
 
     Row i samples with a generator seeded `seed + i`. `streamer(row, token_id)` is called for every new token.
     """
-    validate_sampling(temperature, top_k, top_p)
+    validate_sampling(temperature, top_k, top_p, seed)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = next(model.parameters()).device

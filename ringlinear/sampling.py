@@ -9,12 +9,25 @@ from __future__ import annotations
 import torch
 
 
+MAX_TEMPERATURE = 100.0  # beyond ~10 every token is already near-uniform: a larger value is a client's mistake
+SEED_LIMIT = 2 ** 64      # a torch.Generator seed is 64 bits
+
+
+class SamplingParamError(ValueError):
+    """A sampling parameter out of range; `param` names it, so the server can answer 400 with it."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 def make_generator(seed: int | None) -> torch.Generator:
+    """Seeds derived by adding to a client's seed (seed + i for row or choice i) wrap modulo 2**64."""
     g = torch.Generator(device="cpu")
     if seed is None:
         g.seed()
     else:
-        g.manual_seed(int(seed))
+        g.manual_seed(int(seed) % SEED_LIMIT)
     return g
 
 
@@ -55,10 +68,18 @@ def top_logprobs(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
     return [(int(i), float(v)) for i, v in zip(idx[:k].tolist(), vals[:k].tolist())]
 
 
-def validate_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    if temperature is not None and temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if top_p is not None and not (0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def validate_sampling(temperature: float, top_k: int, top_p: float, seed: int | None = None) -> None:
+    """Every value finite and in range (NaN, inf and 1e308 are refused, not sampled with)."""
+    if temperature is not None and not (_number(temperature) and 0 <= temperature <= MAX_TEMPERATURE):
+        raise SamplingParamError("temperature", f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] "
+                                                f"(0 = greedy), got {temperature!r}")
+    if top_k is not None and not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 0):
+        raise SamplingParamError("top_k", f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if top_p is not None and not (_number(top_p) and 0 < top_p <= 1):
+        raise SamplingParamError("top_p", f"top_p must be a number in (0, 1], got {top_p!r}")
+    if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < SEED_LIMIT):
+        raise SamplingParamError("seed", f"seed must be an integer in [0, 2**64), got {seed!r}")

@@ -3,6 +3,10 @@
 Only the engine thread touches the engine's state. Coroutines hand it commands (add, abort) through a queue and
 receive each request's outputs on an asyncio.Queue via `call_soon_threadsafe`. A request whose consumer goes away
 (client disconnect, cancelled task) is aborted, which frees its slot and blocks before the next step.
+
+Work that grows with a request's size (parsing its body, rendering a chat template, tokenising, building a long
+response) runs on a small worker pool through `offload`, never on the event loop: a 10 MB prompt must not hold up
+the tokens streaming to everyone else. (The tokenizer releases the GIL while it encodes.)
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from .engine import LLMEngine, RequestOutput
 from .sampling_params import SamplingParams
@@ -24,8 +29,9 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, workers: int = 2):
         self.engine = engine
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ringlinear-worker")
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
@@ -47,13 +53,23 @@ class AsyncEngine:
     def new_request_id(self, prefix: str = "req") -> str:
         return f"{prefix}-{next(self._ids)}"
 
-    def submit(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
-               ) -> "RequestStream":
+    async def offload(self, fn, *args):
+        """fn(*args) on the worker pool, awaited: for work that grows with a request's size."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Tokenize and check a request on the worker pool (raises RequestError if invalid)."""
+        return await self.offload(self.engine.prepare, prompt, params)
+
+    def submit(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+               prepared: bool = False) -> "RequestStream":
         """Validate and queue a request (raises RequestError now if invalid). Iterate the returned stream for
-        outputs; call its `abort()` (or let a `finally` do it) when no longer interested. Event-loop thread only."""
+        outputs; call its `abort()` (or let a `finally` do it) when no longer interested. Event-loop thread only.
+        `prepared`: prompt is the id list `prepare` returned (otherwise it is tokenised here, on the caller's
+        thread)."""
         if not self.accepting or not self.alive:
             raise EngineDeadError("the server is shutting down" if self.alive else f"the engine failed: {self.error}")
-        ids = self.engine.prepare(prompt, params)
+        ids = list(prompt) if prepared else self.engine.prepare(prompt, params)
         rid = request_id or self.new_request_id()
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), q)
@@ -63,7 +79,7 @@ class AsyncEngine:
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Async iterator over a request's outputs; leaving it early aborts the request."""
-        stream = self.submit(prompt, params, request_id)
+        stream = self.submit(await self.prepare(prompt, params), params, request_id, prepared=True)
         try:
             async for out in stream:
                 yield out
@@ -89,6 +105,7 @@ class AsyncEngine:
         self._stop.set()
         self._cmds.put(("wake",))
         self._thread.join(timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def call(self, fn, timeout: float = 10.0):
         """Run fn(engine) on the engine thread and return its result (for stats and tests)."""

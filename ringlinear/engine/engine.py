@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..models.checkpoint import resolve_device
 from ..models.modeling import RingLinearForCausalLM
 from ..models.tokenizer import load_tokenizer
 from .config import EngineConfig
@@ -70,17 +71,13 @@ def _output(seq: Sequence) -> RequestOutput:
         ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time)
 
 
-def _resolve_device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 class LLMEngine:
     def __init__(self, model_dir: str | None = None, config: EngineConfig | None = None, *, model=None,
                  tokenizer=None):
         self.config = config = config or EngineConfig()
         if config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
-        device = _resolve_device(config.device)
+        device = resolve_device(config.device)
         if model is None:
             if model_dir is None:
                 raise ValueError("LLMEngine needs model_dir or model")
@@ -132,27 +129,44 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     def prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
-        """Tokenize and check a request without touching engine state (safe from any thread)."""
+        """Tokenize and check a request without touching engine state (safe from any thread).
+
+        What needs no tokens is checked first: a text prompt longer than the context limit can hold at the
+        tokenizer's longest token (`RingTokenizer.max_chars`) is refused before it is tokenised, a token-id list by
+        its length before its ids are converted."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("text prompts need a tokenizer")
-            ids = self.tokenizer.encode(prompt)
+            k = self.tokenizer.max_chars_per_token
+            if k is not None:
+                self._check_length(-(-len(prompt) // k), params, f"at least {-(-len(prompt) // k)} tokens "
+                                   f"({len(prompt)} characters, at most {k} per token)")
+            try:
+                ids = self.tokenizer.encode(prompt)
+            except ValueError as e:
+                raise RequestError(f"prompt: {e}", param="prompt") from None
         else:
+            self._check_length(len(prompt), params, f"{len(prompt)} tokens")
             ids = [int(t) for t in prompt]
         if not ids:
             raise RequestError("the prompt is empty (it encodes to zero tokens)", param="prompt")
         V = self.model_config.vocab_size
         if any(t < 0 or t >= V for t in ids):
             raise RequestError(f"prompt token ids must be in [0, {V})", param="prompt")
-        if len(ids) >= self.max_model_len:
-            raise RequestError(f"the prompt has {len(ids)} tokens; this model's context limit is "
-                               f"{self.max_model_len} (prompt plus at least one generated token)",
-                               code="context_length_exceeded", param="prompt")
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise RequestError(f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds this "
-                               f"model's context limit of {self.max_model_len} tokens",
-                               code="context_length_exceeded", param="max_tokens")
+        if any(t < 0 or t >= V for t in params.stop_token_ids):
+            raise RequestError(f"stop_token_ids must be in [0, {V})", param="stop_token_ids")
+        self._check_length(len(ids), params, f"{len(ids)} tokens")
         return ids
+
+    def _check_length(self, n: int, params: SamplingParams, what: str) -> None:
+        """n: the prompt's token count (or a lower bound of it, described by `what`)."""
+        if n >= self.max_model_len:
+            raise RequestError(f"the prompt has {what}; this model's context limit is {self.max_model_len} (prompt "
+                               "plus at least one generated token)", code="context_length_exceeded", param="prompt")
+        if n + params.max_tokens > self.max_model_len:
+            raise RequestError(f"prompt ({what}) plus max_tokens ({params.max_tokens}) exceeds this model's context "
+                               f"limit of {self.max_model_len} tokens", code="context_length_exceeded",
+                               param="max_tokens")
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, prepared: bool = False) -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..sampling import validate_sampling
+from ..sampling import SamplingParamError, validate_sampling
 
 MAX_TOP_LOGPROBS = 20
 
@@ -38,10 +38,11 @@ class SamplingParams:
         self.stop = [s for s in (self.stop or []) if s]
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        validate_sampling(self.temperature, self.top_k, self.top_p)
+            raise SamplingParamError("max_tokens", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        validate_sampling(self.temperature, self.top_k, self.top_p, self.seed)
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+            raise SamplingParamError("top_logprobs", f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got "
+                                                     f"{self.top_logprobs}")
         if self.top_logprobs:
             self.logprobs = True
 

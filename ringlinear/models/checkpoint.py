@@ -41,6 +41,26 @@ def resolve_dtype(dtype, cfg: RingLinearConfig | None = None) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def resolve_device(device=None) -> torch.device:
+    """None or "auto": cuda if available, else cpu. Otherwise the named device, checked here so that an unknown
+    name or a device this machine lacks is one ValueError naming it, not a traceback from deep inside torch."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r}: not a device torch knows (use cpu, cuda or cuda:N)") from None
+    if dev.type in ("cpu", "meta"):
+        return dev
+    available = getattr(getattr(torch, dev.type, None), "is_available", None)
+    if available is None or not available():
+        why = "this torch build has no CUDA, or no GPU is visible" if dev.type == "cuda" else "not on this machine"
+        raise ValueError(f"device {device!r}: {'CUDA' if dev.type == 'cuda' else dev.type} is not available ({why})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def _weight_files(path: str) -> dict[str, str]:
     """{tensor name: file} from the index, or from the single model.safetensors."""
     idx = os.path.join(path, INDEX_NAME)
@@ -73,11 +93,29 @@ def _keys_of(file: str) -> list[str]:
         return list(f.keys())
 
 
-def _is_mtp(name: str, num_layers: int) -> bool:
-    if name.startswith("model.mtp."):
-        return True
-    m = re.match(r"model\.layers\.(\d+)\.", name)
-    return bool(m) and int(m.group(1)) >= num_layers
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def mtp_tensor_names(names, cfg: RingLinearConfig, where: str) -> set[str]:
+    """The MTP tensors among `names` (training-only blocks, never used for inference): `model.mtp.*`, and
+    `model.layers.{L..L+M-1}.*` for the M = num_nextn_predict_layers blocks the config declares (model.md §2(e)).
+    A layer index past those means config.json and the weights disagree: an error, because loading the first L
+    layers of a deeper model "succeeds" and generates garbage."""
+    L, M = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    mtp, extra = set(), set()
+    for name in names:
+        m = _LAYER.match(name)
+        if name.startswith("model.mtp."):
+            mtp.add(name)
+        elif m and int(m.group(1)) >= L:
+            (mtp if int(m.group(1)) < L + M else extra).add(name)
+    if extra:
+        idx = sorted({int(_LAYER.match(n).group(1)) for n in extra})
+        raise CheckpointError(
+            f"{where}: config.json says num_hidden_layers {L} and num_nextn_predict_layers {M}, but the weights hold "
+            f"layer(s) {idx[0]}..{idx[-1]} ({len(extra)} tensors): fix num_hidden_layers, or declare MTP blocks with "
+            "num_nextn_predict_layers")
+    return mtp
 
 
 def load_pretrained(cls, path, dtype=None, device=None, strict: bool = True):
@@ -86,8 +124,9 @@ def load_pretrained(cls, path, dtype=None, device=None, strict: bool = True):
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     cfg = RingLinearConfig.from_json(path)
     dt = resolve_dtype(dtype, cfg)
-    device = torch.device(device or "cpu")
+    device = resolve_device(device or "cpu")
     files = _weight_files(path)
+    mtp = mtp_tensor_names(files, cfg, path)
 
     with torch.device("meta"):
         model = cls(cfg)
@@ -109,7 +148,7 @@ def load_pretrained(cls, path, dtype=None, device=None, strict: bool = True):
                 bar.update(1)
                 if name not in present:
                     raise CheckpointError(f"index maps {name!r} to {fn}, but that file lacks it")
-                if _is_mtp(name, cfg.num_hidden_layers):
+                if name in mtp:
                     skipped.append(name)
                     continue
                 key = name
@@ -197,10 +236,34 @@ def save_pretrained(model, path, max_shard_bytes: int = 4 << 30, tokenizer_dir=N
             for name in TOKENIZER_FILES:
                 if os.path.exists(os.path.join(src, name)):
                     shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+        follow_umask(tmp)
         _swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    try:  # read, not set: os.umask() changes it process-wide for a moment
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(root: str) -> None:
+    """Give a staged directory tree the modes a plain mkdir/open would have: mkdtemp makes it 0700 and
+    safetensors writes 0600, so a model saved for others on a shared machine was readable by its owner only."""
+    mask = _umask()
+    for d, _, files in os.walk(root):
+        os.chmod(d, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(d, name), 0o666 & ~mask)
 
 
 def _swap_into_place(tmp: str, path: str) -> None:

@@ -7,9 +7,11 @@ the HF class would disagree with: see `_REQUIRED`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +22,12 @@ _REQUIRED = (
     "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "layer_group_size",
     "group_norm_size", "routed_scaling_factor", "rope_theta",
 )
+# Range checks, so a bad value is named when the config is read rather than failing deep in model construction.
+_AT_LEAST_1 = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings", "num_experts", "num_experts_per_tok",
+               "n_group", "topk_group", "moe_intermediate_size", "layer_group_size", "group_norm_size")
+_AT_LEAST_0 = ("num_shared_experts", "moe_shared_expert_intermediate_size", "first_k_dense_replace",
+               "num_nextn_predict_layers")
 
 
 @dataclass
@@ -83,6 +91,7 @@ class RingLinearConfig:
 
     # ------------------------------------------------------------------ derived
     def __post_init__(self):
+        self._check_types_and_ranges()
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"unsupported model_type {self.model_type!r}: ringlinear supports {SUPPORTED_MODEL_TYPES}")
         if self.decay_layer_formula not in ("hf", "sglang"):
@@ -100,6 +109,33 @@ class RingLinearConfig:
             raise ValueError("num_experts must be divisible by n_group")
         if self.rotary_dim % 2:
             raise ValueError(f"rotary dim {self.rotary_dim} must be even")
+
+    def _check_types_and_ranges(self) -> None:
+        for name, allowed in _field_types().items():
+            v = getattr(self, name)
+            if not any(_is_a(v, t) for t in allowed):
+                want = " or ".join(_TYPE_WORDS.get(t, t.__name__) for t in allowed)
+                raise ValueError(f"config field {name} must be {want}, got {v!r}")
+        eos = self.eos_token_id
+        if isinstance(eos, list) and not all(_is_a(e, int) for e in eos):
+            raise ValueError(f"config field eos_token_id must be an integer or a list of integers, got {eos!r}")
+        for name in _AT_LEAST_1 + _AT_LEAST_0:
+            v, lo = getattr(self, name), 1 if name in _AT_LEAST_1 else 0
+            if v is not None and v < lo:
+                raise ValueError(f"config field {name} must be >= {lo}, got {v}")
+        for name, ok, rule in (("rms_norm_eps", self.rms_norm_eps > 0, "> 0"),
+                               ("rope_theta", self.rope_theta > 0, "> 0"),
+                               ("partial_rotary_factor", 0 < self.partial_rotary_factor <= 1, "in (0, 1]"),
+                               ("initializer_range", self.initializer_range >= 0, ">= 0"),
+                               ("routed_scaling_factor", self.routed_scaling_factor > 0, "> 0")):
+            if not ok:
+                raise ValueError(f"config field {name} must be {rule}, got {getattr(self, name)}")
+        if self.num_experts is not None:
+            if self.num_experts_per_tok > self.num_experts:
+                raise ValueError(f"config field num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts "
+                                 f"({self.num_experts})")
+            if self.topk_group > self.n_group:
+                raise ValueError(f"config field topk_group ({self.topk_group}) exceeds n_group ({self.n_group})")
 
     @property
     def head_dim_(self) -> int:
@@ -134,6 +170,8 @@ class RingLinearConfig:
     # ------------------------------------------------------------------ IO
     @classmethod
     def from_dict(cls, d: dict[str, Any], strict: bool = True) -> "RingLinearConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a JSON object of fields, got a {type(d).__name__}")
         mt = d.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"unsupported model_type {mt!r} in config: ringlinear supports {SUPPORTED_MODEL_TYPES}")
@@ -157,13 +195,16 @@ class RingLinearConfig:
         if os.path.isdir(p):
             p = os.path.join(p, "config.json")
         if not os.path.exists(p):
-            raise FileNotFoundError(f"no config.json at {p}")
+            raise FileNotFoundError(f"no config.json at {p}{training_run_hint(os.path.dirname(p))}")
         with open(p) as f:
             try:
                 d = json.load(f)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{p} is not valid JSON: {e}") from None
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{p}: {e}") from None
 
     def to_json(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
@@ -172,6 +213,34 @@ class RingLinearConfig:
 
     def replace(self, **kw) -> "RingLinearConfig":
         return dataclasses.replace(self, **kw)
+
+
+def training_run_hint(directory: str) -> str:
+    """For an error about a directory that is not a model: where the model is, if it is a training run's output
+    (`ringlinear train --out DIR` writes the model to DIR/final)."""
+    final = os.path.join(directory, "final")
+    return f" (it is a training run; its model is {final})" if os.path.exists(os.path.join(final, "config.json")) \
+        else ""
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+               dict: "an object", type(None): "null"}
+
+
+def _is_a(v, t) -> bool:
+    if t is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if t is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, t)
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types() -> dict[str, tuple]:
+    """{field: allowed types} from the annotations (`int | None` -> (int, NoneType))."""
+    hints = typing.get_type_hints(RingLinearConfig)
+    return {f.name: typing.get_args(hints[f.name]) or (hints[f.name],) for f in dataclasses.fields(RingLinearConfig)
+            if f.name != "extra"}
 
 
 # ---------------------------------------------------------------------- presets
@@ -216,7 +285,7 @@ PRESETS = {
 
 def get_preset(name: str) -> RingLinearConfig:
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
     return PRESETS[name]()
 
 

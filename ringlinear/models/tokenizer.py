@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime
+
+from .config import training_run_hint
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Pre-tokenizers that drop no character of the input (they only cut it, or re-spell it one for one).
+_LOSSLESS_PRE_TOKENIZERS = {"ByteLevel", "Split", "Digits", "Punctuation", "Metaspace", "UnicodeScripts", "Sequence"}
 
 
 def _token_str(v):
@@ -23,7 +30,7 @@ class RingTokenizer:
         from tokenizers import Tokenizer
         path = os.path.join(model_dir, "tokenizer.json")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"no tokenizer.json in {model_dir}")
+            raise FileNotFoundError(f"no tokenizer.json in {model_dir}{training_run_hint(model_dir)}")
         try:
             self.tokenizer = Tokenizer.from_file(path)
         except Exception as e:
@@ -47,6 +54,10 @@ class RingTokenizer:
             pad = self.token_to_id(self.pad_token)
         self.pad_token_id = pad if pad is not None else (self.eos_token_id or 0)
         self.bos_token_id = self.token_to_id(self.bos_token) if self.bos_token else None
+        self.max_chars_per_token = _max_chars_per_token(self.tokenizer)
+        # encode_batch_fast (tokenizers >= 0.20; no offsets) and encode_batch release the GIL, `encode` does not:
+        # a long prompt tokenised on a worker thread then leaves the server's event loop running.
+        self._encode_batch = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -57,7 +68,12 @@ class RingTokenizer:
         return self.tokenizer.token_to_id(tok)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        m = _SURROGATE.search(text)
+        if m:
+            raise ValueError(f"the text is not valid Unicode: a lone surrogate {m.group()!a} at character {m.start()}")
+        ids = self._encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids
         return ids
@@ -65,17 +81,53 @@ class RingTokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def max_chars(self, num_tokens: int) -> int | None:
+        """Characters that `num_tokens` tokens can hold at most, or None when the tokenizer proves no bound: a
+        longer text certainly encodes to more tokens (the server's length check before tokenising)."""
+        return None if self.max_chars_per_token is None else num_tokens * self.max_chars_per_token
+
     # ------------------------------------------------------------------ chat
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = False,
                             tools=None, **kwargs):
+        """Template variables: messages, add_generation_prompt, tools, bos_token, eos_token, then `kwargs` (which
+        may also override bos_token / eos_token)."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template (tokenizer_config.json lacks 'chat_template')")
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
-        text = _compiled(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+        variables = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "", **kwargs,
+                     "messages": messages, "add_generation_prompt": add_generation_prompt, "tools": tools}
+        text = _compiled(self.chat_template).render(**variables)
         return self.encode(text) if tokenize else text
+
+
+def _max_chars_per_token(tk) -> int | None:
+    """The most input characters one token can stand for, where the tokenizer's structure proves a bound.
+
+    Byte-level BPE with no normalizer (which could shrink the text), pre-tokenizers that drop nothing, every one
+    of the 256 byte symbols in the vocabulary (so no byte is ever dropped or fused into an unknown token), no
+    added token that strips neighbouring whitespace and no truncation: then each token spells out its piece of
+    the input, one symbol per byte, and a byte is at most one character, so a token covers at most as many
+    characters as its vocabulary string is long. Anything else: None (the caller tokenises and counts).
+    """
+    from tokenizers import pre_tokenizers
+    if tk.normalizer is not None or tk.truncation is not None or type(tk.model).__name__ != "BPE":
+        return None
+    if tk.pre_tokenizer is None:
+        return None
+    types, stack = set(), [json.loads(tk.pre_tokenizer.__getstate__())]
+    while stack:
+        p = stack.pop()
+        if p.get("type") not in _LOSSLESS_PRE_TOKENIZERS or p.get("behavior") == "Removed":
+            return None
+        types.add(p["type"])
+        stack.extend(p.get("pretokenizers", []))
+    vocab = tk.get_vocab(with_added_tokens=True)
+    if "ByteLevel" not in types or not set(pre_tokenizers.ByteLevel.alphabet()) <= vocab.keys():
+        return None
+    if any(t.lstrip or t.rstrip for t in tk.get_added_tokens_decoder().values()):
+        return None
+    return max(len(t) for t in vocab)
 
 
 def _read_json(path: str) -> dict:

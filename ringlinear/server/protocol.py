@@ -1,11 +1,13 @@
 """OpenAI request schemas (strictly typed: a wrong type is a 400, never a silent coercion) and error bodies."""
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
 
 from ..engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from ..sampling import SEED_LIMIT
 
 
 class APIError(Exception):
@@ -62,8 +64,10 @@ class _Common(_Strict):
         if max_tokens < 1:
             raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         seed = self.seed
+        if seed is not None and not 0 <= seed < SEED_LIMIT:
+            raise APIError(400, f"seed must be an integer in [0, 2**64), got {seed}", param="seed")
         if seed is not None and self.n > 1:
-            seed += index  # n choices: independent streams, reproducible as a set
+            seed = (seed + index) % SEED_LIMIT  # n choices: independent streams, reproducible as a set
         try:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
@@ -71,11 +75,28 @@ class _Common(_Strict):
                 stop=self.stop or [], stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
                 logprobs=logprobs, top_logprobs=top_logprobs)
         except ValueError as e:
-            raise APIError(400, str(e)) from None
+            raise APIError(400, str(e), param=getattr(e, "param", None)) from None
+
+
+def _prompt(p):
+    """One pass over the prompt (pydantic's strict union of the four shapes took ~0.6 s for 3M token ids)."""
+    if isinstance(p, str):
+        return p
+    if isinstance(p, list) and p:
+        t = type(p[0])
+        if t is str and all(type(x) is str for x in p):
+            return p
+        if t is int and all(type(x) is int for x in p):
+            return p
+        if t is list and all(type(r) is list and r and all(type(x) is int for x in r) for r in p):
+            return p
+    if isinstance(p, list) and not p:
+        return p  # reported as "must not be empty" by prompts()
+    raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list of token-id lists")
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Annotated[str | list[str] | list[int] | list[list[int]], PlainValidator(_prompt)]
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
@@ -132,6 +153,15 @@ class ChatCompletionRequest(_Common):
     tools: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # extension, e.g. {"enable_thinking": false}
 
+    def template_variables(self) -> dict[str, Any]:
+        """Keyword arguments of the chat template: the defaults, then `chat_template_kwargs`, which may override
+        them (e.g. {"add_generation_prompt": false} to continue an assistant turn)."""
+        extra = self.chat_template_kwargs or {}
+        if "messages" in extra:
+            raise APIError(400, "chat_template_kwargs cannot set 'messages' (send them as messages)",
+                           param="chat_template_kwargs")
+        return {"add_generation_prompt": True, "tools": self.tools, **extra}
+
     def validate_request(self) -> None:
         self.check_unsupported()
         if self.top_logprobs is not None:
@@ -139,6 +169,59 @@ class ChatCompletionRequest(_Common):
                 raise APIError(400, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
             if self.top_logprobs and not self.logprobs:
                 raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+
+
+def parse_request(cls, body: bytes):
+    """Request body bytes -> a validated `cls`, or APIError(400) naming what is wrong: bytes that are not UTF-8,
+    malformed JSON, a string holding a lone surrogate (valid JSON, not valid text), a wrong type or value."""
+    try:
+        data = json.loads(body)
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "request body is not valid JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got a {type(data).__name__}")
+    where = _lone_surrogate(data)
+    if where is not None:
+        raise APIError(400, f"'{where}' is not valid Unicode text: it holds a lone surrogate (an unpaired \\uD800-"
+                            "\\uDFFF escape)", param=where)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        msg, param = pydantic_error_message(e.errors())
+        raise APIError(400, msg, param=param) from None
+
+
+def _lone_surrogate(data) -> str | None:
+    """Dotted path of the first string (value or key) of parsed JSON that holds a lone surrogate, else None."""
+    stack = [(data, "")]
+    while stack:
+        x, path = stack.pop()
+        if isinstance(x, str):
+            if _has_surrogate(x):
+                return path or "(body)"
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                p = f"{path}.{k}" if path else str(k)
+                if _has_surrogate(k):
+                    return p
+                stack.append((v, p))
+        elif isinstance(x, list):
+            stack.extend((v, f"{path}.{i}") for i, v in enumerate(x) if isinstance(v, (str, dict, list)))
+    return None
+
+
+def _has_surrogate(s: str) -> bool:
+    if s.isascii():  # C speed; a regex scan of 10 MB took 45 ms
+        return False
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "function-after", "function-before"}

@@ -3,7 +3,7 @@
 config) and `checkpoint.json`, a manifest with every file's size and sha256, written last.
 
 Writing: everything goes to a `.tmp-*` directory beside the target, which is renamed into place only once complete;
-older checkpoints beyond `keep_last` are removed only after that. A crash at any point leaves the previous
+only after that are checkpoints of earlier steps beyond `keep_last` removed (never those of later steps). A crash at any point leaves the previous
 checkpoints as they were and, at worst, a `.tmp-*` directory that resume ignores.
 Resuming: the chosen checkpoint is verified against its manifest before anything is loaded or written.
 """
@@ -20,6 +20,8 @@ import tempfile
 
 import numpy as np
 import torch
+
+from ..models.checkpoint import follow_umask
 
 log = logging.getLogger("ringlinear.train")
 
@@ -94,6 +96,7 @@ def save_checkpoint(root: str, step: int, model, tokenizer_dir: str, state: dict
                       f, indent=2)
             f.flush()
             os.fsync(f.fileno())
+        follow_umask(tmp)
         if os.path.exists(final):  # the same step saved again (e.g. --stop-at then a resume that stops there)
             old = tmp + ".old"
             os.rename(final, old)
@@ -104,9 +107,12 @@ def save_checkpoint(root: str, step: int, model, tokenizer_dir: str, state: dict
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for _, path in list_checkpoints(root)[:-keep_last]:
-        if os.path.abspath(path) != os.path.abspath(final):
-            shutil.rmtree(path, ignore_errors=True)
+    # Retention counts back from this checkpoint, the newest one known good. Later steps, left by a run this one
+    # resumed before (one of them perhaps the corrupt checkpoint that made the user resume from an older one), are
+    # never removed here: they are not ours to judge, and deleting by step would keep them and drop the good ones.
+    older = [path for s, path in list_checkpoints(root) if s < step]
+    for path in older[:max(0, len(older) - (keep_last - 1))]:
+        shutil.rmtree(path, ignore_errors=True)
     return final
 
 

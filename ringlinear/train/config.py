@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 
-from ..models.config import RingLinearConfig, get_preset
+from ..models.config import PRESETS, RingLinearConfig, get_preset
 
 
 def _f(default, help: str, **meta):
@@ -107,6 +108,19 @@ class TrainConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.stop_at > self.steps:
             raise ValueError(f"--stop-at {self.stop_at} is past --steps {self.steps}")
+        # Refused rather than warned: with warmup past the end the LR never reaches --lr and the schedule the
+        # flags describe never runs, so the run is not the experiment asked for (a warning scrolls away).
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"--warmup-steps {self.warmup_steps} is past --steps {self.steps}: the LR would never "
+                             f"reach --lr; give --warmup-steps {self.steps} or fewer")
+        # The model and the output directory are checked now, not after minutes of BPE training.
+        if self.model_config:
+            RingLinearConfig.from_json(self.model_config)
+        elif not self.init_from and self.model_preset not in MODEL_SHAPES and self.model_preset not in PRESETS:
+            raise ValueError(f"unknown --model-preset {self.model_preset!r}; choose one of "
+                             f"{', '.join(sorted(MODEL_SHAPES) + sorted(PRESETS))}")
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ValueError(f"--out {self.out} is a file, not a directory")
         return self
 
 
@@ -151,7 +165,7 @@ TRAIN_PRESETS = {
 
 def get_train_preset(name: str) -> TrainConfig:
     if name not in TRAIN_PRESETS:
-        raise ValueError(f"unknown training preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}")
+        raise ValueError(f"unknown training preset {name!r}; choose one of {', '.join(TRAIN_PRESETS)}")
     return TRAIN_PRESETS[name][0]().replace(preset=name)
 
 
@@ -183,9 +197,9 @@ def model_config_for(cfg: TrainConfig, vocab_size: int) -> RingLinearConfig:
     else:
         try:
             mc = get_preset(cfg.model_preset)
-        except KeyError:
+        except ValueError:
             raise ValueError(f"unknown --model-preset {cfg.model_preset!r}; choose one of "
-                             f"{sorted(MODEL_SHAPES)} or a model preset") from None
+                             f"{', '.join(sorted(MODEL_SHAPES) + sorted(PRESETS))}") from None
     padded = -(-vocab_size // 64) * 64
     return mc.replace(vocab_size=max(padded, 64), torch_dtype="float32")
 

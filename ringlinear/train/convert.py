@@ -19,7 +19,8 @@ import tempfile
 
 import torch
 
-from ..models.checkpoint import _ALIASES, INDEX_NAME, SINGLE_NAME, _is_mtp, _open, _swap_into_place, _weight_files
+from ..models.checkpoint import (_ALIASES, INDEX_NAME, SINGLE_NAME, _open, _swap_into_place, _weight_files,
+                                 follow_umask, mtp_tensor_names)
 from ..models.config import RingLinearConfig
 from .bpe import copy_tokenizer_files
 
@@ -72,12 +73,13 @@ def convert_softmax_to_hybrid(src: str, layer_group_size: int, out: str, group_n
     L, G = cfg.num_hidden_layers, layer_group_size
     if G < 2:
         raise ValueError(f"--layer-group-size must be >= 2 (G-1 linear layers per softmax layer), got {G}")
-    new = cfg.replace(layer_group_size=G)  # re-validates group_norm_size against H*D
+    new = cfg.replace(layer_group_size=G, num_nextn_predict_layers=0)  # re-validates; MTP blocks are dropped
     linear = [i for i in range(L) if not new.is_softmax_layer(i)]
     if not linear:
         raise ValueError(f"--layer-group-size {G} with {L} layers leaves no linear layer")
     H, KV, D, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim_, cfg.hidden_size
     files = _weight_files(src)
+    mtp = mtp_tensor_names(files, cfg, src)
     out = os.path.abspath(os.fspath(out))
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out) + "-", dir=os.path.dirname(out))
@@ -90,7 +92,7 @@ def convert_softmax_to_hybrid(src: str, layer_group_size: int, out: str, group_n
         for fn in sorted(by_file):
             with _open(os.path.join(src, fn)) as f:
                 for name in sorted(by_file[fn]):
-                    if _is_mtp(name, L):
+                    if name in mtp:
                         skipped += 1
                         continue
                     t = f.get_tensor(name)
@@ -116,6 +118,7 @@ def convert_softmax_to_hybrid(src: str, layer_group_size: int, out: str, group_n
         writer.close()
         new.to_json(os.path.join(tmp, "config.json"))
         copy_tokenizer_files(src, tmp)
+        follow_umask(tmp)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

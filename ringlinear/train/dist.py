@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..models.checkpoint import resolve_device
+
 
 @dataclass
 class DistEnv:
@@ -33,14 +35,10 @@ def setup(device_arg: str) -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_arg == "cuda":  # set_device needs an index; one process per GPU under torchrun
-        device_arg = f"cuda:{local}"
-    device = torch.device(device_arg)
+    device = resolve_device(device_arg)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda but CUDA is not available")
+        if device.index is None:  # set_device needs an index; one process per GPU under torchrun
+            device = resolve_device(f"cuda:{local}")
         torch.cuda.set_device(device)
     owns = False
     if world > 1 and not dist.is_initialized():

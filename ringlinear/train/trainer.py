@@ -251,7 +251,10 @@ class Trainer:
 def _claim_out_dir(cfg) -> None:
     """A new run never mixes with an earlier run's checkpoints (rotation would delete the wrong ones)."""
     root = os.path.join(cfg.out, "checkpoints")
-    os.makedirs(cfg.out, exist_ok=True)
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission, ...
+        raise ValueError(f"--out {cfg.out}: cannot create the directory ({e.strerror})") from None
     remove_stale_temp(root)
     if cfg.resume or not list_checkpoints(root):
         return

@@ -109,9 +109,17 @@ def test_unsupported_model_type(ckpt, tmp_path):
         RingLinearForCausalLM.from_pretrained(d)
 
 
+def _edit_config(d, **kw):
+    p = os.path.join(d, "config.json")
+    cfg = json.load(open(p))
+    cfg.update(kw)
+    json.dump(cfg, open(p, "w"))
+    return cfg
+
+
 def test_mtp_tensors_skipped_with_one_log_line(ckpt, tmp_path, caplog):
     d = _copy(ckpt, str(tmp_path / "c"))
-    L = json.load(open(os.path.join(d, "config.json")))["num_hidden_layers"]
+    L = _edit_config(d, num_nextn_predict_layers=1)["num_hidden_layers"]  # one declared MTP block: layer L
 
     def add(sd):
         sd[f"model.layers.{L}.eh_proj.weight"] = torch.randn(4, 8)
@@ -123,6 +131,16 @@ def test_mtp_tensors_skipped_with_one_log_line(ckpt, tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if "MTP" in r.getMessage()]
     assert len(lines) == 1 and "3 MTP tensors" in lines[0]
     assert m is not None
+
+
+def test_weights_deeper_than_the_config_are_an_error(ckpt, tmp_path):
+    # config.json says 4 layers, the weights hold 5: loading 4 of them would "work" and generate garbage.
+    d = _copy(ckpt, str(tmp_path / "c"))
+    _edit_config(d, num_hidden_layers=4)
+    with pytest.raises(CheckpointError, match=r"num_hidden_layers 4 and num_nextn_predict_layers 0.*layer\(s\) 4\.\.4"):
+        RingLinearForCausalLM.from_pretrained(d)
+    _edit_config(d, num_nextn_predict_layers=1)  # declared as an MTP block: skipped
+    assert RingLinearForCausalLM.from_pretrained(d).config.num_hidden_layers == 4
 
 
 def test_index_names_missing_shard(ckpt, tmp_path):
@@ -148,3 +166,16 @@ def test_atomic_save_keeps_old_checkpoint_on_failure(ckpt, tmp_path, monkeypatch
         m.save_pretrained(out)
     assert {f: os.path.getsize(out / f) for f in os.listdir(out)} == before
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]  # temp dir cleaned up
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_follow_the_umask(ckpt, tmp_path, umask):
+    m = RingLinearForCausalLM.from_pretrained(ckpt)
+    old = os.umask(umask)
+    try:
+        m.save_pretrained(tmp_path / "out", max_shard_bytes=200_000)
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o777 & ~umask
+    for f in os.listdir(tmp_path / "out"):
+        assert os.stat(tmp_path / "out" / f).st_mode & 0o777 == 0o666 & ~umask, f

@@ -43,6 +43,37 @@ def test_config_errors():
         RingLinearConfig.from_dict(bad)
 
 
+@pytest.mark.parametrize("edit,match", [
+    ({"hidden_size": "256"}, r"hidden_size must be an integer, got '256'"),
+    ({"num_attention_heads": 0}, r"num_attention_heads must be >= 1, got 0"),
+    ({"num_key_value_heads": -2}, r"num_key_value_heads must be >= 1"),
+    ({"rms_norm_eps": 0.0}, r"rms_norm_eps must be > 0"),
+    ({"rope_theta": "1e6"}, r"rope_theta must be a number"),
+    ({"use_qk_norm": "yes"}, r"use_qk_norm must be true or false"),
+    ({"num_experts_per_tok": 300}, r"num_experts_per_tok \(300\) exceeds num_experts"),
+    ({"eos_token_id": [1, "2"]}, r"eos_token_id must be an integer or a list of integers"),
+])
+def test_bad_field_is_named_when_read(tmp_path, edit, match):
+    (tmp_path / "config.json").write_text(json.dumps({**MINI, **edit}))
+    with pytest.raises(ValueError, match=match) as e:
+        RingLinearConfig.from_json(tmp_path)
+    assert str(tmp_path) in str(e.value)
+
+
+def test_config_that_is_not_an_object(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2, 3]")
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        RingLinearConfig.from_json(tmp_path)
+
+
+def test_bad_config_is_one_line_from_the_cli(tmp_path, capsys):
+    from ringlinear.cli import main
+    (tmp_path / "config.json").write_text(json.dumps({**MINI, "num_attention_heads": 0}))
+    assert main(["info", "--model", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "num_attention_heads must be >= 1" in err
+
+
 def test_published_parameter_counts():
     mini = count_parameters(get_preset("ring-mini-linear-2.0"))
     assert round(mini["total"] / 1e9, 1) == 16.4 and round(mini["active_non_embedding"] / 1e6) == 957

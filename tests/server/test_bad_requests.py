@@ -119,3 +119,83 @@ def test_openai_client_sees_typed_errors(client, server):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], temperature="hot")
     _still_serving(server)
+
+
+# JSON that Python's parser accepts but no sampler should: NaN, Infinity, huge numbers; seeds past 64 bits.
+RAW_BAD_NUMBERS = [
+    (b'"temperature": NaN', "temperature"),
+    (b'"temperature": Infinity', "temperature"),
+    (b'"temperature": 1e308', "temperature"),
+    (b'"temperature": 1e999', "temperature"),
+    (b'"top_p": NaN', "top_p"),
+    (b'"seed": 1180591620717411303424', "seed"),  # 2**70
+    (b'"seed": -1', "seed"),
+    (b'"stop_token_ids": [10000000]', "stop_token_ids"),
+]
+
+
+@pytest.mark.parametrize("field,param", RAW_BAD_NUMBERS)
+def test_numbers_finite_and_in_range(server, field, param):
+    body = b'{"model": "tiny", "prompt": "x", "max_tokens": 2, ' + field + b"}"
+    err = _is_openai_error(_post(server, "/v1/completions", content=body,
+                                 headers={"Content-Type": "application/json"}), 400)
+    assert err["param"] == param, err
+    _still_serving(server)
+
+
+def test_seed_at_the_top_of_the_range_with_n_choices(server):
+    r = _post(server, "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, "n": 2,
+                                               "seed": 2**64 - 1, "temperature": 1.0})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2  # seed + 1 wraps, it is not an error
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", b'{"model": "tiny", "prompt": "a\\ud800b"}', "prompt"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": ["ok", "a\\udfffb"]}', "prompt.1"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "x", "stop": "\\ud83d"}', "stop"),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+     "messages.0.content"),
+    ("/v1/completions", b'{"model": "a\\ud800", "prompt": "x"}', "model"),
+])
+def test_lone_surrogates_are_400(server, path, body, param):
+    err = _is_openai_error(_post(server, path, content=body, headers={"Content-Type": "application/json"}), 400)
+    assert err["param"] == param and "surrogate" in err["message"]
+    _still_serving(server)
+
+
+def test_a_valid_surrogate_pair_is_text(server):
+    body = b'{"model": "tiny", "prompt": "smile \\ud83d\\ude00", "max_tokens": 2}'  # one code point, U+1F600
+    assert _post(server, "/v1/completions", content=body, headers={"Content-Type": "application/json"}
+                 ).status_code == 200
+
+
+def test_body_that_is_not_utf8(server):
+    body = b'{"model": "tiny", "prompt": "caf\xe9"}'  # latin-1 bytes
+    err = _is_openai_error(_post(server, "/v1/completions", content=body,
+                                 headers={"Content-Type": "application/json"}), 400)
+    assert "UTF-8" in err["message"]
+    _still_serving(server)
+
+
+def test_chat_template_kwargs_may_override_defaults(server):
+    msgs = [{"role": "user", "content": "hi"}]
+    base = _post(server, "/v1/chat/completions", json={"model": "tiny", "messages": msgs, "max_tokens": 1})
+    cont = _post(server, "/v1/chat/completions", json={"model": "tiny", "messages": msgs, "max_tokens": 1,
+                                                       "chat_template_kwargs": {"add_generation_prompt": False}})
+    assert base.status_code == cont.status_code == 200, cont.text
+    # without the generation prompt (<role>ASSISTANT</role>) the prompt is shorter
+    assert cont.json()["usage"]["prompt_tokens"] < base.json()["usage"]["prompt_tokens"]
+    err = _is_openai_error(_post(server, "/v1/chat/completions", json={
+        "model": "tiny", "messages": msgs, "chat_template_kwargs": {"messages": []}}), 400)
+    assert err["param"] == "chat_template_kwargs"
+    _still_serving(server)
+
+
+@pytest.mark.parametrize("header", ["bearer test-key", "BEARER test-key", "Bearer  test-key"])
+def test_bearer_scheme_is_case_insensitive(server, header):
+    r = httpx.post(server.url + "/v1/completions", headers={"Authorization": header}, timeout=30,
+                   json={"model": "tiny", "prompt": "ok", "max_tokens": 1})
+    assert r.status_code == 200, r.text
+    r = httpx.post(server.url + "/v1/completions", headers={"Authorization": "Basic test-key"}, timeout=30,
+                   json={"model": "tiny", "prompt": "ok", "max_tokens": 1})
+    assert r.status_code == 401

@@ -75,6 +75,11 @@ def test_checkpoint_is_a_loadable_model_dir(runs):
     tok = load_tokenizer(path)
     assert tok.stop_token_ids == [1, 2] and m.config.vocab_size >= tok.vocab_size
     assert not [n for n in os.listdir(os.path.join(a, "checkpoints")) if n.startswith(".tmp")]
+    mask = os.umask(0)
+    os.umask(mask)
+    for d in (path, os.path.join(a, "final")):  # modes follow the umask (mkdtemp alone makes 0700 and 0600)
+        assert os.stat(d).st_mode & 0o777 == 0o777 & ~mask
+        assert all(os.stat(os.path.join(d, f)).st_mode & 0o777 == 0o666 & ~mask for f in os.listdir(d))
 
 
 def _stopped_run(tmp_path, tiny_cfg):
@@ -119,6 +124,25 @@ def test_missing_or_truncated_files(tmp_path, tiny_cfg, damage):
     with pytest.raises(TrainCheckpointError, match=expect):
         train(cfg.replace(resume="auto"))
     assert _tree_hashes(good) == before
+
+
+def test_retention_after_resuming_from_an_older_checkpoint(tmp_path, tiny_cfg):
+    # The case scaled down: step-6 is corrupt, the user resumes from step-4 and stops at 5 (keep_last 2).
+    cfg = tiny_cfg(tmp_path / "run", steps=8, save_every=2, keep_last=2, eval_every=0)
+    train(cfg.replace(stop_at=6))
+    root = os.path.join(cfg.out, "checkpoints")
+    (_, good), (_, bad) = list_checkpoints(root)
+    with open(os.path.join(bad, "model.safetensors"), "r+b") as f:
+        f.seek(os.path.getsize(f.name) // 2)
+        f.write(b"\x00\xff\x00\xff")
+    bad_hashes = _tree_hashes(bad)
+    train(cfg.replace(resume=good, stop_at=5))
+    # The newest good checkpoint (5) and the one before it (4) are kept; the later step-6 is left as it was.
+    assert [s for s, _ in list_checkpoints(root)] == [4, 5, 6]
+    assert _tree_hashes(bad) == bad_hashes
+    with pytest.raises(TrainCheckpointError, match="step-0000006: model.safetensors is corrupt") as e:
+        train(cfg.replace(resume="auto"))
+    assert "--resume " + os.path.join(root, "step-0000005") in str(e.value)
 
 
 def test_no_checkpoint_and_bad_path(tmp_path, tiny_cfg):

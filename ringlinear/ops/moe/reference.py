@@ -64,7 +64,8 @@ def moe_experts(x, topk_idx, topk_weight, w13, w2):
             continue
         rows = order[start:start + c]
         xe = x[rows // k]
-        out[rows] = swiglu(xe, w13[e, :inter], w13[e, inter:], w2[e])
+        # .to(): under autocast the expert computes in bf16 while the residual stream x stays fp32
+        out[rows] = swiglu(xe, w13[e, :inter], w13[e, inter:], w2[e]).to(out.dtype)
         start += c
     y = (out.view(N, k, h).float() * topk_weight[..., None].float()).sum(1)
     return y.to(x.dtype)
