@@ -118,7 +118,7 @@ def touched_weight_bytes(model, B):
     model.model.forward_packed(ids, ctx)
     total = 0
     for name, p in model.named_parameters():
-        if ".experts." in name or "word_embeddings" in name:
+        if name.endswith(("mlp.w13", "mlp.w2")) or "word_embeddings" in name:
             continue
         total += p.numel() * p.element_size()
     per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2

@@ -77,17 +77,35 @@ class RingLinearForCausalLM(nn.Module):
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def init_weights(self, seed: int | None = None):
-        """Random init (normal, std = initializer_range; norms = 1; expert bias = 0), deterministic given seed."""
-        gen = torch.Generator(device="cpu")
+        """Random init (normal, std = initializer_range; norms = 1; expert bias = 0), deterministic given seed, drawn
+        on the parameters' device (a generator of that device: CPU and CUDA draw different numbers). Tensors are
+        drawn in checkpoint order (the routed experts one expert and projection at a time)."""
+        dev = next(self.parameters()).device
+        gen = torch.Generator(device=dev)
         gen.manual_seed(0 if seed is None else seed)
         std = self.config.initializer_range
+
+        def draw(t):
+            t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float32, device=dev) * std)
+
+        # The routed experts come right after their router in checkpoint order (and in the order of earlier
+        # versions, which kept them as per-expert Parameters): same seed, same weights.
+        experts_after = {mod.gate.weight: mod for mod in self.modules() if isinstance(mod, SparseMoeBlock)}
+        stacks = {p for mod in experts_after.values() for p in (mod.w13, mod.w2)}
         for name, p in self.named_parameters():
-            if p.device.type == "meta":
+            if p.device.type == "meta" or p in stacks:
                 continue
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+                draw(p)
+            moe = experts_after.get(p)
+            if moe is not None:
+                I = moe.inter
+                for e in range(moe.num_experts):
+                    draw(moe.w13[e, :I])
+                    draw(moe.w13[e, I:])
+                    draw(moe.w2[e])
         for mod in self.modules():
             if hasattr(mod, "expert_bias"):
                 mod.expert_bias.zero_()
@@ -95,10 +113,12 @@ class RingLinearForCausalLM(nn.Module):
 
     @classmethod
     def from_config(cls, config: RingLinearConfig, dtype=None, device=None, seed: int = 0):
-        with torch.device(device or "cpu"):
+        """Random weights, allocated once on `device` and drawn there (no CPU pass over 16B parameters)."""
+        with torch.device("meta"):
             model = cls(config)
         if dtype is not None:
             model.to(dtype)
+        model.to_empty(device=device or "cpu")
         return model.init_weights(seed)
 
     # ------------------------------------------------------------------ checkpoint IO

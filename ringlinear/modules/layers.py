@@ -160,38 +160,14 @@ class MoEGate(nn.Module):
         return out
 
 
-class _StackGrad(torch.autograd.Function):
-    """Identity on a stacked tensor whose slices are the given Parameters; backward splits the gradient back.
-
-    stack [E, P*R, C] with params[e*P + j] == stack[e, j*R:(j+1)*R]."""
-
-    @staticmethod
-    def forward(ctx, stack, per_expert, *params):
-        ctx.per_expert = per_expert
-        ctx.shape = stack.shape
-        return stack.view(stack.shape)
-
-    @staticmethod
-    def backward(ctx, grad):
-        E, PR, _ = ctx.shape
-        R = PR // ctx.per_expert
-        g = grad.reshape(E, ctx.per_expert, R, -1)
-        return (None, None, *[g[e, j] for e in range(E) for j in range(ctx.per_expert)])
-
-
-class _ExpertView(nn.Module):
-    """One expert whose weights are views into the layer's stacked tensors (checkpoint names, zero copies)."""
-
-    def __init__(self):
-        super().__init__()
-
-
 class SparseMoeBlock(nn.Module):
-    """Sigmoid-routed MoE with a shared expert. Experts are stored stacked:
+    """Sigmoid-routed MoE with a shared expert. The routed experts are two stacked Parameters:
 
-    w13 [E, 2I, h] (gate rows then up rows) and w2 [E, h, I]; `experts.{e}.{gate,up,down}_proj.weight` are
-    Parameters viewing slices of them, so state_dict names equal the checkpoint keys and the fused kernels read the
-    stacks directly. `_apply` (e.g. .to()) rebuilds the stacks and views.
+    `w13` [E, 2I, h] (each expert's gate rows then up rows) and `w2` [E, h, I]. The fused kernels read them as
+    they are and their gradients arrive whole (one tensor per layer for the optimizer, FSDP and expert
+    parallelism, instead of 3E small ones). The checkpoint keeps one tensor per expert and projection,
+    `experts.{e}.{gate,up,down}_proj.weight`: `state_dict` hands out views of the stacks under those names and
+    `load_state_dict` assembles them, so checkpoint IO needs no copies and knows nothing of the stacking.
     """
 
     def __init__(self, cfg: RingLinearConfig):
@@ -205,10 +181,8 @@ class SparseMoeBlock(nn.Module):
         if self.topk_group * (E // self.n_group) < self.top_k:
             raise ValueError("topk_group * experts-per-group must be >= num_experts_per_tok")
         self.gate = MoEGate(cfg)
-        self.experts = nn.ModuleList([_ExpertView() for _ in range(E)])
-        w13 = torch.empty(E, 2 * I, h)
-        w2 = torch.empty(E, h, I)
-        self._bind(w13, w2, requires_grad=True)
+        self.w13 = nn.Parameter(torch.empty(E, 2 * I, h))
+        self.w2 = nn.Parameter(torch.empty(E, h, I))
         if cfg.num_shared_experts:
             self.shared_experts = MLP(h, cfg.shared_intermediate_size)
         else:
@@ -216,43 +190,15 @@ class SparseMoeBlock(nn.Module):
         self.record_stats = False
         self.last_topk_idx = None
         self.last_router_logits = None
+        self._register_state_dict_hook(_experts_by_checkpoint_name)
+        self._register_load_state_dict_pre_hook(_experts_into_stacks, with_module=True)
 
-    def _bind(self, w13, w2, requires_grad):
-        self.w13, self.w2 = w13, w2
-        I = self.inter
-        for e, ex in enumerate(self.experts):
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                if name not in ex._modules:
-                    ex._modules[name] = nn.Module()
-            ex.gate_proj._parameters["weight"] = nn.Parameter(w13[e, :I], requires_grad=requires_grad)
-            ex.up_proj._parameters["weight"] = nn.Parameter(w13[e, I:], requires_grad=requires_grad)
-            ex.down_proj._parameters["weight"] = nn.Parameter(w2[e], requires_grad=requires_grad)
-
-    def _apply(self, fn, recurse=True):
-        # Convert the stacks once and re-point every expert Parameter at the new storage.
-        rg = self.experts[0].gate_proj.weight.requires_grad
-        w13, w2 = fn(self.w13.detach()), fn(self.w2.detach())
-        for ex in self.experts:  # keep super()._apply from converting the views one by one
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                ex._modules[name]._parameters.pop("weight", None)
-        out = super()._apply(fn, recurse)
-        self._bind(w13, w2, requires_grad=rg)
-        return out
-
-    def stacked(self):
-        """(w13, w2) for the fused path, zero-copy. With grad enabled they carry autograd edges to every expert
-        Parameter (which view them), so training gradients land on the checkpoint-named Parameters."""
-        ex0 = self.experts[0]
-        if ex0.gate_proj.weight.data_ptr() != self.w13.data_ptr():
-            raise RuntimeError("expert Parameters no longer view the stacked MoE weights (replaced outside .to()?)")
-        if not (torch.is_grad_enabled() and ex0.gate_proj.weight.requires_grad):
-            return self.w13, self.w2
-        p13 = [p for ex in self.experts for p in (ex.gate_proj.weight, ex.up_proj.weight)]
-        p2 = [ex.down_proj.weight for ex in self.experts]
-        return _StackGrad.apply(self.w13, 2, *p13), _StackGrad.apply(self.w2, 1, *p2)
+    def expert_names(self) -> list[str]:
+        """Checkpoint name suffixes of the routed experts, in checkpoint order (gate, up, down per expert)."""
+        return [f"experts.{e}.{p}_proj.weight" for e in range(self.num_experts) for p in ("gate", "up", "down")]
 
     def forward(self, x):  # x [T, h]
-        w13, w2 = self.stacked()
+        w13, w2 = self.w13, self.w2
         shared = None
         if self.shared_experts is not None:
             s = self.shared_experts
@@ -265,3 +211,27 @@ class SparseMoeBlock(nn.Module):
             self.last_topk_idx = idx.detach()
             self.last_router_logits = logits
         return y
+
+
+def _experts_by_checkpoint_name(module, state_dict, prefix, local_metadata):
+    """state_dict hook: `w13` / `w2` out, per-expert views of them (detached or not, as state_dict made them)
+    under the checkpoint's names in."""
+    w13, w2 = state_dict.pop(prefix + "w13"), state_dict.pop(prefix + "w2")
+    I = module.inter
+    names = iter(module.expert_names())
+    for e in range(module.num_experts):
+        for view in (w13[e, :I], w13[e, I:], w2[e]):
+            state_dict[prefix + next(names)] = view
+    return state_dict
+
+
+def _experts_into_stacks(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs):
+    """load_state_dict pre-hook: per-expert tensors (checkpoint names) become `w13` / `w2` (a complete set only;
+    a partial one is left for load_state_dict to report as missing/unexpected keys)."""
+    names = [prefix + n for n in module.expert_names()]
+    if not all(n in state_dict for n in names):
+        return
+    parts = [state_dict.pop(n) for n in names]
+    state_dict[prefix + "w13"] = torch.stack([torch.cat(parts[i:i + 2]) for i in range(0, len(parts), 3)])
+    state_dict[prefix + "w2"] = torch.stack(parts[2::3])

@@ -46,15 +46,18 @@ class MasterAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                # FSDP2 shards are DTensors: the update is elementwise, so it runs on the local shard, and the
+                # state is kept per local shard (plain tensors; ringlinear.train.fsdp gathers and re-shards it)
+                w, g = (_local(p.data), _local(p.grad))
                 st = self.state[p]
                 if not st:
                     st["step"] = 0
-                    st["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                    st["exp_avg"] = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
                     st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
-                    if p.dtype != torch.float32:
-                        st["master"] = p.detach().float().contiguous()
+                    if w.dtype != torch.float32:
+                        st["master"] = w.detach().float().contiguous()
                 st["step"] += 1
-                adamw_step(p.data, p.grad.contiguous(), st.get("master"), st["exp_avg"], st["exp_avg_sq"],
+                adamw_step(w, g.contiguous(), st.get("master"), st["exp_avg"], st["exp_avg_sq"],
                            lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"], weight_decay=group["weight_decay"],
                            step=st["step"], grad_scale=grad_scale)
 
@@ -68,6 +71,10 @@ class MasterAdamW(torch.optim.Optimizer):
             p = params[pid]
             for k, v in tensors.items():
                 self.state[p][k] = v.to(p.device, copy=True)
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def make_optimizer(model, lr, weight_decay, betas, eps, device_type: str):

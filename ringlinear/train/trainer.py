@@ -172,7 +172,6 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.fsdp:
             from .fsdp import clip_grads
-            self.model._expert_sync()
             gn = clip_grads(params, cfg.grad_clip)
         elif cfg.grad_clip > 0:
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -17,7 +17,7 @@ def test_no_decay_on_norms_embeddings_biases():
     assert "model.word_embeddings.weight" in nd and "model.norm.weight" in nd
     assert all("norm" in n or n.endswith("bias") or "embeddings" in n for n in nd)
     assert {"lm_head.weight", "model.layers.1.mlp.gate.weight", "model.layers.0.attention.g_proj.weight",
-            "model.layers.1.mlp.experts.0.down_proj.weight"} <= d
+            "model.layers.1.mlp.w13", "model.layers.1.mlp.w2"} <= d
     assert "model.layers.0.attention.query_key_value.bias" in nd
     assert len(d) + len(nd) == len(list(m.parameters())) and decay["weight_decay"] == 0.1
     assert no_decay["weight_decay"] == 0.0
