@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..models.context import check_numerics
+
 LIGHTNING_CHUNK = 64  # the chunk of the lightning prefill algorithm; prefill chunks are multiples of it
 
 
@@ -24,6 +26,9 @@ class EngineConfig:
     cuda_graphs: bool = True             # capture decode steps (CUDA only; untested on GPU so far)
     cuda_graph_max_batch: int = 64
     cpu_threads: int | None = None       # torch intra-op threads on CPU (None: leave torch's default)
+    # "aligned": every position computed with the arithmetic of the training forward in aligned mode, whatever the
+    # batch, chunking or decode step (docs/numerics.md); implies batch invariance. "default": the fastest kernels.
+    numerics: str = "default"
 
     def __post_init__(self):
         if self.prefill_chunk < 1 or self.prefill_chunk % LIGHTNING_CHUNK:
@@ -37,3 +42,6 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be >= 1")
+        check_numerics(self.numerics)
+        if self.numerics == "aligned" and self.batch_invariant is False:
+            raise ValueError("numerics='aligned' is batch invariant by construction: batch_invariant=False contradicts it")

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 from ..models.context import AttentionContext
-from ..ops.attention import attention_with_prefix, paged_decode_attention
-from ..ops.lightning_attn import lightning_attn_decode, lightning_attn_prefill
+from ..ops.attention import aligned_paged_attention, attention_with_prefix, paged_decode_attention
+from ..ops.lightning_attn import (lightning_attn_decode, lightning_attn_decode_aligned, lightning_attn_prefill,
+                                  lightning_attn_prefill_aligned)
 from ..ops.linear import suspended
 from .kv_cache import PagedKVCache
 from .state_pool import StatePool
@@ -23,8 +24,9 @@ class PagedContext(AttentionContext):
     """
 
     def __init__(self, kv: PagedKVCache, states: StatePool, slots: list[int], block_tables: list[list[int]],
-                 starts: list[int], seq_lens: list[int], num_decode: int, device):
+                 starts: list[int], seq_lens: list[int], num_decode: int, device, aligned: bool = False):
         self.kv, self.states = kv, states
+        self.aligned = aligned
         self.starts, self.seq_lens = starts, seq_lens
         self.block_tables = block_tables
         self.num_decode = num_decode
@@ -48,6 +50,13 @@ class PagedContext(AttentionContext):
         self.decode_lens = torch.tensor([s + 1 for s in starts[:nd]], dtype=torch.int32).to(device)
         self.prefill_rows = [kv.token_rows(bt, 0, s + n).to(device)
                              for bt, s, n in zip(block_tables[nd:], starts[nd:], seq_lens[nd:])]
+        if aligned:  # one fixed-order kernel for every row of the step: all tables, all starts
+            wide = max(len(bt) for bt in block_tables)
+            self.all_tables = torch.tensor([bt + [0] * (wide - len(bt)) for bt in block_tables],
+                                           dtype=torch.int32).to(device)
+            self.starts_cpu = torch.tensor(starts, dtype=torch.long)
+            self.starts_dev = self.starts_cpu.to(device)
+            self.max_q = max(seq_lens)
 
     def linear_attention(self, layer_idx, q, k, v, g_gamma, scale):  # q, k, v [T, H, D]
         with suspended():
@@ -58,6 +67,8 @@ class PagedContext(AttentionContext):
             return self._softmax(layer_idx, q, k, v, scale)
 
     def _linear(self, layer_idx, q, k, v, g_gamma, scale):
+        if self.aligned:
+            return self._linear_aligned(layer_idx, q, k, v, g_gamma, scale)
         pool = self.states.states[layer_idx]
         nd = self.num_decode
         if nd == len(self.seq_lens):
@@ -71,10 +82,27 @@ class PagedContext(AttentionContext):
         out[nd:] = o[0]
         return out
 
+    def _linear_aligned(self, layer_idx, q, k, v, g_gamma, scale):
+        pool, ok, ov = (d[layer_idx] for d in (self.states.states, self.states.open_k, self.states.open_v))
+        nd = self.num_decode
+        out = torch.empty_like(q)
+        if nd:
+            lightning_attn_decode_aligned(q[:nd], k[:nd], v[:nd], g_gamma, pool, ok, ov, self.slot_ids[:nd],
+                                          self.positions[:nd], scale=scale, out=out[:nd])
+        if nd < len(self.seq_lens):
+            o = lightning_attn_prefill_aligned(q[None, nd:], k[None, nd:], v[None, nd:], g_gamma, pool, ok, ov,
+                                               self.slot_ids[nd:], self.prefill_cu, self.starts_cpu[nd:],
+                                               scale=scale)
+            out[nd:] = o[0]
+        return out
+
     def _softmax(self, layer_idx, q, k, v, scale):
         K, V = self.kv.flat(layer_idx)
         K[self.write_rows] = k
         V[self.write_rows] = v
+        if self.aligned:
+            return aligned_paged_attention(q, K, V, self.cu_seqlens, self.starts_dev, self.all_tables,
+                                           self.kv.block_size, scale, self.max_q)
         nd = self.num_decode
         out = torch.empty_like(q)
         # Each sequence over its own context only (the paged kernel's splits are fixed-size): its result cannot

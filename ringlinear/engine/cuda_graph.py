@@ -18,8 +18,8 @@ import logging
 import torch
 
 from ..models.context import AttentionContext
-from ..ops.attention import paged_decode_attention
-from ..ops.lightning_attn import lightning_attn_decode
+from ..ops.attention import aligned_paged_attention, paged_decode_attention
+from ..ops.lightning_attn import lightning_attn_decode, lightning_attn_decode_aligned
 from .kv_cache import PagedKVCache
 from .state_pool import StatePool
 
@@ -34,8 +34,13 @@ class _StaticContext(AttentionContext):
         self.positions = step.positions[:B]
 
     def linear_attention(self, layer_idx, q, k, v, g_gamma, scale):
-        return lightning_attn_decode(q, k, v, g_gamma, self.step.states.states[layer_idx],
-                                     slot_ids=self.step.slot_ids[:self.B], scale=scale)
+        st = self.step.states
+        if self.step.aligned:
+            return lightning_attn_decode_aligned(q, k, v, g_gamma, st.states[layer_idx], st.open_k[layer_idx],
+                                                 st.open_v[layer_idx], self.step.slot_ids[:self.B],
+                                                 self.positions, scale=scale)
+        return lightning_attn_decode(q, k, v, g_gamma, st.states[layer_idx], slot_ids=self.step.slot_ids[:self.B],
+                                     scale=scale)
 
     def softmax_attention(self, layer_idx, q, k, v, scale):
         s = self.step
@@ -43,6 +48,9 @@ class _StaticContext(AttentionContext):
         rows = s.write_rows[:self.B]
         K.index_copy_(0, rows, k)
         V.index_copy_(0, rows, v)
+        if s.aligned:
+            return aligned_paged_attention(q, K, V, self.cu_seqlens, self.positions, s.block_tables[:self.B],
+                                           s.kv.block_size, scale, 1)
         return paged_decode_attention(q, K, V, s.block_tables[:self.B], s.context_lens[:self.B],
                                       s.kv.block_size, scale)
 
@@ -50,8 +58,10 @@ class _StaticContext(AttentionContext):
 class StaticDecodeStep:
     """Static buffers plus the decode forward over the first B of them: (ids, ...) -> logits [B, V] fp32."""
 
-    def __init__(self, model, kv: PagedKVCache, states: StatePool, max_batch: int, max_blocks: int, device):
+    def __init__(self, model, kv: PagedKVCache, states: StatePool, max_batch: int, max_blocks: int, device,
+                 aligned: bool = False):
         self.model, self.kv, self.states, self.device = model, kv, states, device
+        self.aligned = aligned
         self.max_batch, self.max_blocks = max_batch, max_blocks
         z = dict(dtype=torch.long, device=device)
         self.ids = torch.zeros(max_batch, **z)

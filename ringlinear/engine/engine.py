@@ -14,6 +14,7 @@ import torch
 from ..models.checkpoint import resolve_device
 from ..models.modeling import RingLinearForCausalLM
 from ..models.tokenizer import load_tokenizer
+from ..ops.lightning_attn import open_chunk_rows
 from .config import EngineConfig
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner
@@ -93,7 +94,10 @@ class LLMEngine:
         softmax = [i for i in range(cfg.num_hidden_layers) if cfg.is_softmax_layer(i)]
         linear = [i for i in range(cfg.num_hidden_layers) if not cfg.is_softmax_layer(i)]
         H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim_
-        self.states = StatePool(linear, config.max_num_seqs, H, D, device)
+        open_chunk = None
+        if config.numerics == "aligned":  # open-chunk buffers, sized by the kernels this device and dtype use
+            open_chunk = (open_chunk_rows(torch.empty(0, H, D, dtype=dtype, device=device)), dtype)
+        self.states = StatePool(linear, config.max_num_seqs, H, D, device, open_chunk=open_chunk)
         max_pos = cfg.max_position_embeddings
         if config.num_kv_blocks:
             num_blocks = config.num_kv_blocks

@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from ..ops.linear import RowBlockMode
+from ..ops.linear import RowBlockMode, invariant_mode
 from .config import EngineConfig
 from .context import PagedContext
 from .cuda_graph import DecodeGraphs, StaticDecodeStep, graph_batch_sizes
@@ -30,18 +30,21 @@ class ModelRunner:
         invariant = config.batch_invariant
         if invariant is None:
             invariant = self.device.type == "cpu"
-        self.batch_invariant = invariant
+        self.aligned = config.numerics == "aligned"
+        self.batch_invariant = invariant or self.aligned
         self.graphs: DecodeGraphs | None = None
         if config.cuda_graphs and self.device.type == "cuda":
             self._capture(max_model_len)
 
     def _mode(self):
+        if self.aligned:  # the trainer's aligned forward uses the same mode (RingLinearForCausalLM.forward)
+            return invariant_mode(self.device, self.config.row_block)
         return RowBlockMode(self.config.row_block) if self.batch_invariant else contextlib.nullcontext()
 
     def _capture(self, max_model_len: int) -> None:
         max_b = min(self.config.max_num_seqs, self.config.cuda_graph_max_batch)
         step = StaticDecodeStep(self.model, self.kv, self.states, max_b, self.kv.blocks_needed(max_model_len),
-                                self.device)
+                                self.device, aligned=self.aligned)
         try:
             with torch.inference_mode(), self._mode():
                 self.graphs = DecodeGraphs(step, graph_batch_sizes(max_b))
@@ -63,7 +66,7 @@ class ModelRunner:
             ids += s.seq.token_slice(s.start, s.start + s.num_tokens)
         ctx = PagedContext(self.kv, self.states, [s.seq.slot for s in entries], [s.seq.block_table for s in entries],
                            [s.start for s in entries], [s.num_tokens for s in entries],
-                           sum(1 for s in entries if s.is_decode), self.device)
+                           sum(1 for s in entries if s.is_decode), self.device, aligned=self.aligned)
         last_rows = [ctx.cu[i + 1] - 1 for i, s in enumerate(entries) if s.sample]
         with self._mode():
             hidden = self.model.model.forward_packed(torch.tensor(ids, device=self.device), ctx)

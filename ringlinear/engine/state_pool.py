@@ -11,11 +11,23 @@ import torch
 
 
 class StatePool:
-    def __init__(self, linear_layers: list[int], num_slots: int, num_heads: int, head_dim: int, device):
+    """open_chunk = (rows, dtype) for numerics="aligned": the states are then those at each request's last chunk
+    boundary, and `open_k` / `open_v` [num_slots + 1, rows, H, D] hold the k, v of its open chunk
+    (ringlinear/ops/lightning_attn/aligned.py)."""
+
+    def __init__(self, linear_layers: list[int], num_slots: int, num_heads: int, head_dim: int, device,
+                 open_chunk: tuple[int, torch.dtype] | None = None):
         self.num_slots = num_slots
         self.scratch_slot = num_slots
         shape = (num_slots + 1, num_heads, head_dim, head_dim)
         self.states = {i: torch.zeros(shape, dtype=torch.float32, device=device) for i in linear_layers}
+        self.open_k: dict[int, torch.Tensor] = {}
+        self.open_v: dict[int, torch.Tensor] = {}
+        if open_chunk is not None:
+            rows, dt = open_chunk
+            for i in linear_layers:
+                self.open_k[i] = torch.zeros(num_slots + 1, rows, num_heads, head_dim, dtype=dt, device=device)
+                self.open_v[i] = torch.zeros_like(self.open_k[i])
         self._free = list(range(num_slots - 1, -1, -1))
         self._used: set[int] = set()
 
@@ -43,4 +55,4 @@ class StatePool:
         self._free.append(slot)
 
     def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.states.values())
+        return sum(t.numel() * t.element_size() for d in (self.states, self.open_k, self.open_v) for t in d.values())

@@ -10,7 +10,8 @@ from torch import nn
 
 from ..modules.layers import MLP, LinearAttention, RMSNorm, RotaryEmbedding, SoftmaxAttention, SparseMoeBlock
 from .config import RingLinearConfig
-from .context import AttentionContext, StatelessContext, positions_from_cu_seqlens
+from ..ops.linear import invariant_mode
+from .context import AttentionContext, StatelessContext, check_numerics, positions_from_cu_seqlens
 
 
 class DecoderLayer(nn.Module):
@@ -73,6 +74,13 @@ class RingLinearForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.word_embeddings.weight
+        self.numerics = "default"
+
+    def set_numerics(self, numerics: str) -> "RingLinearForCausalLM":
+        """"default" (fastest kernels) or "aligned" (the arithmetic aligned serving reproduces bit for bit: the
+        cache-free forward then runs batch-invariant linears and the fixed-order attention kernels)."""
+        self.numerics = check_numerics(numerics)
+        return self
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
@@ -141,29 +149,50 @@ class RingLinearForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None,
                 use_cache: bool = False, cu_seqlens: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 logits_to_keep: int | None = None, output_hidden_states: bool = False,
-                ctx: AttentionContext | None = None) -> CausalLMOutput:
+                ctx: AttentionContext | None = None, max_seqlen: int | None = None, return_logits: bool = True,
+                loss_reduction: str = "mean") -> CausalLMOutput:
         """input_ids [B, T]. attention_mask [B, T] (1 = token, 0 = padding, left or right) packs the real tokens
-        so padding never enters attention or state. cu_seqlens [N+1] (with B == 1) marks packed documents.
+        so padding never enters attention or state. cu_seqlens [N+1] (with B == 1) marks packed documents;
+        max_seqlen: their longest (a host int; computed from cu_seqlens when it is on the CPU).
         cache: a HybridCache (one entry per row) to continue from; use_cache creates one if None.
-        labels [B, T]: next-token targets aligned with input_ids (-100 = ignore); loss is the fp32 mean.
+        labels [B, T]: next-token targets aligned with input_ids (-100 = ignore); loss in fp32, the mean (or the
+        sum: loss_reduction="sum"). return_logits=False (with labels): the loss comes from the fused linear +
+        cross-entropy, no [tokens, vocab] logits tensor exists.
         logits_to_keep: only the last k positions of each row get logits (k=1 for generation).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        if not return_logits and labels is None:
+            raise ValueError("return_logits=False needs labels (the fused loss is then the only output)")
+        if self.numerics == "aligned" and cache is None and not use_cache:
+            with invariant_mode(input_ids.device):
+                return self._forward(input_ids, attention_mask, cache, use_cache, cu_seqlens, labels,
+                                     logits_to_keep, output_hidden_states, ctx, max_seqlen, return_logits,
+                                     loss_reduction)
+        return self._forward(input_ids, attention_mask, cache, use_cache, cu_seqlens, labels, logits_to_keep,
+                             output_hidden_states, ctx, max_seqlen, return_logits, loss_reduction)
+
+    def _forward(self, input_ids, attention_mask, cache, use_cache, cu_seqlens, labels, logits_to_keep,
+                 output_hidden_states, ctx, max_seqlen, return_logits, loss_reduction):
         B, T = input_ids.shape
         dev = input_ids.device
+        fin = dict(labels=labels, logits_to_keep=logits_to_keep, output_hidden_states=output_hidden_states,
+                   return_logits=return_logits, loss_reduction=loss_reduction)
         if ctx is not None:
             flat_ids = input_ids.reshape(-1)
             hidden = self.model.forward_packed(flat_ids, ctx)
-            return self._finish(hidden.view(B, T, -1), None, labels, logits_to_keep, output_hidden_states, None)
+            return self._finish(hidden.view(B, T, -1), None, mask=None, **fin)
         if cu_seqlens is not None:
             if B != 1 or attention_mask is not None:
                 raise ValueError("cu_seqlens needs input_ids of shape [1, T] and no attention_mask")
             if cache is not None or use_cache:
                 raise ValueError("cu_seqlens packing is for cache-free forward (training/scoring)")
-            ctx = StatelessContext(cu_seqlens.to(dev))
+            if max_seqlen is None and cu_seqlens.device.type == "cpu":
+                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else T
+            ctx = StatelessContext(cu_seqlens.to(dev, non_blocking=True), max_seqlen=max_seqlen, total=T,
+                                   numerics=self.numerics)
             hidden = self.model.forward_packed(input_ids[0], ctx)[None]
-            return self._finish(hidden, None, labels, logits_to_keep, output_hidden_states, None)
+            return self._finish(hidden, None, mask=None, **fin)
 
         if attention_mask is None:
             mask = torch.ones(B, T, dtype=torch.bool, device=dev)
@@ -182,19 +211,28 @@ class RingLinearForCausalLM(nn.Module):
                 raise ValueError(f"cache holds {cache.batch_size} sequences but input has {B} rows")
             ctx = cache.context(cu, lens)
         else:
-            ctx = StatelessContext(cu, positions_from_cu_seqlens(cu))
+            ctx = StatelessContext(cu, positions_from_cu_seqlens(cu), numerics=self.numerics)
         hidden_packed = self.model.forward_packed(flat_ids, ctx)
         if cache is not None:
             cache.commit(lens)
         hidden = hidden_packed.new_zeros(B, T, hidden_packed.shape[-1])
         hidden[mask] = hidden_packed
-        return self._finish(hidden, cache, labels, logits_to_keep, output_hidden_states, mask)
+        return self._finish(hidden, cache, mask=mask, **fin)
 
-    def _finish(self, hidden, cache, labels, logits_to_keep, output_hidden_states, mask):
+    def _finish(self, hidden, cache, labels, logits_to_keep, output_hidden_states, mask, return_logits,
+                loss_reduction):
         loss = None
+        if labels is not None and not return_logits:
+            from ..ops.loss import linear_cross_entropy
+            h = hidden.reshape(-1, hidden.shape[-1])
+            loss = linear_cross_entropy(h, self.lm_head.weight, labels.reshape(-1).to(h.device),
+                                        reduction=loss_reduction)
+            return CausalLMOutput(logits=None, cache=cache, loss=loss,
+                                  hidden_states=hidden if output_hidden_states else None)
         if labels is not None:
             lg = self.compute_logits(hidden)
-            loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels.reshape(-1).to(lg.device), ignore_index=-100)
+            loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels.reshape(-1).to(lg.device), ignore_index=-100,
+                                   reduction=loss_reduction)
             logits = lg if logits_to_keep is None else lg[:, -logits_to_keep:]
         else:
             h = hidden if logits_to_keep is None else hidden[:, -logits_to_keep:]
