@@ -14,10 +14,22 @@ class StatePool:
     def __init__(self, linear_layers: list[int], num_slots: int, num_heads: int, head_dim: int, device):
         self.num_slots = num_slots
         self.scratch_slot = num_slots
-        shape = (num_slots + 1, num_heads, head_dim, head_dim)
-        self.states = {i: torch.zeros(shape, dtype=torch.float32, device=device) for i in linear_layers}
+        self._shape, self._device = (num_slots + 1, num_heads, head_dim, head_dim), device
+        self._layers = list(linear_layers)
+        self.states: dict[int, torch.Tensor] = {}
+        self.make_storage()
         self._free = list(range(num_slots - 1, -1, -1))
         self._used: set[int] = set()
+
+    def make_storage(self) -> None:
+        """(Re-)create the state tensors (after `free_storage`); slots are zeroed when handed out anyway."""
+        self.states = {i: torch.zeros(self._shape, dtype=torch.float32, device=self._device) for i in self._layers}
+
+    def free_storage(self) -> None:
+        """Drop the state tensors (RL's training phase); every slot must be free."""
+        if self._used:
+            raise RuntimeError("free_storage with state slots still in use")
+        self.states = {}
 
     @staticmethod
     def bytes_per_slot(n_linear_layers: int, num_heads: int, head_dim: int) -> int:
