@@ -55,3 +55,9 @@ def prompts_file(tmp_path):
         p.write_text("".join(json.dumps(r) + "\n" for r in records))
         return str(p)
     return write
+
+
+@pytest.fixture
+def parity_reward(reward_module):
+    """A reward a random model earns sometimes: completions of even character length."""
+    return reward_module("def reward(prompt, completion, record):\n    return float(len(completion) % 2 == 0)\n")
