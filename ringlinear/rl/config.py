@@ -32,6 +32,7 @@ class RLConfig:
     temperature: float = _f(1.0, "sampling temperature (> 0); log-probs are those of the tempered distribution")
     top_p: float = _f(1.0, "nucleus sampling; < 1 samples off the policy the objective assumes (docs/rl.md)")
     max_new_tokens: int = _f(64, "completion length limit")
+    ignore_eos: bool = _f(False, "sample every completion to --max-new-tokens (length-forced benchmarks)")
     # --- batch
     prompts_per_step: int = _f(8, "prompts per step (split over processes under torchrun)")
     group_size: int = _f(8, "GRPO group: samples per prompt, their advantages normalised within the group")

@@ -30,6 +30,12 @@ def _flat(x) -> torch.Tensor:
 def mismatch_metrics(rollout_logprobs, train_logprobs) -> dict[str, float]:
     """rollout_logprobs, train_logprobs: flat tensors or lists of per-sequence tensors / float lists, same shapes.
     -> {key: float} for the four MISMATCH_KEYS (see the module docstring)."""
+    return mismatch_from_sums(mismatch_sums(rollout_logprobs, train_logprobs))
+
+
+def mismatch_sums(rollout_logprobs, train_logprobs) -> dict[str, float]:
+    """The additive pieces of the figures (and the max), so that shards (processes) can be combined: sum the
+    `n`, `abs_sum`, `k3_sum`, `dp_count` fields, take the max of `max_abs`, then `mismatch_from_sums`."""
     if not isinstance(rollout_logprobs, torch.Tensor) and not isinstance(train_logprobs, torch.Tensor):
         if len(rollout_logprobs) != len(train_logprobs):
             raise ValueError(f"{len(rollout_logprobs)} rollout sequences but {len(train_logprobs)} training ones")
@@ -42,6 +48,12 @@ def mismatch_metrics(rollout_logprobs, train_logprobs) -> dict[str, float]:
     if q.numel() == 0:
         raise ValueError("no tokens to compare")
     d = p - q
-    return {"max_abs_dlogp": float(d.abs().max()), "mean_abs_dlogp": float(d.abs().mean()),
-            "kl_rollout_train": float(torch.expm1(d).sub(d).mean()),
-            "frac_dp_gt_0.8": float(((p.exp() - q.exp()).abs() > 0.8).double().mean())}
+    return {"n": float(d.numel()), "max_abs": float(d.abs().max()), "abs_sum": float(d.abs().sum()),
+            "k3_sum": float(torch.expm1(d).sub(d).sum()),
+            "dp_count": float(((p.exp() - q.exp()).abs() > 0.8).sum())}
+
+
+def mismatch_from_sums(s: dict) -> dict[str, float]:
+    n = s["n"]
+    return {"max_abs_dlogp": s["max_abs"], "mean_abs_dlogp": s["abs_sum"] / n, "kl_rollout_train": s["k3_sum"] / n,
+            "frac_dp_gt_0.8": s["dp_count"] / n}

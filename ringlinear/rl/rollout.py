@@ -37,7 +37,8 @@ class RolloutBatch:
     texts: list[str]                  # decoded completion, stop strings cut
     finish_reasons: list[str]
     group: list[int]
-    seconds: float
+    seconds: float                    # all of it, wake() and sleep() included
+    memory_seconds: float = 0.0       # of which wake() + sleep(): caches re-created, CUDA graphs recaptured
 
     @property
     def num_tokens(self) -> int:
@@ -56,19 +57,22 @@ class Rollout:
             self.engine.sleep()
 
     def generate(self, prompt_ids: list[list[int]], group_size: int, seeds: list[list[int]], *, temperature: float,
-                 top_p: float, max_new_tokens: int, stop: tuple[str, ...] = ()) -> RolloutBatch:
+                 top_p: float, max_new_tokens: int, stop: tuple[str, ...] = (), ignore_eos: bool = False
+                 ) -> RolloutBatch:
         """Sample group_size completions of every prompt (seeds[i][g] for sample g of prompt i)."""
         eng = self.engine
+        was_training = eng.model.training
+        eng.model.eval()  # before wake(): graph capture must see the inference forward (no activation checkpoints)
         t0 = time.perf_counter()
         eng.wake()
-        was_training = eng.model.training
-        eng.model.eval()
+        t_mem = time.perf_counter() - t0
         rids, owner = [], []
         try:
             for i, ids in enumerate(prompt_ids):
                 for g in range(group_size):
                     sp = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        seed=seeds[i][g], stop=list(stop), logprobs=True, tempered_logprobs=True)
+                                        seed=seeds[i][g], stop=list(stop), ignore_eos=ignore_eos, logprobs=True,
+                                        tempered_logprobs=True)
                     rids.append(eng.add_request(ids, sp))
                     owner.append(i)
             done = {}
@@ -81,12 +85,14 @@ class Rollout:
                 if r in eng.seqs:
                     eng.abort_request(r)
             eng.model.train(was_training)
+        t1 = time.perf_counter()
         if not self.keep_cache:
             eng.sleep()
+        t_end = time.perf_counter()
         outs = [done[r] for r in rids]
         return RolloutBatch([list(prompt_ids[i]) for i in owner], [list(o.token_ids) for o in outs],
                             [torch.tensor(o.logprobs, dtype=torch.float32) for o in outs], [o.text for o in outs],
-                            [o.finish_reason for o in outs], owner, time.perf_counter() - t0)
+                            [o.finish_reason for o in outs], owner, t_end - t0, t_mem + t_end - t1)
 
 
 def param_pointers(model) -> dict[str, int]:

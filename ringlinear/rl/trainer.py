@@ -21,7 +21,7 @@ from ..train.trainer import _checked_resume, _claim_out_dir, _on_main
 from .config import RUN_DEFINING, RLConfig
 from .logprobs import completion_token_stats
 from .losses import group_advantages, is_ratio, rl_loss, token_weights
-from .metrics import mismatch_metrics
+from .metrics import mismatch_from_sums, mismatch_sums
 from .rollout import Rollout, check_in_place, param_pointers, sample_seed
 from .tasks import make_task
 
@@ -119,7 +119,8 @@ class RLTrainer:
         G = cfg.group_size
         seeds = [[sample_seed(cfg.seed, step, first + i, g) for g in range(G)] for i in range(n_local)]
         batch = self.rollout.generate(ids, G, seeds, temperature=cfg.temperature, top_p=cfg.top_p,
-                                      max_new_tokens=cfg.max_new_tokens, stop=self.task.stop)
+                                      max_new_tokens=cfg.max_new_tokens, stop=self.task.stop,
+                                      ignore_eos=cfg.ignore_eos)
         t0 = time.perf_counter()
         scores = self.task.score([prompts[i] for i in batch.group], batch.texts)
         rewards = torch.tensor([0.0 if s.reward is None else s.reward for s in scores],
@@ -146,8 +147,13 @@ class RLTrainer:
         return out
 
     def _global(self, *xs) -> list[float]:
+        """Sums over processes (the values themselves in one process)."""
         t = torch.tensor(xs, dtype=torch.float64, device=self.env.device)
         return D.all_reduce_sum(self.env, t).tolist()
+
+    def _global_max(self, *xs) -> list[float]:
+        t = torch.tensor(xs, dtype=torch.float64, device=self.env.device)
+        return D.all_reduce_max(self.env, t).tolist()
 
     def train_on(self, batch, adv: torch.Tensor, valid: torch.Tensor) -> dict:
         cfg, env = self.cfg, self.env
@@ -192,22 +198,30 @@ class RLTrainer:
                 trained_tokens += sum(lens[k] for k in mb)
             grad_norms.append(self._update())
         self.policy.eval()
-        tok = max(agg["tokens"], 1.0)
-        out = {"loss": agg["loss"] / cfg.mini_batches, "grad_norm": sum(grad_norms) / len(grad_norms),
-               "clip_frac": agg["clipped"] / tok, "ratio_mean": agg["ratio_sum"] / tok,
-               "ratio_max": agg["ratio_max"], "ratio_min": agg["ratio_min"], "entropy": agg["entropy_sum"] / tok,
-               "train_tokens": trained_tokens}
-        if cfg.tis_cap > 0:
-            out["tis_weight_mean"] = agg["tis_weight_sum"] / tok
-        if cfg.band:
-            out["mask_frac"] = agg["masked"] / tok
-        if self.ref is not None:
-            out["kl_ref"] = agg["kl_ref_sum"] / tok
         # Mismatch of the old policy: the engine's log-probs vs the training forward's at theta_old (all samples when
         # recomputed; the first mini-batch's otherwise, which is all of them unless --mini-batches > 1).
         seen = sorted(train_old)
-        if seen:
-            out.update(mismatch_metrics([batch.logprobs[k] for k in seen], [train_old[k] for k in seen]))
+        mm = (mismatch_sums([batch.logprobs[k] for k in seen], [train_old[k] for k in seen]) if seen else
+              {"n": 0.0, "max_abs": 0.0, "abs_sum": 0.0, "k3_sum": 0.0, "dp_count": 0.0})
+        keys = ("clipped", "tokens", "ratio_sum", "tis_weight_sum", "kl_ref_sum", "masked", "entropy_sum", "loss")
+        tot = dict(zip(keys, self._global(*(agg[k] for k in keys))))
+        mkeys = ("n", "abs_sum", "k3_sum", "dp_count")
+        mm.update(zip(mkeys, self._global(*(mm[k] for k in mkeys))))
+        rmax, neg_rmin, mm["max_abs"] = self._global_max(agg["ratio_max"], -agg["ratio_min"], mm["max_abs"])
+        if tot["tokens"] == 0:  # nothing trained (every reward malformed): report neutral ratios
+            rmax, neg_rmin = 1.0, -1.0
+        tok = max(tot["tokens"], 1.0)
+        out = {"loss": tot["loss"] / cfg.mini_batches, "grad_norm": sum(grad_norms) / len(grad_norms),
+               "clip_frac": tot["clipped"] / tok, "ratio_mean": tot["ratio_sum"] / tok, "ratio_max": rmax,
+               "ratio_min": -neg_rmin, "entropy": tot["entropy_sum"] / tok, "train_tokens": trained_tokens}
+        if cfg.tis_cap > 0:
+            out["tis_weight_mean"] = tot["tis_weight_sum"] / tok
+        if cfg.band:
+            out["mask_frac"] = tot["masked"] / tok
+        if self.ref is not None:
+            out["kl_ref"] = tot["kl_ref_sum"] / tok
+        if mm["n"] > 0:
+            out.update(mismatch_from_sums(mm))
         return out
 
     def _update(self) -> float:
@@ -218,7 +232,9 @@ class RLTrainer:
                     p.grad = torch.zeros_like(p)
                 D.all_reduce_sum(self.env, p.grad)
         with_grad = [p for p in params if p.grad is not None]
-        if self.cfg.grad_clip > 0:
+        if not with_grad:  # no sample with a valid reward this step
+            gn = 0.0
+        elif self.cfg.grad_clip > 0:
             gn = torch.nn.utils.clip_grad_norm_(with_grad, self.cfg.grad_clip)
         else:
             gn = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in with_grad]))
@@ -252,7 +268,8 @@ class RLTrainer:
                "response_len": len_sum / max(n_samp, 1), "truncated_frac": trunc / max(n_samp, 1), "lr": lr,
                "rollout_tok_s": n_roll_tok / max(batch.seconds, 1e-9),
                "train_tok_s": st.pop("train_tokens") * self.env.world / max(t_train, 1e-9),
-               "time_rollout_s": batch.seconds, "time_reward_s": t_reward, "time_train_s": t_train,
+               "time_rollout_s": batch.seconds, "time_engine_memory_s": batch.memory_seconds,
+               "time_reward_s": t_reward, "time_train_s": t_train,
                "elapsed_s": round(self.elapsed, 3), **st}
         for key in sorted({k for s in scores for k in s.info}):
             tot, n = self._global(sum(s.info[key] for s in scores if key in s.info),

@@ -44,3 +44,15 @@ def test_shape_errors():
         mismatch_metrics([[0.0, 0.0]], [[0.0]])
     with pytest.raises(ValueError, match="no tokens"):
         mismatch_metrics(torch.zeros(0), torch.zeros(0))
+
+
+def test_shards_combine_to_the_whole():
+    from ringlinear.rl.metrics import mismatch_from_sums, mismatch_sums
+    g = torch.Generator().manual_seed(1)
+    q = torch.log_softmax(torch.randn(30, 5, generator=g), -1)[:, 0]
+    p = torch.log_softmax(torch.randn(30, 5, generator=g), -1)[:, 0]
+    a, b = mismatch_sums(q[:11], p[:11]), mismatch_sums(q[11:], p[11:])
+    comb = {k: a[k] + b[k] for k in ("n", "abs_sum", "k3_sum", "dp_count")}
+    comb["max_abs"] = max(a["max_abs"], b["max_abs"])
+    whole = mismatch_metrics(q, p)
+    assert mismatch_from_sums(comb) == pytest.approx(whole, rel=1e-12)

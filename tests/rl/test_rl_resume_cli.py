@@ -10,7 +10,8 @@ from ringlinear.models.modeling import RingLinearForCausalLM
 from ringlinear.rl import RLConfig, train
 from ringlinear.train.checkpoint import list_checkpoints
 
-TIMING = {"elapsed_s", "rollout_tok_s", "train_tok_s", "time_rollout_s", "time_reward_s", "time_train_s"}
+TIMING = {"elapsed_s", "rollout_tok_s", "train_tok_s", "time_rollout_s", "time_reward_s", "time_train_s",
+          "time_engine_memory_s"}
 
 
 def _metrics(out):

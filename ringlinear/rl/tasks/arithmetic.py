@@ -86,3 +86,15 @@ class ArithmeticTask(Task):
             res.append(Score(float(correct) + self.format_reward * fmt, {"correct": float(correct),
                                                                        "format": float(fmt)}))
         return res
+
+
+def write_sft(path: str, n: int, difficulty: int = 1, seed: int = 1) -> str:
+    """n worked examples "Q: a + b = ?\\nA: c" as a `ringlinear train --data` .jsonl (field "text"): a short SFT on
+    these teaches a base model the task format before RL (docs/rl.md)."""
+    import json
+    rng = step_rng(seed, 0, "arithmetic-sft")
+    with open(path, "w") as f:
+        for _ in range(n):
+            expr, ans = make_problem(rng, difficulty)
+            f.write(json.dumps({"text": f"Q: {expr} = ?\nA: {ans}"}) + "\n")
+    return path
