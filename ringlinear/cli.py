@@ -3,6 +3,7 @@
 - generate, info, demo: ringlinear/cli_model.py
 - train, convert:       ringlinear/train/cli.py   (function `register(subparsers)`)
 - serve:                ringlinear/server/cli.py  (function `register(subparsers)`)
+- rl:                   ringlinear/rl/cli.py
 
 Each `register` adds its parser and sets `func` (called with the parsed args; returns an exit code). Modules are
 imported lazily so `ringlinear info` works without the training or server dependencies installed.
@@ -14,7 +15,7 @@ import importlib
 import logging
 import sys
 
-_PLUGINS = ("ringlinear.cli_model", "ringlinear.train.cli", "ringlinear.server.cli")
+_PLUGINS = ("ringlinear.cli_model", "ringlinear.train.cli", "ringlinear.server.cli", "ringlinear.rl.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

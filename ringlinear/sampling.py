@@ -2,7 +2,8 @@
 
 Per request: a CPU `torch.Generator` seeded once (the random stream never depends on the device or on other
 requests). Greedy is argmax with the lowest index winning ties. Log-probs are the fp32 log-softmax of the raw
-logits (before temperature / top-k / top-p), the model's own distribution.
+logits (before temperature / top-k / top-p), the model's own distribution; with a temperature they are those of the
+tempered distribution the token is drawn from (RL needs them: the trainer recomputes exactly this function).
 """
 from __future__ import annotations
 
@@ -31,8 +32,13 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
-def log_softmax_fp32(logits: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.float(), dim=-1)
+def log_softmax_fp32(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """fp32 log-softmax over the last dim of logits / temperature. temperature 1 (or greedy, <= 1e-6) divides
+    nothing, so the result is the raw-logit log-probs bit for bit. top-k / top-p are never applied."""
+    x = logits.float()
+    if temperature is not None and temperature > 1e-6 and temperature != 1.0:
+        x = x / temperature
+    return torch.log_softmax(x, dim=-1)
 
 
 def _filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float):

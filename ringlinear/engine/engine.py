@@ -114,6 +114,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, config, self.kv, self.states, self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
         self.num_aborted = 0
+        self.asleep = False
         self._ids = itertools.count()
         log.info("engine: %s %s, %d state slots (%.1f MiB), %d KV blocks x %d tokens (%.1f MiB), max_model_len %d, "
                  "batch_invariant=%s, cuda_graphs=%s", device, dtype, config.max_num_seqs,
@@ -176,6 +177,8 @@ class LLMEngine:
                     request_id: str | None = None, prepared: bool = False) -> str:
         """Queue a request; returns its id. `prepared`: prompt is the id list `prepare` returned."""
         params = params or SamplingParams()
+        if self.asleep:
+            raise RuntimeError("the engine is asleep (its caches are freed): call wake() first")
         ids = list(prompt) if prepared else self.prepare(prompt, params)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.seqs:
@@ -215,6 +218,30 @@ class LLMEngine:
                 del self.seqs[seq.request_id]
             outputs.append(_output(seq))
         return outputs
+
+    # ------------------------------------------------------------------ memory between uses (RL)
+    def sleep(self) -> None:
+        """Free the KV cache, the state pool and the CUDA graphs; the weights are not touched (with `model=` they
+        are the caller's, e.g. an RL trainer's policy). Needs an idle engine. `wake()` re-creates them."""
+        if self.seqs:
+            raise RuntimeError(f"sleep() with {len(self.seqs)} unfinished request(s)")
+        if self.asleep:
+            return
+        self.runner.drop_graphs()
+        self.kv.free_storage()
+        self.states.free_storage()
+        if self.runner.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.asleep = True
+
+    def wake(self) -> None:
+        """Re-create the caches (zeroed) and recapture the CUDA graphs, against the weights as they are now."""
+        if not self.asleep:
+            return
+        self.kv.make_storage()
+        self.states.make_storage()
+        self.runner.capture_graphs()
+        self.asleep = False
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> dict:

@@ -44,10 +44,24 @@ class PagedKVCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.scratch_block = num_blocks
-        shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
-        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in softmax_layers}
-        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in softmax_layers}
+        self._shape, self._dtype, self._device = (num_blocks + 1, block_size, num_kv_heads, head_dim), dtype, device
+        self._layers = list(softmax_layers)
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.make_storage()
         self.allocator = BlockAllocator(num_blocks)
+
+    def make_storage(self) -> None:
+        """(Re-)create the zeroed K/V tensors (after `free_storage`)."""
+        kw = dict(dtype=self._dtype, device=self._device)
+        self.k = {i: torch.zeros(self._shape, **kw) for i in self._layers}
+        self.v = {i: torch.zeros(self._shape, **kw) for i in self._layers}
+
+    def free_storage(self) -> None:
+        """Drop the K/V tensors (RL's training phase); every block must be free."""
+        if self.allocator.num_free != self.num_blocks:
+            raise RuntimeError("free_storage with KV blocks still in use")
+        self.k, self.v = {}, {}
 
     @staticmethod
     def bytes_per_block(n_softmax_layers: int, block_size: int, num_kv_heads: int, head_dim: int,

@@ -33,8 +33,17 @@ class ModelRunner:
         self.aligned = config.numerics == "aligned"
         self.batch_invariant = invariant or self.aligned
         self.graphs: DecodeGraphs | None = None
-        if config.cuda_graphs and self.device.type == "cuda":
-            self._capture(max_model_len)
+        self.max_model_len = max_model_len
+        self.capture_graphs()
+
+    def capture_graphs(self) -> None:
+        """Capture the decode graphs when configured (CUDA). Graphs hold the addresses of the weights, the KV cache
+        and the state pool: after `drop_graphs` and re-created caches, call this again."""
+        if self.config.cuda_graphs and self.device.type == "cuda":
+            self._capture(self.max_model_len)
+
+    def drop_graphs(self) -> None:
+        self.graphs = None
 
     def _mode(self):
         if self.aligned:  # the trainer's aligned forward uses the same mode (RingLinearForCausalLM.forward)

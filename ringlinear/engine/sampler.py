@@ -19,7 +19,7 @@ def sample_row(logits: torch.Tensor, seq: Sequence) -> Sampled:
     token = sample(logits, p.temperature, p.top_k, p.top_p, seq.generator)
     if not p.logprobs:
         return token, None, None
-    lp = log_softmax_fp32(logits[None])[0]
+    lp = log_softmax_fp32(logits[None], p.temperature if p.tempered_logprobs else 1.0)[0]
     top = top_logprobs(lp, p.top_logprobs) if p.top_logprobs else None
     return token, float(lp[token]), top
 

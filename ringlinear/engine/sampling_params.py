@@ -16,7 +16,9 @@ class SamplingParams:
     `stop_token_ids`: extra ids that end generation (the tokenizer's own stop ids apply unless `ignore_eos`);
     a stop token is kept in `token_ids` but not shown in the text. `logprobs`: return the log-prob of each sampled
     token; `top_logprobs` k > 0 also returns the k most likely tokens per step. Log-probs are those of the model
-    (fp32 log-softmax of the raw logits), not of the tempered/filtered sampling distribution.
+    (fp32 log-softmax of the raw logits), not of the tempered/filtered sampling distribution, unless
+    `tempered_logprobs`: then fp32 log-softmax(logits / temperature), the distribution the token is drawn from before
+    top-k/top-p filtering (what RL's importance ratio needs; `ringlinear.rl.sequence_logprobs` computes the same).
     `seed`: None draws a random seed; with a seed the sampled tokens do not depend on other requests.
     """
 
@@ -30,6 +32,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    tempered_logprobs: bool = False
     skip_special_tokens: bool = True
 
     def __post_init__(self):

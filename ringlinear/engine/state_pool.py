@@ -19,17 +19,30 @@ class StatePool:
                  open_chunk: tuple[int, torch.dtype] | None = None):
         self.num_slots = num_slots
         self.scratch_slot = num_slots
-        shape = (num_slots + 1, num_heads, head_dim, head_dim)
-        self.states = {i: torch.zeros(shape, dtype=torch.float32, device=device) for i in linear_layers}
+        self._shape, self._device = (num_slots + 1, num_heads, head_dim, head_dim), device
+        self._open_shape = None if open_chunk is None else (num_slots + 1, open_chunk[0], num_heads, head_dim)
+        self._open_dtype = None if open_chunk is None else open_chunk[1]
+        self._layers = list(linear_layers)
+        self.states: dict[int, torch.Tensor] = {}
         self.open_k: dict[int, torch.Tensor] = {}
         self.open_v: dict[int, torch.Tensor] = {}
-        if open_chunk is not None:
-            rows, dt = open_chunk
-            for i in linear_layers:
-                self.open_k[i] = torch.zeros(num_slots + 1, rows, num_heads, head_dim, dtype=dt, device=device)
-                self.open_v[i] = torch.zeros_like(self.open_k[i])
+        self.make_storage()
         self._free = list(range(num_slots - 1, -1, -1))
         self._used: set[int] = set()
+
+    def make_storage(self) -> None:
+        """(Re-)create the state tensors (after `free_storage`); slots are zeroed when handed out anyway."""
+        self.states = {i: torch.zeros(self._shape, dtype=torch.float32, device=self._device) for i in self._layers}
+        if self._open_shape is not None:
+            kw = dict(dtype=self._open_dtype, device=self._device)
+            self.open_k = {i: torch.zeros(self._open_shape, **kw) for i in self._layers}
+            self.open_v = {i: torch.zeros(self._open_shape, **kw) for i in self._layers}
+
+    def free_storage(self) -> None:
+        """Drop the state tensors (RL's training phase); every slot must be free."""
+        if self._used:
+            raise RuntimeError("free_storage with state slots still in use")
+        self.states, self.open_k, self.open_v = {}, {}, {}
 
     @staticmethod
     def bytes_per_slot(n_linear_layers: int, num_heads: int, head_dim: int) -> int:

@@ -28,19 +28,7 @@ def register(sub) -> None:
                                    "Defaults shown are those of the tiny-code preset.",
                        epilog=_EPILOG.format(presets=describe_presets()),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        meta = dict(f.metadata)
-        flag = "--" + f.name.replace("_", "-")
-        kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": meta.pop("help") + _default(f)}
-        if f.type in ("bool", bool):
-            kw["action"] = argparse.BooleanOptionalAction
-        elif "nargs" in meta:
-            kw.update(nargs=meta["nargs"], type=meta.get("type", str), metavar="PATH")
-        else:
-            kw["type"] = {"int": int, "float": float, "str": str}[str(f.type)]
-            if "choices" in meta:
-                kw["choices"] = meta["choices"]
-        t.add_argument(flag, **kw)
+    add_dataclass_flags(t, TrainConfig)
     t.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     t.set_defaults(func=cmd_train)
 
@@ -56,6 +44,24 @@ def register(sub) -> None:
                    help="groups of the new output norm (default: the source config's, else 4)")
     c.add_argument("--seed", type=int, default=0, help="seed of the fresh g_proj weights")
     c.set_defaults(func=cmd_convert)
+
+
+def add_dataclass_flags(parser, cls) -> None:
+    """One flag per field of the config dataclass `cls` (`seq_len` -> `--seq-len`, help from the field's metadata,
+    booleans `--x/--no-x`). Flags not given stay absent from the parsed args, so a preset or saved config fills them."""
+    for f in dataclasses.fields(cls):
+        meta = dict(f.metadata)
+        flag = "--" + f.name.replace("_", "-")
+        kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": meta.pop("help") + _default(f)}
+        if f.type in ("bool", bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif "nargs" in meta:
+            kw.update(nargs=meta["nargs"], type=meta.get("type", str), metavar="PATH")
+        else:
+            kw["type"] = {"int": int, "float": float, "str": str}[str(f.type)]
+            if "choices" in meta:
+                kw["choices"] = meta["choices"]
+        parser.add_argument(flag, **kw)
 
 
 def _default(f) -> str:

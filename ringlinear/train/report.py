@@ -58,17 +58,21 @@ class Progress:
                             file=sys.stderr)
 
     def update(self, step: int, loss: float, tok_s: float, lr: float) -> None:
+        self.advance(step, f"loss {loss:.4f} | {_si(tok_s)} tok/s | lr {lr:.2e}")
+
+    def advance(self, step: int, postfix: str) -> None:
+        """One step done; `postfix` (fields separated by ' | ') goes on the bar or the log line."""
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss:.3f} | {_si(tok_s)} tok/s | lr {lr:.2e}", refresh=False)
+            self.bar.set_postfix_str(postfix, refresh=False)
             self.bar.update(1)
         elif step % self.every == 0 or step == self.total:
             done = step - self.s0
             el = time.perf_counter() - self.t0
             eta = el / max(done, 1) * (self.total - step)
-            print(f"step {step}/{self.total}  loss {loss:.4f}  {_si(tok_s)} tok/s  lr {lr:.2e}  "
-                  f"elapsed {_hms(el)}  eta {_hms(eta)}", file=sys.stderr, flush=True)
+            print(f"step {step}/{self.total}  {postfix.replace(' | ', '  ')}  elapsed {_hms(el)}  eta {_hms(eta)}",
+                  file=sys.stderr, flush=True)
 
     def note(self, msg: str) -> None:
         if not self.enabled:
