@@ -211,7 +211,7 @@ class LLMEngine:
         self.scheduler.commit(batch)
         sampling = [s.seq for s in batch.seqs if s.sample]
         outputs = []
-        for seq, (token, lp, top) in zip(sampling, sample_rows(logits, sampling)):
+        for seq, (token, lp, top) in zip(sampling, sample_rows(logits, sampling, aligned=self.runner.aligned)):
             seq.append_token(token, lp, top)
             if seq.finished:
                 self.scheduler.finish(seq)

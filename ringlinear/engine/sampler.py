@@ -19,17 +19,38 @@ def sample_row(logits: torch.Tensor, seq: Sequence) -> Sampled:
     token = sample(logits, p.temperature, p.top_k, p.top_p, seq.generator)
     if not p.logprobs:
         return token, None, None
-    lp = log_softmax_fp32(logits[None], p.temperature if p.tempered_logprobs else 1.0)[0]
+    lp = log_softmax_fp32(logits[None], _lp_temperature(p))[0]
     top = top_logprobs(lp, p.top_logprobs) if p.top_logprobs else None
     return token, float(lp[token]), top
 
 
-def sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> list[Sampled]:
+def _lp_temperature(p) -> float:
+    return p.temperature if p.tempered_logprobs and not p.greedy else 1.0
+
+
+def sample_rows(logits: torch.Tensor, seqs: list[Sequence], aligned: bool = False) -> list[Sampled]:
     """logits [n, V] fp32 (any device), one row per sequence. On a GPU this costs one device sync per step, not
     one per row: an all-greedy step without log-probs takes a batched argmax (exact, so it equals the per-row
-    argmax, first index on ties), anything else copies the rows to the host once."""
+    argmax, first index on ties), anything else copies the rows to the host once.
+
+    aligned: the sampled tokens' log-probs come from `ops.loss.token_logprobs` on the logits' own device, the
+    function the trainer's `sequence_logprobs` uses in aligned mode (a fixed reduction order per row)."""
+    dev_logits = logits
     if logits.device.type != "cpu":
         if all(s.params.greedy and not s.params.logprobs for s in seqs):
             return [(t, None, None) for t in torch.argmax(logits, dim=-1).tolist()]
         logits = logits.cpu()
-    return [sample_row(logits[i], s) for i, s in enumerate(seqs)]
+    out = [sample_row(logits[i], s) for i, s in enumerate(seqs)]
+    if aligned and any(s.params.logprobs for s in seqs):
+        from ..ops.loss import token_logprobs
+        by_temp: dict[float, list[int]] = {}
+        for i, s in enumerate(seqs):
+            if s.params.logprobs:
+                by_temp.setdefault(_lp_temperature(s.params), []).append(i)
+        for temp, rows in by_temp.items():
+            toks = torch.tensor([out[i][0] for i in rows], device=dev_logits.device)
+            idx = torch.tensor(rows, device=dev_logits.device)
+            lp, _ = token_logprobs(dev_logits.index_select(0, idx), toks, temp)
+            for i, v in zip(rows, lp.tolist()):
+                out[i] = (out[i][0], v, out[i][2])
+    return out

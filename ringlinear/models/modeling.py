@@ -1,6 +1,7 @@
 """RingLinearForCausalLM: the Ring-linear-2.0 hybrid (BailingMoeLinearV2ForCausalLM), names = checkpoint keys."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ from torch import nn
 
 from ..modules.layers import MLP, LinearAttention, RMSNorm, RotaryEmbedding, SoftmaxAttention, SparseMoeBlock
 from .config import RingLinearConfig
-from ..ops.linear import invariant_mode
+from ..ops.linear import active_invariant_mode, invariant_mode
 from .context import AttentionContext, StatelessContext, check_numerics, positions_from_cu_seqlens
 
 
@@ -43,13 +44,20 @@ class RingLinearModel(nn.Module):
         """input_ids [T] packed as ctx describes -> final-normed hidden states [T, hidden]."""
         h = self.word_embeddings(input_ids)
         cos, sin = self.rotary_emb(ctx.positions)
+        mode = active_invariant_mode() if self.gradient_checkpointing and self.training else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 from torch.utils.checkpoint import checkpoint
-                h = checkpoint(layer, h, cos, sin, ctx, use_reentrant=False)
+                h = checkpoint(_layer_in_mode, layer, h, cos, sin, ctx, mode, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, ctx)
         return self.norm(h)
+
+
+def _layer_in_mode(layer, h, cos, sin, ctx, mode):
+    """One decoder layer inside `mode` (the invariant linear mode, re-entered when backward recomputes it)."""
+    with mode.fresh() if mode is not None else contextlib.nullcontext():
+        return layer(h, cos, sin, ctx)
 
 
 @dataclass

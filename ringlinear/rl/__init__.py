@@ -9,7 +9,8 @@ engine on the policy's own weights). Design and equations: docs/rl.md.
 """
 from __future__ import annotations
 
-from .logprobs import NUMERICS, sequence_logprobs
+from ..models.context import NUMERICS
+from .logprobs import sequence_logprobs
 from .metrics import MISMATCH_KEYS, mismatch_metrics
 
 __all__ = ["sequence_logprobs", "mismatch_metrics", "MISMATCH_KEYS", "NUMERICS", "RLConfig", "train"]

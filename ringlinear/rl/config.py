@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 
 from ..train.config import _f
-from .logprobs import NUMERICS
+from ..models.context import NUMERICS
 
 
 @dataclass

@@ -10,8 +10,10 @@ logits is alive in the forward and in the backward.
 Numerics modes (`numerics=`):
 - "default": the fast training kernels. The engine decodes with the recurrent lightning form and paged attention,
   so its log-probs differ from these in the last bits (align-check measures by how much).
-- "aligned": meant to be bitwise equal to the engine (issue 11). Today it runs exactly the default computation;
-  `_aligned_numerics` below is the one switch where the aligned kernels plug in.
+- "aligned": the forward runs as `RingLinearForCausalLM` runs it in aligned mode (batch-invariant linears, the
+  chunk-aligned lightning attention and the fixed key-order softmax attention) and the log-probs come from
+  `ops.loss.token_logprobs`: what the engine computes with EngineConfig(numerics="aligned"), bit for bit
+  (docs/numerics.md).
 """
 from __future__ import annotations
 
@@ -19,27 +21,12 @@ import contextlib
 
 import torch
 
-from ..models.context import StatelessContext
+from ..models.context import StatelessContext, check_numerics
+from ..ops.linear import invariant_mode
+from ..ops.loss import token_logprobs
 from ..sampling import log_softmax_fp32
 
-NUMERICS = ("default", "aligned")
 HEAD_CHUNK = 1024  # rows per LM-head block; a multiple of the engine's row_block (16) so rows stay block-aligned
-
-
-def check_numerics(numerics: str) -> str:
-    if numerics not in NUMERICS:
-        raise ValueError(f"numerics must be one of {NUMERICS}, got {numerics!r}")
-    return numerics
-
-
-def _aligned_numerics(device: torch.device):
-    """Context the training forward runs in under numerics="aligned".
-
-    Issue 11 plugs in here: its kernels (chunk-aligned linear decode, one key-reduction order for softmax
-    attention, batch-invariant GEMMs) make this forward compute what the engine computes, bit for bit. Until they
-    land it is a no-op, so "aligned" equals "default" here.
-    """
-    return contextlib.nullcontext()
 
 
 def pack_completions(prompts: list[list[int]], completions: list[list[int]], vocab_size: int,
@@ -67,15 +54,20 @@ def pack_completions(prompts: list[list[int]], completions: list[list[int]], voc
         lens.append(len(c))
     kw = dict(dtype=torch.long, device=device)
     return {"ids": torch.tensor(ids, **kw), "cu_seqlens": torch.tensor(cu, dtype=torch.int32, device=device),
-            "rows": torch.tensor(rows, **kw), "targets": torch.tensor(targets, **kw), "lens": lens}
+            "rows": torch.tensor(rows, **kw), "targets": torch.tensor(targets, **kw), "lens": lens,
+            "max_len": max(b - a for a, b in zip(cu[:-1], cu[1:]))}
 
 
-def _head(model, h: torch.Tensor, targets: torch.Tensor, temperature: float):
-    """h [m, hidden], targets [m] -> (log-prob [m] fp32, entropy [m] fp32 detached) of the tempered softmax."""
-    lp = log_softmax_fp32(model.compute_logits(h), temperature)  # [m, V]
+def _head(model, h: torch.Tensor, targets: torch.Tensor, temperature: float, aligned: bool):
+    """h [m, hidden], targets [m] -> (log-prob [m] fp32, entropy [m] fp32 detached) of the tempered softmax.
+    The invariant mode is entered here, not around the checkpoint, so a recompute in backward runs it too."""
+    with invariant_mode(h.device) if aligned else contextlib.nullcontext():
+        logits = model.compute_logits(h)  # [m, V]
+    lp, _ = token_logprobs(logits, targets, temperature)
     with torch.no_grad():
-        ent = -(lp.exp() * lp).sum(-1)
-    return lp.gather(1, targets[:, None])[:, 0], ent
+        full = log_softmax_fp32(logits, temperature)
+        ent = -(full.exp() * full).sum(-1)
+    return lp, ent
 
 
 def completion_token_stats(model, prompts, completions, numerics: str = "default", temperature: float = 1.0):
@@ -87,18 +79,20 @@ def completion_token_stats(model, prompts, completions, numerics: str = "default
         raise ValueError(f"temperature must be > 0 (the distribution log-probs are taken of), got {temperature}")
     device = next(model.parameters()).device
     pk = pack_completions(prompts, completions, model.config.vocab_size, device)
-    mode = _aligned_numerics(device) if numerics == "aligned" else contextlib.nullcontext()
+    T = int(pk["ids"].shape[0])
+    mode = invariant_mode(device) if numerics == "aligned" else contextlib.nullcontext()
     with mode:
-        hidden = model.model.forward_packed(pk["ids"], StatelessContext(pk["cu_seqlens"]))  # [T, hidden]
+        ctx = StatelessContext(pk["cu_seqlens"], total=T, max_seqlen=pk["max_len"], numerics=numerics)
+        hidden = model.model.forward_packed(pk["ids"], ctx)  # [T, hidden]
         h = hidden[pk["rows"]]  # [M, hidden]
         lps, ents = [], []
         for s in range(0, h.shape[0], HEAD_CHUNK):
             hc, tc = h[s:s + HEAD_CHUNK], pk["targets"][s:s + HEAD_CHUNK]
             if torch.is_grad_enabled() and hc.requires_grad:
                 from torch.utils.checkpoint import checkpoint
-                lp, ent = checkpoint(_head, model, hc, tc, temperature, use_reentrant=False)
+                lp, ent = checkpoint(_head, model, hc, tc, temperature, numerics == "aligned", use_reentrant=False)
             else:
-                lp, ent = _head(model, hc, tc, temperature)
+                lp, ent = _head(model, hc, tc, temperature, numerics == "aligned")
             lps.append(lp)
             ents.append(ent)
     return torch.cat(lps), torch.cat(ents), pk["lens"]

@@ -46,11 +46,13 @@ class RolloutBatch:
 
 
 class Rollout:
-    def __init__(self, policy, tokenizer, max_num_seqs: int, max_new_tokens: int, keep_cache: bool = False):
+    def __init__(self, policy, tokenizer, max_num_seqs: int, max_new_tokens: int, keep_cache: bool = False,
+                 numerics: str = "default"):
         device = next(policy.parameters()).device
         bs = 16
         blocks = max_num_seqs * -(-(max_new_tokens + PROMPT_ALLOWANCE) // bs)
-        cfg = EngineConfig(max_num_seqs=max_num_seqs, device=str(device), num_kv_blocks=blocks, block_size=bs)
+        cfg = EngineConfig(max_num_seqs=max_num_seqs, device=str(device), num_kv_blocks=blocks, block_size=bs,
+                           numerics=numerics)
         self.engine = LLMEngine(config=cfg, model=policy, tokenizer=tokenizer)
         self.keep_cache = keep_cache
         if not keep_cache:

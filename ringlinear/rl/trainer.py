@@ -85,7 +85,7 @@ class RLTrainer:
             self.opt, lambda s: lr_factor(s, total, cfg.warmup_steps, "constant", 1.0, 1.0))
         self.task = make_task(cfg)
         self.rollout = Rollout(self.policy, self.tokenizer, min(cfg.max_num_seqs, self._local_samples()),
-                               cfg.max_new_tokens, cfg.keep_engine_cache)
+                               cfg.max_new_tokens, cfg.keep_engine_cache, numerics=cfg.numerics)
         self.step, self.elapsed = 0, 0.0
         if state is not None:
             self.opt.load_state_dict(state["optimizer"])

@@ -107,9 +107,6 @@ def test_mismatch_figures_are_those_of_engine_vs_training_forward(cfg):
     assert m["max_abs_dlogp"] < 1e-4 and m["frac_dp_gt_0.8"] == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: aligned kernels not landed; today the engine decodes with the "
-                                       "recurrent lightning form and paged attention, the training forward with the "
-                                       "chunked form (max |dlogp| ~5e-7 on CPU fp32)")
 def test_aligned_first_step_ratio_is_exactly_one(cfg):
     tr = RLTrainer(cfg(numerics="aligned", temperature=1.0))
     try:
@@ -120,7 +117,6 @@ def test_aligned_first_step_ratio_is_exactly_one(cfg):
     assert {k: rec[k] for k in MISMATCH_KEYS} == {k: 0.0 for k in MISMATCH_KEYS}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: aligned kernels not landed (see the test above)")
 def test_aligned_engine_logprobs_equal_sequence_logprobs_bitwise(cfg):
     tr = RLTrainer(cfg(numerics="aligned", prompts_per_step=4, max_new_tokens=24))
     try:

@@ -21,6 +21,9 @@ _LINEAR = (F.linear, torch._C._nn.linear)
 class FixedTileLinearMode(TorchFunctionMode):
     """Inside `with FixedTileLinearMode():` every F.linear on CUDA tensors runs the fixed-tile Triton GEMM."""
 
+    def fresh(self) -> "FixedTileLinearMode":
+        return FixedTileLinearMode()
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _LINEAR and args[0].is_cuda:
@@ -29,10 +32,21 @@ class FixedTileLinearMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def active_invariant_mode():
+    """A fresh copy of the innermost batch-invariant linear mode in effect, or None. Code that autograd runs again
+    outside the mode (activation checkpointing recomputes a layer in backward) re-enters it with this, so the
+    recomputed forward matches the first one."""
+    from torch.overrides import _get_current_function_mode_stack
+    for m in reversed(_get_current_function_mode_stack()):
+        if isinstance(m, (RowBlockMode, FixedTileLinearMode)):
+            return m.fresh()
+    return None
+
+
 def invariant_mode(device, row_block: int = 16):
     """The batch-invariant linear mode for `device` (a context manager)."""
     return FixedTileLinearMode() if torch.device(device).type == "cuda" else RowBlockMode(row_block)
 
 
-__all__ = ["RowBlockMode", "FixedTileLinearMode", "invariant_mode", "padded_elementwise", "row_block_linear",
+__all__ = ["RowBlockMode", "FixedTileLinearMode", "invariant_mode", "active_invariant_mode", "padded_elementwise", "row_block_linear",
            "suspended"]

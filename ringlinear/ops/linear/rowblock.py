@@ -77,6 +77,9 @@ class RowBlockMode(TorchFunctionMode):
         super().__init__()
         self.row_block = row_block
 
+    def fresh(self) -> "RowBlockMode":
+        return RowBlockMode(self.row_block)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _LINEAR:

@@ -85,10 +85,28 @@ def ce_rows(logits, targets, temperature=1.0, grad=None, row_scale=None):
     return lse, zt
 
 
+class _TokenLogprobsFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, temperature):
+        lse, zt = ce_rows(logits, targets, temperature)
+        ctx.save_for_backward(logits, targets)
+        ctx.temperature = temperature
+        return zt - lse, lse
+
+    @staticmethod
+    def backward(ctx, glp, _glse):
+        logits, targets = ctx.saved_tensors
+        g = torch.empty_like(logits)
+        # d logp / d logits = (onehot - softmax) / T: the loss kernel's gradient scaled by -glp per row
+        ce_rows(logits, targets, ctx.temperature, grad=g, row_scale=(-glp).float().contiguous())
+        return g, None, None
+
+
 def token_logprobs(logits, targets, temperature=1.0):
-    """Same contract as reference.token_logprobs, with the fixed-order row kernel (batch invariant)."""
-    lse, zt = ce_rows(logits.float().contiguous(), targets.contiguous(), temperature)
-    return zt - lse, lse
+    """Same contract as reference.token_logprobs, with the fixed-order row kernel (batch invariant); log-probs are
+    differentiable w.r.t. the logits (logsumexp is returned detached)."""
+    lp, lse = _TokenLogprobsFn.apply(logits.float().contiguous(), targets.contiguous(), float(temperature))
+    return lp, lse.detach()
 
 
 def _chunks(n: int, rows: int):
