@@ -60,7 +60,8 @@ class MoEBalancer:
             for li, b in enumerate(self.blocks):
                 b.gate.expert_bias.add_(delta[li].to(b.gate.expert_bias.device))
         self.counts = None
-        return {"moe_imbalance": float(ratio.mean()), "moe_imbalance_max": float(ratio.max())}
+        # device scalars: the loop reads them when it logs (no host sync per step)
+        return {"moe_imbalance": ratio.mean(), "moe_imbalance_max": ratio.max()}
 
     def bias_stats(self) -> dict:
         if not self.blocks:

@@ -27,6 +27,9 @@ class TrainConfig:
                         "empty = the embedded default (this Python's standard-library sources)", nargs="*",
                     type=str)
     text_field: str = _f("text", "field holding the document text in .jsonl records and .parquet columns")
+    data_format: str = _f("auto", "text (documents) or chat (.jsonl records with OpenAI-style 'messages': SFT with "
+                                  "the loss on assistant tokens only); auto = chat when the first record has "
+                                  "'messages'", choices=["auto", "text", "chat"])
     out: str = _f("runs/train", "output directory: checkpoints/, final/, metrics.jsonl, loss.png, data cache")
     init_from: str = _f("", "continue from this checkpoint directory (its weights and tokenizer), e.g. the "
                             "output of `ringlinear convert`; empty = random init")
@@ -71,7 +74,12 @@ class TrainConfig:
     plot: bool = _f(True, "write loss.png (matplotlib) at the end")
     # --- performance
     device: str = _f("auto", "auto (cuda if available), cpu, cuda, cuda:N")
-    precision: str = _f("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", choices=["auto", "fp32", "bf16"])
+    precision: str = _f("auto", "auto = bf16 on CUDA, fp32 on CPU; bf16 = bf16 parameters with fp32 master weights and "
+                                "moments in the optimizer", choices=["auto", "fp32", "bf16"])
+    numerics: str = _f("default", "default (fastest kernels) or aligned (the forward serving's aligned mode "
+                                  "reproduces bit for bit: docs/numerics.md)", choices=["default", "aligned"])
+    log_every: int = _f(1, "read the step statistics back from the device every N steps (one sync per N steps; "
+                           "metrics.jsonl still gets every step)")
     grad_checkpointing: bool = _f(False, "activation checkpointing per decoder layer")
     compile: bool = _f(False, "torch.compile the model")
     fsdp: bool = _f(False, "FSDP2 (fully_shard per layer; routed experts replicated) instead of DDP: see "
@@ -93,7 +101,8 @@ class TrainConfig:
         return dataclasses.replace(self, **kw)
 
     def validate(self) -> "TrainConfig":
-        pos = {"seq_len": 2, "batch_size": 1, "grad_accum": 1, "steps": 1, "vocab_size": 64, "keep_last": 1}
+        pos = {"seq_len": 2, "batch_size": 1, "grad_accum": 1, "steps": 1, "vocab_size": 64, "keep_last": 1,
+               "log_every": 1}
         for k, lo in pos.items():
             if getattr(self, k) < lo:
                 raise ValueError(f"--{k.replace('_', '-')} must be >= {lo}, got {getattr(self, k)}")
@@ -125,7 +134,7 @@ class TrainConfig:
 
 
 # Fields that define the run: changing them on --resume would not continue the same run.
-RUN_DEFINING = ("data", "text_field", "init_from", "model_preset", "model_config", "tokenizer", "vocab_size",
+RUN_DEFINING = ("data", "text_field", "data_format", "init_from", "model_preset", "model_config", "tokenizer", "vocab_size",
                 "bpe_sample_mb", "max_corpus_mb", "seq_len", "seed", "val_fraction")
 
 

@@ -9,6 +9,7 @@ import time
 
 from .config import dump
 from .report import MetricsLog, Progress, plot_losses, summary_line
+from .step import to_host
 
 log = logging.getLogger("ringlinear.train")
 
@@ -36,8 +37,13 @@ def run(tr) -> dict:
         info = tr.prep.info
         corpus = "the embedded stdlib corpus" if info["default_corpus"] else f"{info['files']} file(s)"
         log.info("model: %.2fM params, %s; vocab %d", n_params / 1e6, describe_model(mc), mc.vocab_size)
-        log.info("data: %s -> %.2fM train tokens (%d rows of %d), %.0fk held-out tokens", corpus,
-                 tr.rows.stream.tokens.size / 1e6, len(tr.rows), cfg.seq_len, tr.val_rows.stream.tokens.size / 1e3)
+        if info.get("format") == "chat":
+            log.info("data: %s -> %d train / %d held-out conversations in %d rows of %d (assistant tokens only)",
+                     corpus, *info["docs"], len(tr.rows), cfg.seq_len)
+        else:
+            log.info("data: %s -> %.2fM train tokens (%d rows of %d), %.0fk held-out tokens", corpus,
+                     tr.rows.stream.tokens.size / 1e6, len(tr.rows), cfg.seq_len,
+                     tr.val_rows.stream.tokens.size / 1e3)
         log.info("batch: %d rows x %d tokens = %d tokens/step (%d proc x %d accum x %d rows); device %s%s",
                  tr.sched_rows.global_rows, cfg.seq_len, tr.sched_rows.global_rows * cfg.seq_len, env.world,
                  cfg.grad_accum, cfg.batch_size, env.device, ", resuming at step %d" % tr.step if resumed_from else "")
@@ -49,31 +55,50 @@ def run(tr) -> dict:
     progress = Progress(cfg.steps, tr.step, main and cfg.progress)
     first, tokens0, t_run = tr.step, tr.tokens_seen, time.perf_counter()
     last_loss, last_val, saved_at = float("nan"), None, None
+    pending, t_flush = [], time.perf_counter()  # steps whose device statistics are not read yet
+
+    def flush():
+        """Read the pending steps' statistics (one sync), check the loss, write their records."""
+        nonlocal last_loss, t_flush
+        if not pending:
+            return
+        now = time.perf_counter()
+        dt = (now - t_flush) / len(pending)  # the GPU runs ahead of the host: time per step over the interval
+        t_flush = now
+        for step, st in pending:
+            st = to_host(st)
+            last_loss = st["loss_sum"] / max(st["targets"], 1.0)
+            if not math.isfinite(last_loss):
+                raise FloatingPointError(f"loss is {last_loss} at step {step}: lower --lr or raise --warmup-steps")
+            if main:
+                rec = {"step": step, "loss": last_loss, "lr": st["lr"], "grad_norm": st["grad_norm"],
+                       "tokens": st["tokens_seen"], "tok_s": st["tokens"] / dt, "elapsed_s": round(st["elapsed"], 3)}
+                rec.update({k: v for k, v in st.items() if k.startswith("moe_")})
+                if cfg.seq_aux_loss_coef > 0:
+                    rec["aux_loss"] = st["aux_sum"] / st["rows"]
+                metrics.write(rec)
+                progress.update(step, last_loss, st["tokens"] / dt, st["lr"])
+        pending.clear()
+
     try:
         while tr.step < end:
             t0 = time.perf_counter()
             st = tr.forward_backward(tr.step)
             st.update(tr.optimizer_step())
-            dt = time.perf_counter() - t0
             tr.step += 1
             tr.tokens_seen += st["tokens"]
-            tr.elapsed += dt
-            last_loss = st["loss"]
-            if not math.isfinite(last_loss):
-                raise FloatingPointError(f"loss is {last_loss} at step {tr.step}: lower --lr or raise --warmup-steps")
-            if main:
-                rec = {"step": tr.step, "loss": st["loss"], "lr": st["lr"], "grad_norm": st["grad_norm"],
-                       "tokens": tr.tokens_seen, "tok_s": st["tokens"] / dt, "elapsed_s": round(tr.elapsed, 3)}
-                rec.update({k: v for k, v in st.items() if k.startswith("moe_")})
-                if cfg.seq_aux_loss_coef > 0:
-                    rec["aux_loss"] = st["aux_loss"]
-                metrics.write(rec)
-                progress.update(tr.step, st["loss"], st["tokens"] / dt, st["lr"])
+            tr.elapsed += time.perf_counter() - t0
+            pending.append((tr.step, {**st, "tokens_seen": tr.tokens_seen, "elapsed": tr.elapsed}))
+            boundary = (cfg.eval_every and tr.step % cfg.eval_every == 0) or \
+                (cfg.save_every and tr.step % cfg.save_every == 0)
+            if tr.step % cfg.log_every == 0 or tr.step == end or boundary:
+                flush()
             if cfg.eval_every and tr.step % cfg.eval_every == 0 and tr.step < end:
                 last_val = _validate(tr, metrics, progress)
             if cfg.save_every and tr.step % cfg.save_every == 0 and tr.step < end:
                 tr.save()
                 saved_at = tr.step
+        flush()
     finally:
         progress.close()
     if tr.step > first:

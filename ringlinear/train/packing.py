@@ -99,7 +99,8 @@ class PackedRows:
 
 
 def collate(rows: list[Row], device=None):
-    """Rows -> one packed micro-batch: input_ids [1, T], labels [1, T], cu_seqlens [N+1] int32, row_ids [T], n_rows."""
+    """Rows -> one packed micro-batch: input_ids [1, T], labels [1, T], cu_seqlens [N+1] int32, row_ids [T], and on
+    the host n_rows, n_targets (labels != -100) and max_seqlen (the longest segment)."""
     ids = np.concatenate([r.input_ids for r in rows])
     lab = np.concatenate([r.labels for r in rows])
     cu, row_ids, off = [], [], 0
@@ -109,8 +110,10 @@ def collate(rows: list[Row], device=None):
         off += r.input_ids.size
     cu.append(off)
     t = (lambda a, dt: torch.as_tensor(a, dtype=dt, device=device))
+    # host-side counts, so the step never reads them back from the device
     return {"input_ids": t(ids, torch.long)[None], "labels": t(lab, torch.long)[None],
-            "cu_seqlens": t(np.asarray(cu), torch.int32), "row_ids": t(np.concatenate(row_ids), torch.long), "n_rows": len(rows)}
+            "cu_seqlens": t(np.asarray(cu), torch.int32), "row_ids": t(np.concatenate(row_ids), torch.long),
+            "n_rows": len(rows), "n_targets": int((lab != -100).sum()), "max_seqlen": int(np.diff(cu).max())}
 
 
 class RowSchedule:

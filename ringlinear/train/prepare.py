@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from .bpe import copy_tokenizer_dir, doc_separator_id, save_tokenizer_dir, train_bpe
 from .data import corpus_fingerprint, read_documents, resolve_inputs, split_documents
-from .packing import TokenStream, tokenize_documents
+from .packing import PackedRows, TokenStream, tokenize_documents
+from .sft import is_chat_data, load_conversations, save_conversations
 
 log = logging.getLogger("ringlinear.train")
 
@@ -42,6 +43,9 @@ def prepare(cfg, tokenizer_src: str | None) -> Prepared:
     split = None
     if tokenizer_src:
         copy_tokenizer_dir(tokenizer_src, tok_dir)
+    elif cfg.data_format == "chat" or (cfg.data_format == "auto" and is_chat_data(files)):
+        raise ValueError("chat data (records with 'messages') is rendered by a checkpoint's chat template: give "
+                         "--init-from CHECKPOINT or --tokenizer DIR")
     else:
         docs = read_documents(files, cfg.text_field)
         split = split_documents(docs, cfg.val_fraction, cfg.seed, cfg.max_corpus_mb)
@@ -51,6 +55,8 @@ def prepare(cfg, tokenizer_src: str | None) -> Prepared:
         save_tokenizer_dir(bpe, tok_dir)
     tok = load_tokenizer(tok_dir)
     sep = doc_separator_id(tok)
+    if cfg.data_format == "chat" or (cfg.data_format == "auto" and is_chat_data(files)):
+        return _prepare_chat(cfg, files, tok, tok_dir, sep)
     key_src = "|".join(map(str, (fp, cfg.seed, cfg.val_fraction, cfg.max_corpus_mb, sep,
                                  _file_sha(os.path.join(tok_dir, "tokenizer.json")))))
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
@@ -77,3 +83,34 @@ def prepare(cfg, tokenizer_src: str | None) -> Prepared:
 
 def load_streams(p: Prepared) -> tuple[TokenStream, TokenStream]:
     return TokenStream.load(p.train_path), TokenStream.load(p.val_path)
+
+
+def training_rows(p: Prepared, seq_len: int):
+    """(train rows, held-out rows) with the `row(i)` / `len` interface: packed documents, or whole conversations."""
+    if p.info.get("format") == "chat":
+        from .sft import PackedConversations, load_saved_conversations
+        pad = p.info["pad_id"] if p.info.get("pad_id") is not None else p.info["sep_id"]
+        return tuple(PackedConversations(load_saved_conversations(path), seq_len, pad)
+                     for path in (p.train_path, p.val_path))
+    train, val = load_streams(p)
+    return PackedRows(train, seq_len), PackedRows(val, seq_len, partial=True)
+
+
+def _prepare_chat(cfg, files, tok, tok_dir, sep) -> Prepared:
+    """SFT: conversations rendered with the chat template, assistant-only targets (ringlinear.train.sft), split
+    into train / held-out by a seeded permutation of conversations, saved for every process to read."""
+    import numpy as np
+    convs, report = load_conversations(files, tok, sep, cfg.seq_len)
+    log.info(report.line())
+    if not convs:
+        raise ValueError(f"no usable conversation in the chat data ({report.line()})")
+    order = np.random.default_rng(cfg.seed).permutation(len(convs)).tolist()
+    n_val = min(max(int(round(len(convs) * cfg.val_fraction)), 1 if cfg.val_fraction > 0 else 0), len(convs) - 1)
+    data_dir = os.path.join(cfg.out, "data")
+    os.makedirs(data_dir, exist_ok=True)
+    paths = (os.path.join(data_dir, "chat-train.npz"), os.path.join(data_dir, "chat-val.npz"))
+    save_conversations([convs[i] for i in order[n_val:]], paths[0])
+    save_conversations([convs[i] for i in order[:n_val]], paths[1])
+    info = {"files": len(files), "default_corpus": False, "docs": (len(convs) - n_val, n_val), "vocab": tok.vocab_size,
+            "sep_id": sep, "format": "chat", "skipped": dict(report.skipped), "pad_id": tok.pad_token_id}
+    return Prepared(tok_dir, paths[0], paths[1], info)

@@ -166,3 +166,30 @@ class PackedConversations:
             ids.extend([self.pad] * pad)
             labels.extend([-100] * pad)
         return Row(np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), starts)
+
+
+def is_chat_data(files: list[str]) -> bool:
+    """True when every input is .jsonl and the first record of the first file has `messages` (and no `text`)."""
+    if not files or not all(f.endswith(".jsonl") for f in files):
+        return False
+    for _where, rec, _ in read_chat_records(files[:1]):
+        return isinstance(rec, dict) and "messages" in rec and "text" not in rec
+    return False
+
+
+def save_conversations(convs: list[Conversation], path: str) -> None:
+    """One .npz (ids, mask, offsets), written to a temp name and renamed."""
+    sizes = np.asarray([c.ids.size for c in convs], dtype=np.int64)
+    off = np.concatenate([[0], np.cumsum(sizes)]) if convs else np.zeros(1, dtype=np.int64)
+    ids = np.concatenate([c.ids for c in convs]) if convs else np.zeros(0, dtype=np.int32)
+    mask = np.concatenate([c.mask for c in convs]) if convs else np.zeros(0, dtype=bool)
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, ids=ids, mask=mask, offsets=off)
+    import os
+    os.replace(path + ".tmp", path)
+
+
+def load_saved_conversations(path: str) -> list[Conversation]:
+    z = np.load(path)
+    off = z["offsets"]
+    return [Conversation(z["ids"][a:b], z["mask"][a:b]) for a, b in zip(off[:-1], off[1:])]

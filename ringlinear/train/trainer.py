@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from . import dist as D
+from . import step as S
 from .balance import MoEBalancer
 from .checkpoint import (find_resume, list_checkpoints, load_trainer_state, remove_stale_temp, rng_state,
                          save_checkpoint, set_rng_state, verify_checkpoint)
 from .config import RUN_DEFINING, TrainConfig, model_config_for
 from .optim import make_optimizer, make_scheduler
 from .packing import PackedRows, RowSchedule, collate
-from .prepare import load_streams, prepare
+from .prepare import prepare, training_rows
 
 log = logging.getLogger("ringlinear.train")
 
@@ -57,16 +58,19 @@ class Trainer:
         tok_src = self.resume_path or cfg.init_from or cfg.tokenizer or None
         _on_main(env, lambda: _claim_out_dir(cfg))
         self.prep = _on_main(env, lambda: prepare(cfg, tok_src))
-        train_stream, val_stream = load_streams(self.prep)
-        self.rows = PackedRows(train_stream, cfg.seq_len)
-        self.val_rows = PackedRows(val_stream, cfg.seq_len, partial=True)
+        self.rows, self.val_rows = training_rows(self.prep, cfg.seq_len)
         if len(self.rows) == 0:
-            raise ValueError(f"the training split has {train_stream.tokens.size} tokens: fewer than one row of "
-                             f"--seq-len {cfg.seq_len}; add data or lower --seq-len")
+            raise ValueError(f"the training split has fewer tokens than one row of --seq-len {cfg.seq_len}; add data "
+                             "or lower --seq-len")
         self.sched_rows = RowSchedule(len(self.rows), cfg.seed, cfg.batch_size, cfg.grad_accum, env.world, env.rank)
         self.model = self._build_model()
         dev = env.device
-        self.model.to(dev).train()
+        # bf16 = the parameters themselves in bf16 (every kernel on bf16 operands, no per-step casts) with fp32
+        # master weights and moments in the optimizer (MasterAdamW); auto = bf16 on CUDA, fp32 on CPU.
+        self.param_dtype = torch.bfloat16 if cfg.precision == "bf16" or (
+            cfg.precision == "auto" and dev.type == "cuda") else torch.float32
+        self.model.to(device=dev, dtype=self.param_dtype).train()
+        self.model.set_numerics(cfg.numerics)
         self.model.model.gradient_checkpointing = cfg.grad_checkpointing
         self.balancer = MoEBalancer(self.model, cfg.bias_update_rate, cfg.seq_aux_loss_coef)
         self.fwd = self._wrap()  # before the optimizer: FSDP2 replaces the Parameters it shards
@@ -79,8 +83,7 @@ class Trainer:
         self.val_start = None
         if state is not None:
             self._load_state(state)
-        amp = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
-        self.autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+        self.autocast = contextlib.nullcontext  # parameters carry the precision; kept as the step's hook point
 
     # ------------------------------------------------------------------ setup
     def _build_model(self):
@@ -139,50 +142,12 @@ class Trainer:
         return [collate([self.rows.row(i) for i in mb], dev) for mb in self.sched_rows.micro_batches(step)]
 
     def forward_backward(self, step: int) -> dict:
-        """Forward and backward of all micro-batches of `step` (gradients left in .grad). Returns step stats."""
-        env = self.env
-        batches = self._batches(step)
-        n_tok = torch.tensor([sum(int((b["labels"] != -100).sum()) for b in batches)], dtype=torch.float64)
-        global_tok = float(D.all_reduce_sum(env, n_tok.to(env.device)).item())
-        scale = env.world / max(global_tok, 1.0)
-        aux_scale = env.world / self.sched_rows.global_rows
-        loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
-        aux_sum = torch.zeros((), dtype=torch.float64, device=env.device)
-        no_sync = getattr(self.ddp, "no_sync", None)  # DDP only; FSDP2 reduces every micro-batch
-        for m, b in enumerate(batches):
-            last = m == len(batches) - 1
-            with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
-                with self.autocast():
-                    logits = self.fwd(b["input_ids"], cu_seqlens=b["cu_seqlens"]).logits  # [1, T, V] fp32
-                ce = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), b["labels"].view(-1),
-                                     ignore_index=-100, reduction="sum")
-                loss = ce * scale
-                aux = self.balancer.after_forward(b["row_ids"], b["n_rows"])
-                if aux is not None:
-                    loss = loss + aux * aux_scale
-                    aux_sum += aux.detach().double()
-                loss.backward()
-            loss_sum += ce.detach().double()
-        sums = D.all_reduce_sum(env, torch.stack([loss_sum, aux_sum]))
-        return {"loss": float(sums[0]) / max(global_tok, 1.0), "aux_loss": float(sums[1]) / self.sched_rows.global_rows,
-                "target_tokens": global_tok, "tokens": self.sched_rows.global_rows * self.cfg.seq_len}
+        """Forward and backward of all micro-batches of `step` (gradients left in .grad). Returns the step's
+        statistics, device tensors (see ringlinear.train.step)."""
+        return S.forward_backward(self, self._batches(step))
 
     def optimizer_step(self) -> dict:
-        cfg = self.cfg
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.fsdp:
-            from .fsdp import clip_grads
-            gn = clip_grads(params, cfg.grad_clip)
-        elif cfg.grad_clip > 0:
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        else:
-            gn = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
-        lr = self.opt.param_groups[0]["lr"]
-        self.opt.step()
-        self.lr_sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        moe = self.balancer.step(lambda t: D.all_reduce_sum(self.env, t))
-        return {"grad_norm": float(gn), "lr": lr, **moe}
+        return S.optimizer_step(self)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -198,10 +163,9 @@ class Trainer:
         for i in range(0, len(mine), cfg.batch_size):
             b = collate([self.val_rows.row(j) for j in mine[i:i + cfg.batch_size]], env.device)
             with self.autocast():
-                logits = self.model(b["input_ids"], cu_seqlens=b["cu_seqlens"]).logits
-            ce = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), b["labels"].view(-1), ignore_index=-100,
-                                 reduction="sum")
-            tot += torch.stack([ce.double(), (b["labels"] != -100).sum().double()])
+                ce = self.model(b["input_ids"], cu_seqlens=b["cu_seqlens"], max_seqlen=b["max_seqlen"],
+                                labels=b["labels"], return_logits=False, loss_reduction="sum").loss
+            tot += torch.stack([ce.double(), ce.new_tensor(float(b["n_targets"]), dtype=torch.float64)])
         self.model.train()
         if not self.fsdp:
             D.all_reduce_sum(env, tot)

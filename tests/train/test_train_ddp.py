@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from ringlinear.models.modeling import RingLinearForCausalLM
 from ringlinear.train.config import TrainConfig
 from ringlinear.train.dist import all_reduce_sum
+from ringlinear.train.step import to_host
 from ringlinear.train.trainer import Trainer
 
 
@@ -21,9 +22,11 @@ def _free_port() -> int:
 
 def _first_step(tr: Trainer) -> dict:
     """Gradients of step 0 (after DDP's all-reduce), the loss, and the expert biases after the balancing update."""
-    st = tr.forward_backward(0)
+    st = to_host(tr.forward_backward(0))
+    st = {**st, "loss": st["loss_sum"] / st["targets"], "aux_loss": st["aux_sum"] / st["rows"],
+          "target_tokens": st["targets"]}
     grads = {n: p.grad.detach().clone() for n, p in tr.model.named_parameters() if p.grad is not None}
-    moe = tr.balancer.step(lambda t: all_reduce_sum(tr.env, t))
+    moe = to_host(tr.balancer.step(lambda t: all_reduce_sum(tr.env, t)))
     bias = {n: b.clone() for n, b in tr.model.named_buffers() if n.endswith("expert_bias")}
     tr.opt.zero_grad(set_to_none=True)
     return {"grads": grads, "loss": st["loss"], "aux": st["aux_loss"], "tokens": st["target_tokens"], "moe": moe,

@@ -70,6 +70,7 @@ def test_bias_update_moves_toward_balance():
         want = 0.01 * torch.sign(mean - c.double()).float()
         assert torch.equal(b.gate.expert_bias, want)  # overloaded experts down, idle ones up, by exactly `rate`
     ratios = [float(c.max() / c.double().mean()) for c in counts]
+    stats = {k: float(v) for k, v in stats.items()}  # device scalars (read when the loop logs)
     assert stats["moe_imbalance"] == pytest.approx(sum(ratios) / 4) and stats["moe_imbalance_max"] == max(ratios)
     assert bal.counts is None  # reset for the next step
 
