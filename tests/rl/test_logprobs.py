@@ -67,12 +67,13 @@ def test_no_grad_and_chunking_give_the_same_values(model, monkeypatch):
         assert not b.requires_grad
 
 
-def test_aligned_is_accepted(model):
+def test_aligned_is_the_same_function_up_to_rounding(model):
+    """Aligned mode changes the arithmetic (fixed-shape chunks, row blocks, fixed key order), not the maths."""
     prompts, comps = _samples(4, n=2)
     with torch.no_grad():
         a = sequence_logprobs(model, prompts, comps, numerics="aligned")
         d = sequence_logprobs(model, prompts, comps, numerics="default")
-    assert all(torch.equal(x, y) for x, y in zip(a, d))  # until issue 11's kernels land: the same computation
+    assert max(float((x - y).abs().max()) for x, y in zip(a, d)) < 1e-4
 
 
 @pytest.mark.parametrize("kwargs,match", [
