@@ -12,7 +12,9 @@ Layouts (T tokens or rows, C columns; `ceil` = rounded up):
 - cols of x [T, C] (the transposed copy, tiles along T): rows of x^T, q [C, T], s [ceil(T/128), C]
 - weight [.., N, K]: q [.., N, K], s [.., N/128, K/128], and its transpose qT [.., K, N], sT [.., K/128, N/128]
 - expert-sorted cols (MoE weight gradients): tiles of 128 consecutive sorted rows of one expert, counted over
-  the experts in order (`sorted_tiles`); q [C, N*k], s [row-tile bound, C]
+  the experts in order (`sorted_tiles`); tile slot t holds columns t*128 .. t*128+127 (every tile starts
+  16-byte aligned; the tail of a partial tile is padding): q [C, slots*128], s [slots, C]. For one expert
+  (a dense layer) this is the cols layout of x [T, C] itself.
 
 Every dimension a GEMM reduces or blocks over in a weight must be a multiple of 128 (`check_dims`); token counts
 are free (the last tile along tokens is partial).
@@ -132,23 +134,24 @@ def sorted_tiles(eoff):
 
 
 def quantize_sorted_cols(rows, eoff, dtype=E4M3, pow2=False):
-    """rows [NK, C] (already in expert-sorted order, fp32 values) -> (q [C, NK], s [row_tile_bound, C]): 1x128
-    tiles along the sorted rows of one expert. Unused scale slots are left at 1."""
+    """rows [NK, C] (already in expert-sorted order, fp32 values) -> (q [C, slots*128], s [slots, C]): 1x128
+    tiles along the sorted rows of one expert, tile t in columns t*128... Padding codes and unused scales are 0."""
     NK, C = rows.shape
-    q = torch.zeros(C, NK, dtype=dtype, device=rows.device)
-    s = torch.ones(row_tile_bound(NK, eoff.numel() - 1), C, dtype=torch.float32, device=rows.device)
+    slots = row_tile_bound(NK, eoff.numel() - 1)
+    q = torch.zeros(C, slots * TILE, dtype=dtype, device=rows.device)
+    s = torch.zeros(slots, C, dtype=torch.float32, device=rows.device)
     for _e, r0, r1, t in sorted_tiles(eoff):
         qt, st = quantize_rows(rows[r0:r1].t(), dtype, pow2)                  # [C, n], [1, C]
-        q[:, r0:r1] = qt
+        q[:, t * TILE:t * TILE + r1 - r0] = qt
         s[t] = st[0]
     return q, s
 
 
 def dequantize_sorted_cols(q, s, eoff):
     """-> fp32 [NK, C] (the sorted rows as the weight-gradient GEMM sees them)."""
-    out = torch.zeros(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+    out = torch.zeros(int(eoff[-1]), q.shape[0], dtype=torch.float32, device=q.device)
     for _e, r0, r1, t in sorted_tiles(eoff):
-        out[r0:r1] = (q[:, r0:r1].float() * s[t][:, None]).t()
+        out[r0:r1] = (q[:, t * TILE:t * TILE + r1 - r0].float() * s[t][:, None]).t()
     return out
 
 
@@ -262,13 +265,13 @@ class _ExpertsRef(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
-def moe_experts(x, topk_idx, topk_weight, w13, w2, *, grad_dtype=E4M3, pow2=False):
+def moe_experts(x, topk_idx, topk_weight, w13, w2, *, grad_dtype=E4M3, pow2=False, out_dtype=None):
     """Emulated FP8 routed experts, the interface of ops.moe.moe_experts: x [N, h], topk [N, k], w13 [E, 2I, h],
-    w2 [E, h, I] -> [N, h] in x.dtype."""
+    w2 [E, h, I] -> [N, h] in out_dtype (default x.dtype, the model dtype of its roundings)."""
     check_dims(hidden=w13.shape[2], moe_intermediate=w2.shape[2])
     pair, eoff = plan(topk_idx, w13.shape[0])
-    return _ExpertsRef.apply(x, topk_weight.float(), w13, w2, pair, eoff, topk_idx.shape[1], x.dtype, grad_dtype,
-                             pow2)
+    return _ExpertsRef.apply(x, topk_weight.float(), w13, w2, pair, eoff, topk_idx.shape[1], out_dtype or x.dtype,
+                             grad_dtype, pow2)
 
 
 def swiglu_mlp(x, w_gate, w_up, w_down, *, grad_dtype=E4M3, pow2=False, out_dtype=None):

@@ -230,11 +230,12 @@ def rms_norm_quant(x, weight, eps, pow2, counter, write_y=True, cols=False):
 # ---- expert-sorted transposed copies for the MoE weight gradients -------------------------------------------------
 
 @triton.jit
-def _sorted_cols_kernel(src_ptr, pair_ptr, eoff_ptr, wt_ptr, qt_ptr, st_ptr, cnt_ptr, NK, stride_src,
+def _sorted_cols_kernel(src_ptr, pair_ptr, eoff_ptr, wt_ptr, qt_ptr, st_ptr, cnt_ptr, ldqt, stride_src,
                         C: tl.constexpr, TOPK: tl.constexpr, E: tl.constexpr, GATHER: tl.constexpr,
                         WEIGHTED: tl.constexpr, QDT: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr):
     """Row tile t of the expert-sorted rows x column block: src rows (gathered by token when GATHER, times the
-    pair's routing weight when WEIGHTED) quantised along the rows, written transposed to qt [C, NK]."""
+    pair's routing weight when WEIGHTED) quantised along the rows, written transposed into tile slot t of
+    qt [C, slots*128]."""
     e, rows, rmask, cols, _pn = _row_tile(eoff_ptr, C, E, 128, 128)
     if e >= E:
         return
@@ -246,20 +247,21 @@ def _sorted_cols_kernel(src_ptr, pair_ptr, eoff_ptr, wt_ptr, qt_ptr, st_ptr, cnt
     if WEIGHTED:
         x = x * tl.load(wt_ptr + pair, mask=rmask, other=0.0)[:, None]
     count_nonfinite(x, cnt_ptr)
-    store_cols(x, rows, rmask, cols, cols < C, qt_ptr, NK, st_ptr + t * C, QDT, FMAX, POW2)
+    store_cols(x, tl.arange(0, 128), rmask, cols, cols < C, qt_ptr + t * 128, ldqt, st_ptr + t * C, QDT, FMAX, POW2)
 
 
 def quantize_sorted_cols(src, pair, eoff, top_k, dtype, pow2, counter, gather, wt=None):
-    """src [N, C] (token rows, GATHER) or [N*k, C] (sorted rows) -> (qT [C, N*k], sT [row_tile_bound, C])."""
+    """src [N, C] (token rows, gather) or [N*k, C] (sorted rows) -> (qT [C, slots*128], sT [slots, C])."""
     C = src.shape[1]
     nk = pair.numel()
     E = eoff.numel() - 1
     assert src.stride(1) == 1 and C % TILE == 0
-    qt = torch.empty(C, nk, dtype=dtype, device=src.device)
-    st = torch.empty(row_tile_bound(nk, E), C, dtype=torch.float32, device=src.device)
+    slots = row_tile_bound(nk, E)
+    qt = torch.empty(C, slots * TILE, dtype=dtype, device=src.device)
+    st = torch.empty(slots, C, dtype=torch.float32, device=src.device)
     if nk:
-        _sorted_cols_kernel[(row_tile_bound(nk, E) * (C // TILE),)](
-            src, pair, eoff, wt if wt is not None else st, qt, st, counter, nk, src.stride(0), C=C, TOPK=top_k, E=E,
-            GATHER=gather, WEIGHTED=wt is not None, QDT=TL_FP8[dtype], FMAX=FP8_MAX[dtype], POW2=pow2, num_warps=8)
+        _sorted_cols_kernel[(slots * (C // TILE),)](
+            src, pair, eoff, wt if wt is not None else st, qt, st, counter, qt.stride(0), src.stride(0), C=C,
+            TOPK=top_k, E=E, GATHER=gather, WEIGHTED=wt is not None, QDT=TL_FP8[dtype], FMAX=FP8_MAX[dtype],
+            POW2=pow2, num_warps=8)
     return qt, st
-
