@@ -91,10 +91,11 @@ def _check_layer(i, layer):
                 check_dims(**{f"layers.{i} shared expert size": m.shared_experts.gate_proj.out_features})
 
 
-def convert_to_fp8(model, recipe=None):
+def convert_to_fp8(model, recipe=None, optimizer=None):
     """In place: the FP8 layers of every decoder layer of `model` (RingLinearForCausalLM or RingLinearModel) run
     with `recipe` (default `Fp8Recipe.from_env()`). Checks every dimension first (one-line error, nothing swapped).
-    Calling it again changes the recipe."""
+    With `optimizer`, FP8 weights are cached between its steps (ops/fp8/weights.py). Calling it again changes the
+    recipe."""
     recipe = recipe if recipe is not None else F8.Fp8Recipe.from_env()
     layers = model.model.layers if hasattr(model, "model") else model.layers
     for i, layer in enumerate(layers):
@@ -102,4 +103,6 @@ def convert_to_fp8(model, recipe=None):
     for layer in layers:
         for m in fp8_modules(layer):
             _swap(m, recipe)
+    if optimizer is not None:
+        F8.track_optimizer(optimizer)
     return model

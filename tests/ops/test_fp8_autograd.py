@@ -171,3 +171,29 @@ def test_bad_inputs_give_one_line_errors(monkeypatch):
     monkeypatch.setenv("RINGLINEAR_FP8_GRAD", "e3m4")
     with pytest.raises(ValueError, match="RINGLINEAR_FP8_GRAD='e3m4'"):
         F8.Fp8Recipe.from_env()
+
+
+def test_weight_cache_follows_updates(backend):
+    from ringlinear.ops.fp8 import weights as W
+    r, dev = backend("triton")
+    w = torch.nn.Parameter((torch.randn(256, 256) * 0.05).to(dev))
+    first = W.fp8_weight(w, False)
+    assert W.fp8_weight(w, False) is not first              # untracked: always quantised afresh
+    opt = torch.optim.SGD([w], lr=1.0)
+    W.track_optimizer(opt)
+    try:
+        cached = W.fp8_weight(w, False)
+        assert W.fp8_weight(w, False) is cached
+        w.grad = torch.ones_like(w)
+        with torch.no_grad():
+            w.data.mul_(2)                                  # bypasses the version counter, like fused AdamW
+        opt.step()                                          # the post-step hook invalidates the cache
+        fresh = W.fp8_weight(w, False)
+        assert fresh is not cached
+        assert torch.equal(R.dequantize_weight(fresh[0], fresh[1]), R.fake_weight(w.detach()))
+        with torch.no_grad():
+            w.add_(1.0)                                     # an in-place update bumps the version
+        assert W.fp8_weight(w, False) is not fresh
+    finally:
+        W._state["tracked"] -= 1
+        W.weights_updated()

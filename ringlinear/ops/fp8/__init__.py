@@ -12,7 +12,7 @@ import torch
 
 from . import reference
 from .precision import Fp8Recipe, fp8_active, fp8_disabled, impl, nonfinite_counter, read_nonfinite
-from .weights import clear_weight_cache
+from .weights import clear_weight_cache, track_optimizer, weights_updated
 
 
 def _recipe(recipe):
@@ -120,4 +120,5 @@ def fp8_moe_experts(x, topk_idx, topk_weight, w13, w2, recipe=None):
 
 
 __all__ = ["Fp8Recipe", "fp8_rms_norm", "fp8_linear", "fp8_swiglu", "fp8_moe_forward", "fp8_moe_experts",
-           "fp8_active", "fp8_disabled", "nonfinite_counter", "read_nonfinite", "clear_weight_cache", "reference"]
+           "fp8_active", "fp8_disabled", "nonfinite_counter", "read_nonfinite", "clear_weight_cache", "track_optimizer",
+           "weights_updated", "reference"]

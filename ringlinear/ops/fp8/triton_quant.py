@@ -227,6 +227,43 @@ def rms_norm_quant(x, weight, eps, pow2, counter, write_y=True, cols=False):
     return y, (q, s), qc, rstd
 
 
+# ---- SwiGLU -> FP8 of a gate|up tensor produced elsewhere (the fused GEMM epilogue is the hot path) --------------
+
+@triton.jit
+def _swiglu_kernel(ab_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, cnt_ptr, T, I: tl.constexpr, COLS: tl.constexpr,
+                   POW2: tl.constexpr):
+    tb = tl.program_id(0)
+    cb = tl.program_id(1)
+    rows = tb * 128 + tl.arange(0, 128)
+    cols = cb * 128 + tl.arange(0, 128)
+    rmask = rows < T
+    ptr = ab_ptr + rows[:, None].to(tl.int64) * (2 * I) + cols[None, :]
+    g = tl.load(ptr, mask=rmask[:, None], other=0.0).to(tl.float32)
+    u = tl.load(ptr + I, mask=rmask[:, None], other=0.0).to(tl.float32)
+    h = g * tl.sigmoid(g) * u
+    count_nonfinite(h, cnt_ptr)
+    store_rows(h, rows, rmask, cols, cols < I, q_ptr, I, s_ptr + cb * T, tl.float8e4nv, 448.0, POW2)
+    if COLS:
+        store_cols(h, rows, rmask, cols, cols < I, qt_ptr, T, st_ptr + tb * I, tl.float8e4nv, 448.0, POW2)
+
+
+def swiglu_quant(ab, pow2, counter, cols=False):
+    """ab [T, 2I] (gate | up) -> FP8 of h = silu(gate) * up (fp32): rows (q [T, I], s [I/128, T]) and optionally
+    cols (qT [I, T], sT [ceil(T/128), I]); the values `reference.swiglu32` defines."""
+    T, I2 = ab.shape
+    inter = I2 // 2
+    assert ab.is_contiguous() and inter % TILE == 0
+    dev = ab.device
+    q = torch.empty(T, inter, dtype=torch.float8_e4m3fn, device=dev)
+    s = torch.empty(inter // TILE, T, dtype=torch.float32, device=dev)
+    qt = torch.empty(inter, T if cols else 1, dtype=torch.float8_e4m3fn, device=dev)
+    st = torch.empty(triton.cdiv(T, TILE) if cols else 1, inter, dtype=torch.float32, device=dev)
+    if T:
+        _swiglu_kernel[(triton.cdiv(T, TILE), inter // TILE)](ab, q, s, qt, st, counter, T, I=inter, COLS=cols,
+                                                              POW2=pow2, num_warps=8)
+    return (q, s), ((qt, st) if cols else None)
+
+
 # ---- expert-sorted transposed copies for the MoE weight gradients -------------------------------------------------
 
 @triton.jit

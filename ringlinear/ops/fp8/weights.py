@@ -1,9 +1,11 @@
 """FP8 copies of the weights (128x128 blocks, both orientations), made once per optimizer step and cached.
 
-An entry is keyed on the weight's base tensor (the Parameter, or the stacked expert tensor a view comes from) and
-its view geometry, and is valid while the base's version counter is unchanged: every in-place update (the
-optimizer step, `copy_`, `load_state_dict`) bumps it, so the next forward re-quantises. Writes through `.data`
-bypass the counter: call `clear_weight_cache()` after those.
+Caching across forward calls (gradient accumulation, activation-checkpoint recomputation) is only safe when the
+cache learns about every weight update. In-place updates bump a tensor's version counter, but the fused AdamW
+kernel (the trainer's CUDA default) and writes through `.data` do not. So the cache is off until an optimizer is
+tracked (`track_optimizer(opt)`: a post-step hook calls `weights_updated()`); then an entry is valid while both the
+update generation and its base tensor's version counter are unchanged. Without tracking every call quantises
+afresh (correct, one extra pass over the weights per forward and per recomputation).
 """
 from __future__ import annotations
 
@@ -14,10 +16,23 @@ from .precision import nonfinite_counter
 from .reference import E4M3, TILE, check_dims, quantize_weight
 
 _cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_state = {"generation": 0, "tracked": 0}
+
+
+def weights_updated() -> None:
+    """Invalidate every cached FP8 weight (call after each optimizer step if the optimizer is not tracked)."""
+    _state["generation"] += 1
+    _cache.clear()
 
 
 def clear_weight_cache() -> None:
-    _cache.clear()
+    weights_updated()
+
+
+def track_optimizer(optimizer) -> None:
+    """Cache FP8 weights between optimizer steps of `optimizer` (registers a post-step hook)."""
+    optimizer.register_step_post_hook(lambda *_: weights_updated())
+    _state["tracked"] += 1
 
 
 def _base(t):
@@ -25,8 +40,10 @@ def _base(t):
 
 
 def _lookup(key_tensors, key, make):
+    if not _state["tracked"]:
+        return make()
     bases = [_base(t) for t in key_tensors]
-    versions = tuple(b._version for b in bases)
+    versions = (_state["generation"],) + tuple(b._version for b in bases)
     slot = _cache.setdefault(bases[0], {})
     hit = slot.get(key)
     if hit is not None and hit[0] == versions:
