@@ -103,12 +103,12 @@ def _dense_rows(aq, as_, b, bs, out_dtype, kind, torch_fn):
     return G.rows_gemm(aq, as_, b.unsqueeze(0), bs.unsqueeze(0), pair, eoff, 1, out, a_gather=False)
 
 
-def _dense_wgrad(at, ats, bt, bts):
-    """dW [MO, NO] fp32 from FP8 cols over T tokens (at [MO, T], bt [NO, T])."""
+def _dense_wgrad(at, ats, bt, bts, T):
+    """dW [MO, NO] fp32 from FP8 cols over T tokens (at [MO, Tp], bt [NO, Tp], zero past T)."""
     if _gemm_backend("wgrad") == "torch":
         return torch_mm.wgrad(at, ats, bt, bts, torch.float32)
     out = torch.empty(1, at.shape[0], bt.shape[0], dtype=torch.float32, device=at.device)
-    return G.wgrad(at, ats, bt, bts, G.dense_eoff(at.shape[1], at.device), out)[0]
+    return G.wgrad(at, ats, bt, bts, G.dense_eoff(T, at.device), out)[0]
 
 
 class _LinearFp8(torch.autograd.Function):
@@ -141,7 +141,7 @@ class _LinearFp8(torch.autograd.Function):
             xdt = ctx.x_dtype
             dx = _dense_rows(dq, ds, wqt, wst, xdt, "dgrad", lambda: torch_mm.dgrad(dq, ds, wqt, wst, xdt))
         if need_w:
-            dw = _dense_wgrad(*cols, xt, xts).to(ctx.w_dtype)
+            dw = _dense_wgrad(*cols, xt, xts, dy.shape[0]).to(ctx.w_dtype)
         db = dy.float().sum(0).to(ctx.w_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None
 

@@ -3,13 +3,15 @@
 Recipe (DeepSeek-V3): float8 e4m3 (max 448) codes with fp32 scales per tile. Activations and gradients are tiled
 1x128 (one row, 128 consecutive elements along the reduction dim K of the GEMM that consumes them); weights in
 128x128 blocks. A tile's scale is s = amax / fmax (IEEE division), at least FLT_MIN so a zero tile is safe (its
-codes are 0 whatever the scale); with `pow2` the scale is rounded up to a power of two, which makes x / s and
-q * s exact. Codes are q = rne(x / s), which never exceeds fmax for finite x. GEMMs multiply codes block by block
+codes are 0 whatever the scale); with `pow2` the scale is rounded up to a power of two, which makes the rescaling
+and q * s exact. Codes are q = rne(x * r) with r = 1 / s rounded once per tile (one multiply per element in the
+kernels); |x * r| <= fmax (1 + 2^-23) rounds to at most fmax for finite x. GEMMs multiply codes block by block
 (K in steps of 128) and add each partial product times a_scale * b_scale into an fp32 accumulator.
 
 Layouts (T tokens or rows, C columns; `ceil` = rounded up):
 - rows: q [R, C] fp8, s [ceil(C/128), R] fp32 (tile index outer: cuBLAS's 1x128 scale layout, coalesced per tile)
-- cols of x [T, C] (the transposed copy, tiles along T): rows of x^T, q [C, T], s [ceil(T/128), C]
+- cols of x [T, C] (the transposed copy, tiles along T): rows of x^T padded with zeros to whole tiles,
+  q [C, Tp], s [Tp/128, C] with Tp = T rounded up to 128 (the weight-gradient GEMM reads whole tiles)
 - weight [.., N, K]: q [.., N, K], s [.., N/128, K/128], and its transpose qT [.., K, N], sT [.., K/128, N/128]
 - expert-sorted cols (MoE weight gradients): tiles of 128 consecutive sorted rows of one expert, counted over
   the experts in order (`sorted_tiles`); tile slot t holds columns t*128 .. t*128+127 (every tile starts
@@ -66,13 +68,14 @@ def quantize_rows(x, dtype=E4M3, pow2=False):
     nkb = -(-C // TILE)
     xf = F.pad(x.float(), (0, nkb * TILE - C)).view(R, nkb, TILE)
     s = scale_from_amax(xf.abs().amax(-1), FP8_MAX[dtype], pow2)             # [R, nkb]
-    q = (xf / s[..., None]).to(dtype).view(R, nkb * TILE)[:, :C]
+    q = (xf * (1.0 / s)[..., None]).to(dtype).view(R, nkb * TILE)[:, :C]
     return q.contiguous(), s.t().contiguous()
 
 
 def quantize_cols(x, dtype=E4M3, pow2=False):
-    """x [T, C] -> the transposed copy (q [C, T], s [ceil(T/128), C]): 1x128 tiles along T."""
-    return quantize_rows(x.t(), dtype, pow2)
+    """x [T, C] -> the transposed copy (q [C, Tp], s [Tp/128, C]): 1x128 tiles along T, zero codes past T."""
+    T = x.shape[0]
+    return quantize_rows(F.pad(x.float(), (0, 0, 0, -(-T // TILE) * TILE - T)).t(), dtype, pow2)
 
 
 def quantize_weight(w, pow2=False):
@@ -81,7 +84,7 @@ def quantize_weight(w, pow2=False):
     check_dims(weight_rows=N, weight_cols=K)
     wf = w.float().reshape(*lead, N // TILE, TILE, K // TILE, TILE)
     s = scale_from_amax(wf.abs().amax(dim=(-3, -1)), FP8_MAX[E4M3], pow2)     # [..., N/128, K/128]
-    q = (wf / s[..., :, None, :, None]).to(E4M3).reshape(*lead, N, K)
+    q = (wf * (1.0 / s)[..., :, None, :, None]).to(E4M3).reshape(*lead, N, K)
     return q, s, q.transpose(-1, -2).contiguous(), s.transpose(-1, -2).contiguous()
 
 

@@ -4,7 +4,8 @@ Our layouts are cuBLAS's: 1x128 scales stored tile-index-outer ([K/128, M] conti
 strides (1, M)), 128x128 scales of W [N, K] as [N/128, K/128] (seen transposed). `torch.nn.functional.scaled_mm`
 (explicit recipes) is used where the installed torch has it, `torch._scaled_mm` (recipe inferred from the scale
 shapes) otherwise. Constraints (else a ValueError; the dispatcher then uses the Triton kernels): K/128 and N/128 a
-multiple of 4 where they index 128x128 scales, the token count a multiple of 128 for the weight gradient (its K).
+multiple of 4 where they index 128x128 scales; the weight gradient's K is the token count padded to whole tiles
+(the cols copies are zero past the last token).
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def dgrad(dq, ds, wqt, wst, out_dtype):
 
 
 def wgrad(dyt, dyts, xt, xts, out_dtype):
-    """dY^T cols (dyt [N, T], dyts [T/128, N]) @ X (xt [K, T], xts [T/128, K]) -> dW [N, K]."""
-    _check(dyt.shape[1] % 128 == 0, f"tokens={dyt.shape[1]} must be a multiple of 128")
+    """dY^T cols (dyt [N, Tp], dyts [Tp/128, N]) @ X (xt [K, Tp], xts [Tp/128, K]) -> dW [N, K]."""
+    _check(dyt.shape[1] % 128 == 0, f"cols length {dyt.shape[1]} must be whole 128-row tiles")
     sb = xts.t() if _v2() else xts
     return _mm(dyt, xt.t(), dyts.t(), sb, ("1x128", "1x128"), out_dtype)

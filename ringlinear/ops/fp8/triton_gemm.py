@@ -27,7 +27,8 @@ from .reference import FP8_MAX, TILE, row_tile_bound
 from .triton_quant import TL_FP8, count_nonfinite, store_cols, store_rows
 
 # One tile shape everywhere: the quantising epilogues need 128-row x 128-column tiles (a 1x128 tile per row and
-# per column), and keeping BLOCK_M fixed keeps a row's result independent of the batch.
+# per column), a 128-column tile is exactly one weight block (one scalar scale per K step), and keeping BLOCK_M
+# fixed keeps a row's result independent of the batch. Warps and stages only change speed, not the numbers.
 CFG = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
 
 
@@ -52,10 +53,11 @@ def _a_block(a_rows, rmask, as_ptr, as_idx, kb, NA):
 
 
 @triton.jit
-def _b_block(b_ptr, ns, ldb, bs_ptr, KB, kb):
-    """One K block of B [N, K] (K contiguous): fp8 [BN, 128] and its 128x128 block scales [BN] ([N/128, KB])."""
+def _b_block(b_ptr, ns, ldb, bs_ptr, nb, KB, kb):
+    """One K block of B [N, K] (K contiguous): fp8 [128, 128] at rows ns (block nb of 128 rows) and its 128x128
+    block scale, one scalar ([N/128, KB] layout): the tile is exactly one weight block."""
     b = tl.load(b_ptr + ns[:, None].to(tl.int64) * ldb + kb * 128 + tl.arange(0, 128)[None, :])
-    sb = tl.load(bs_ptr + (ns // 128) * KB + kb)
+    sb = tl.load(bs_ptr + nb * KB + kb)
     return b, sb
 
 
@@ -77,10 +79,10 @@ def _gateup_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, pair_ptr, eoff_ptr, ab_ptr, hq
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for kb in range(0, KB):
         a, sa = _a_block(a_rows, rmask, xs_ptr, tok, kb, NX)
-        bg, sg = _b_block(wb, ns, H, wsb, KB, kb)
-        bu, su = _b_block(wb, I + ns, H, wsb, KB, kb)
-        acc_g += tl.dot(a, tl.trans(bg)) * sa[:, None] * sg[None, :]
-        acc_u += tl.dot(a, tl.trans(bu)) * sa[:, None] * su[None, :]
+        bg, sg = _b_block(wb, ns, H, wsb, pn, KB, kb)
+        bu, su = _b_block(wb, I + ns, H, wsb, I // 128 + pn, KB, kb)
+        acc_g += tl.dot(a, tl.trans(bg)) * (sa * sg)[:, None]
+        acc_u += tl.dot(a, tl.trans(bu)) * (sa * su)[:, None]
     dt = ab_ptr.dtype.element_ty
     g = acc_g.to(dt).to(tl.float32)          # gate/up in the model dtype, as the reference's linears round them
     u = acc_u.to(dt).to(tl.float32)
@@ -101,7 +103,7 @@ def _rows_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, pair_ptr, eoff_ptr, out_ptr, NA, 
                  K: tl.constexpr, NOUT: tl.constexpr, TOPK: tl.constexpr, E: tl.constexpr, A_GATHER: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[pair] = A_row B_e^T; A row = the sorted row, or its token's row when A_GATHER; B_e [NOUT, K]."""
-    e, rows, rmask, ns, _pn = _row_tile(eoff_ptr, NOUT, E, BLOCK_M, BLOCK_N)
+    e, rows, rmask, ns, pn = _row_tile(eoff_ptr, NOUT, E, BLOCK_M, BLOCK_N)
     if e >= E:
         return
     pair = tl.load(pair_ptr + rows, mask=rmask, other=0)
@@ -113,8 +115,8 @@ def _rows_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, pair_ptr, eoff_ptr, out_ptr, NA, 
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for kb in range(0, KB):
         a, sa = _a_block(a_rows, rmask, as_ptr, arow, kb, NA)
-        b, sb = _b_block(bb, ns, K, bsb, KB, kb)
-        acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
+        b, sb = _b_block(bb, ns, K, bsb, pn, KB, kb)
+        acc += tl.dot(a, tl.trans(b)) * (sa * sb)[:, None]
     tl.store(out_ptr + pair[:, None].to(tl.int64) * stride_o + ns[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=rmask[:, None])
 
@@ -140,35 +142,38 @@ def _dswiglu_kernel(dq_ptr, ds_ptr, w_ptr, ws_ptr, ab_ptr, wt_ptr, pair_ptr, eof
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for kb in range(0, KB):
         a, sa = _a_block(a_rows, rmask, ds_ptr, tok, kb, NX)
-        b, sb = _b_block(wb, ns, H, wsb, KB, kb)
-        acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
+        b, sb = _b_block(wb, ns, H, wsb, pn, KB, kb)
+        acc += tl.dot(a, tl.trans(b)) * (sa * sb)[:, None]
     r64 = rows[:, None].to(tl.int64)
     m2 = rmask[:, None]
     g = tl.load(ab_ptr + r64 * (2 * I) + ns[None, :], mask=m2, other=0.0).to(tl.float32)
     u = tl.load(ab_ptr + r64 * (2 * I) + I + ns[None, :], mask=m2, other=0.0).to(tl.float32)
+    # SwiGLU' as two factors, so only dh and the factors stay live through the four quantising stores:
+    # d gate = dh * u * s (1 + g (1 - s)), d up = dh * g * s, with s = sigmoid(g)
     sg = tl.sigmoid(g)
+    f_up = g * sg
+    f_gate = u * sg * (1.0 + g * (1.0 - sg))
     if WEIGHTED:
-        tl.store(part_ptr + pn * NK + pair, tl.sum(acc * (g * sg * u), 1), mask=rmask)
-        dh = acc * tl.load(wt_ptr + pair, mask=rmask, other=0.0)[:, None]
-    else:
-        dh = acc
-    dg = tl.where(m2, dh * u * sg * (1.0 + g * (1.0 - sg)), 0.0)
-    du = tl.where(m2, dh * g * sg, 0.0)
-    count_nonfinite(dg, cnt_ptr)
-    count_nonfinite(du, cnt_ptr)
+        tl.store(part_ptr + pn * NK + pair, tl.sum(acc * (f_up * u), 1), mask=rmask)
+        acc = acc * tl.load(wt_ptr + pair, mask=rmask, other=0.0)[:, None]
     cm = ns < I
-    store_rows(dg, rows, rmask, ns, cm, gq_ptr, 2 * I, gs_ptr + pn * NK, QDT, FMAX, POW2)
-    store_rows(du, rows, rmask, I + ns, cm, gq_ptr, 2 * I, gs_ptr + (I // 128 + pn) * NK, QDT, FMAX, POW2)
     lr = tl.arange(0, BLOCK_M)
-    store_cols(dg, lr, rmask, ns, cm, gqt_ptr + t * BLOCK_M, ldgqt, gst_ptr + t * (2 * I), QDT, FMAX, POW2)
+    du = tl.where(m2, acc * f_up, 0.0)
+    count_nonfinite(du, cnt_ptr)
+    store_rows(du, rows, rmask, I + ns, cm, gq_ptr, 2 * I, gs_ptr + (I // 128 + pn) * NK, QDT, FMAX, POW2)
     store_cols(du, lr, rmask, I + ns, cm, gqt_ptr + t * BLOCK_M, ldgqt, gst_ptr + t * (2 * I), QDT, FMAX, POW2)
+    dg = tl.where(m2, acc * f_gate, 0.0)
+    count_nonfinite(dg, cnt_ptr)
+    store_rows(dg, rows, rmask, ns, cm, gq_ptr, 2 * I, gs_ptr + pn * NK, QDT, FMAX, POW2)
+    store_cols(dg, lr, rmask, ns, cm, gqt_ptr + t * BLOCK_M, ldgqt, gst_ptr + t * (2 * I), QDT, FMAX, POW2)
 
 
 @triton.jit
 def _wgrad_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, eoff_ptr, out_ptr, lda, ldb, stride_oe, stride_om,
                   MO: tl.constexpr, NO: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[e] [MO, NO] = sum over expert e's 128-row tiles t of A_t^T B_t: A^T [MO, slots*128], B^T [NO, ...]
-    (FP8 cols), scales [slots, MO] / [slots, NO]. Tiles run in order; experts without rows get zeros."""
+    (FP8 cols, zero past each expert's rows), scales [slots, MO] / [slots, NO]. Tiles run in order; experts
+    without rows get zeros."""
     NT_M: tl.constexpr = MO // BLOCK_M
     NT_N: tl.constexpr = NO // BLOCK_N
     pid = tl.program_id(0)
@@ -177,20 +182,18 @@ def _wgrad_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, eoff_ptr, out_ptr, lda, ldb, str
     ns = (pid % NT_N) * BLOCK_N + tl.arange(0, BLOCK_N)
     es = tl.arange(0, E)
     cnt = tl.load(eoff_ptr + es + 1) - tl.load(eoff_ptr + es)
-    t = tl.sum(tl.where(es < e, (cnt + 127) // 128, 0), 0)                   # this expert's first tile slot
+    t0 = tl.sum(tl.where(es < e, (cnt + 127) // 128, 0), 0)                  # this expert's first tile slot
     n = tl.load(eoff_ptr + e + 1) - tl.load(eoff_ptr + e)
     j = tl.arange(0, 128)
-    a_base = a_ptr + ms[:, None].to(tl.int64) * lda + j[None, :]
-    b_base = b_ptr + ns[:, None].to(tl.int64) * ldb + j[None, :]
+    a_base = a_ptr + ms[:, None].to(tl.int64) * lda + t0 * 128 + j[None, :]
+    b_base = b_ptr + ns[:, None].to(tl.int64) * ldb + t0 * 128 + j[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for r0 in range(0, n, 128):
-        km = (r0 + j) < n
-        a = tl.load(a_base + t * 128, mask=km[None, :], other=0.0)
-        b = tl.load(b_base + t * 128, mask=km[None, :], other=0.0)
-        sa = tl.load(as_ptr + t * MO + ms)
-        sb = tl.load(bs_ptr + t * NO + ns)
+    for i in range(0, (n + 127) // 128):          # addresses from the induction variable, so the loop pipelines
+        a = tl.load(a_base + i * 128)            # whole tiles: the producers zero a partial tile's padding
+        b = tl.load(b_base + i * 128)
+        sa = tl.load(as_ptr + (t0 + i) * MO + ms)
+        sb = tl.load(bs_ptr + (t0 + i) * NO + ns)
         acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
-        t += 1
     tl.store(out_ptr + e.to(tl.int64) * stride_oe + ms[:, None] * stride_om + ns[None, :],
              acc.to(out_ptr.dtype.element_ty))
 
@@ -260,7 +263,8 @@ def dswiglu(dq, ds, w2t, w2ts, ab, wt, pair, eoff, top_k, grad_dtype, pow2, coun
 
 
 def wgrad(at, ats, bt, bts, eoff, out):
-    """out [E, MO, NO] = per-expert A^T B from FP8 cols (at [MO, >=slots*128 or T], ats [slots, MO]; bt, bts)."""
+    """out [E, MO, NO] = per-expert A^T B from FP8 cols (at [MO, slots*128], ats [slots, MO]; bt, bts); the
+    dense cols layout [C, Tp] of `quantize` is the one-expert case."""
     E, MO, NO = out.shape
     bm, bn = CFG["BLOCK_M"], CFG["BLOCK_N"]
     _wgrad_kernel[(E * (MO // bm) * (NO // bn),)](at, ats, bt, bts, eoff, out, at.stride(0), bt.stride(0),

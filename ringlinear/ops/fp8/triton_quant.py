@@ -2,7 +2,8 @@
 copies), the one-pass rows + cols quantiser of a bf16 tensor (dY) and the 128x128 weight quantiser.
 
 Scales and codes follow `reference.py` bit for bit: amax is exact, s = div_rn(amax, fmax) (IEEE, as torch divides)
-at least FLT_MIN, optional power-of-two rounding by exponent bits, codes = rne(x / s) by the satfinite cast. Every
+at least FLT_MIN, optional power-of-two rounding by exponent bits, codes = rne(x * div_rn(1, s)) by the satfinite
+cast. Every
 quantiser adds the number of non-finite inputs it met to a device counter (`counter`); nothing is clamped
 silently. The `@triton.jit` helpers here are shared with the GEMM epilogues in `triton_gemm.py`.
 """
@@ -19,9 +20,14 @@ from .triton_compat import patch_interpreter
 patch_interpreter()
 
 TL_FP8 = {torch.float8_e4m3fn: tl.float8e4nv, torch.float8_e5m2: tl.float8e5}
-FLT_MIN = 1.1754943508222875e-38
-FLT_MAX = 3.4028234663852886e38
+FLT_MIN = tl.constexpr(1.1754943508222875e-38)
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _pad(T):
+    """Columns of a cols (transposed) copy of T rows: whole 128-row tiles."""
+    return triton.cdiv(T, TILE) * TILE
 
 
 @triton.jit
@@ -37,9 +43,11 @@ def tile_scale(amax, FMAX: tl.constexpr, POW2: tl.constexpr):
 
 @triton.jit
 def encode(x, s, QDT: tl.constexpr):
-    """rne(x / s) as fp8 codes; x and s broadcastable fp32."""
-    a, b = tl.broadcast(x, s)
-    return tl.math.div_rn(a, b).to(QDT)
+    """rne(x * (1 / s)) as fp8 codes; x and s broadcastable fp32, s the (small) vector of tile scales. The
+    reciprocal is IEEE-rounded (as torch's 1 / s) and computed once per tile, so the per-element work is one
+    multiply and one satfinite cast."""
+    r = tl.math.div_rn(tl.zeros_like(s) + 1.0, s)
+    return (x * r).to(QDT)
 
 
 @triton.jit
@@ -66,18 +74,19 @@ def store_rows(v, rows, rmask, cols, cmask, q_ptr, ldq, s_ptr, QDT: tl.constexpr
 def store_cols(v, rows, rmask, cols, cmask, qt_ptr, ldqt, st_ptr, QDT: tl.constexpr, FMAX: tl.constexpr,
                POW2: tl.constexpr):
     """v [128, BN] fp32 over 128 consecutive rows: one tile per column, codes transposed to qt[c, r]
-    (qt_ptr + c*ldqt + r), scales to st_ptr + c (the row of this row tile)."""
-    m = rmask[:, None] & cmask[None, :]
-    v = tl.where(m, v, 0.0)
+    (qt_ptr + c*ldqt + r), scales to st_ptr + c (the row of this row tile). Rows outside rmask are written as
+    zero codes: the padding of a partial tile is zero, so the weight-gradient GEMM reads whole tiles unmasked."""
+    v = tl.where(rmask[:, None] & cmask[None, :], v, 0.0)
     s = tile_scale(tl.max(tl.abs(v), 0), FMAX, POW2)
-    tl.store(qt_ptr + cols[None, :].to(tl.int64) * ldqt + rows[:, None], encode(v, s[None, :], QDT), mask=m)
+    tl.store(qt_ptr + cols[None, :].to(tl.int64) * ldqt + rows[:, None], encode(v, s[None, :], QDT),
+             mask=cmask[None, :])
     tl.store(st_ptr + cols, s, mask=cmask)
 
 
 # ---- one-pass rows + cols quantiser of a [T, C] tensor (dY and any activation without a fused producer) ------------
 
 @triton.jit
-def _quant_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, cnt_ptr, T, C, stride_x, ROWS: tl.constexpr,
+def _quant_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, cnt_ptr, T, C, stride_x, ldqt, ROWS: tl.constexpr,
                   COLS: tl.constexpr, QDT: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr):
     tb = tl.program_id(0)
     cb = tl.program_id(1)
@@ -91,23 +100,24 @@ def _quant_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, cnt_ptr, T, C, stride_x, 
     if ROWS:
         store_rows(x, rows, rmask, cols, cmask, q_ptr, C, s_ptr + cb * T, QDT, FMAX, POW2)
     if COLS:
-        store_cols(x, rows, rmask, cols, cmask, qt_ptr, T, st_ptr + tb * C, QDT, FMAX, POW2)
+        store_cols(x, rows, rmask, cols, cmask, qt_ptr, ldqt, st_ptr + tb * C, QDT, FMAX, POW2)
 
 
 def quantize(x, dtype, pow2, counter, rows=True, cols=False):
-    """x [T, C] -> ((q [T, C], s [ceil(C/128), T]) or None, (qT [C, T], sT [ceil(T/128), C]) or None)."""
+    """x [T, C] -> ((q [T, C], s [ceil(C/128), T]) or None, (qT [C, Tp], sT [Tp/128, C]) or None), where
+    Tp = T rounded up to 128 (zero codes in the padding)."""
     T, C = x.shape
     assert x.stride(1) == 1
     dev = x.device
     q = torch.empty(T, C, dtype=dtype, device=dev) if rows else None
     s = torch.empty(triton.cdiv(C, TILE), T, dtype=torch.float32, device=dev) if rows else None
-    qt = torch.empty(C, T, dtype=dtype, device=dev) if cols else None
+    qt = torch.empty(C, _pad(T), dtype=dtype, device=dev) if cols else None
     st = torch.empty(triton.cdiv(T, TILE), C, dtype=torch.float32, device=dev) if cols else None
     if T and (rows or cols):
         dummy = q if rows else qt
         _quant_kernel[(triton.cdiv(T, TILE), triton.cdiv(C, TILE))](
             x, q if rows else dummy, s if rows else st, qt if cols else dummy, st if cols else s, counter, T, C,
-            x.stride(0), ROWS=rows, COLS=cols, QDT=TL_FP8[dtype], FMAX=FP8_MAX[dtype], POW2=pow2, num_warps=8)
+            x.stride(0), _pad(T), ROWS=rows, COLS=cols, QDT=TL_FP8[dtype], FMAX=FP8_MAX[dtype], POW2=pow2, num_warps=8)
     return ((q, s) if rows else None), ((qt, st) if cols else None)
 
 
@@ -178,7 +188,7 @@ def _rms_rows_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, rstd_ptr, cnt_ptr, T, st
 
 
 @triton.jit
-def _rms_cols_kernel(x_ptr, w_ptr, rstd_ptr, qt_ptr, st_ptr, T, stride_x, C: tl.constexpr, XDT: tl.constexpr,
+def _rms_cols_kernel(x_ptr, w_ptr, rstd_ptr, qt_ptr, st_ptr, T, stride_x, ldqt, C: tl.constexpr, XDT: tl.constexpr,
                      YDT: tl.constexpr, QDT: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr):
     """The transposed copy of the same normed values: 128 tokens x 128 channels, tiles along tokens."""
     tb = tl.program_id(0)
@@ -192,11 +202,12 @@ def _rms_cols_kernel(x_ptr, w_ptr, rstd_ptr, qt_ptr, st_ptr, T, stride_x, C: tl.
     rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     y = norm_apply(x, rstd[:, None], w[None, :], XDT, YDT)
-    store_cols(y, rows, rmask, cols, cmask, qt_ptr, T, st_ptr + tb * C, QDT, FMAX, POW2)
+    store_cols(y, rows, rmask, cols, cmask, qt_ptr, ldqt, st_ptr + tb * C, QDT, FMAX, POW2)
 
 
 def rms_norm_quant(x, weight, eps, pow2, counter, write_y=True, cols=False):
-    """x [T, C], weight [C] -> (y [T, C] or None, (q [T, C], s [ceil(C/128), T]), (qT, sT) or None, rstd [T]).
+    """x [T, C], weight [C] -> (y [T, C] or None, (q [T, C], s [ceil(C/128), T]), cols (qT [C, Tp], sT) or None,
+    rstd [T]) (cols layout as in `quantize`).
     y = weight * (x * rstd).to(x.dtype) in the promoted dtype (reference.rms_norm); FP8 copies are e4m3 of y."""
     T, C = x.shape
     assert x.stride(1) == 1 and weight.is_contiguous() and C <= 16384
@@ -218,11 +229,11 @@ def rms_norm_quant(x, weight, eps, pow2, counter, write_y=True, cols=False):
                                                 float(eps), C=C, NKB=nkb, WRITE_Y=write_y, BT=bt,
                                                 num_warps=8 if nkb * TILE * bt >= 8192 else 4, **common)
     if cols:
-        qt = torch.empty(C, T, dtype=torch.float8_e4m3fn, device=dev)
+        qt = torch.empty(C, _pad(T), dtype=torch.float8_e4m3fn, device=dev)
         st = torch.empty(triton.cdiv(T, TILE), C, dtype=torch.float32, device=dev)
         if T:
             _rms_cols_kernel[(triton.cdiv(T, TILE), triton.cdiv(C, TILE))](x, weight, rstd, qt, st, T, x.stride(0),
-                                                                           C=C, num_warps=8, **common)
+                                                                           _pad(T), C=C, num_warps=8, **common)
         qc = (qt, st)
     return y, (q, s), qc, rstd
 
@@ -230,7 +241,7 @@ def rms_norm_quant(x, weight, eps, pow2, counter, write_y=True, cols=False):
 # ---- SwiGLU -> FP8 of a gate|up tensor produced elsewhere (the fused GEMM epilogue is the hot path) --------------
 
 @triton.jit
-def _swiglu_kernel(ab_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, cnt_ptr, T, I: tl.constexpr, COLS: tl.constexpr,
+def _swiglu_kernel(ab_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, cnt_ptr, T, ldqt, I: tl.constexpr, COLS: tl.constexpr,
                    POW2: tl.constexpr):
     tb = tl.program_id(0)
     cb = tl.program_id(1)
@@ -244,23 +255,23 @@ def _swiglu_kernel(ab_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, cnt_ptr, T, I: tl.const
     count_nonfinite(h, cnt_ptr)
     store_rows(h, rows, rmask, cols, cols < I, q_ptr, I, s_ptr + cb * T, tl.float8e4nv, 448.0, POW2)
     if COLS:
-        store_cols(h, rows, rmask, cols, cols < I, qt_ptr, T, st_ptr + tb * I, tl.float8e4nv, 448.0, POW2)
+        store_cols(h, rows, rmask, cols, cols < I, qt_ptr, ldqt, st_ptr + tb * I, tl.float8e4nv, 448.0, POW2)
 
 
 def swiglu_quant(ab, pow2, counter, cols=False):
     """ab [T, 2I] (gate | up) -> FP8 of h = silu(gate) * up (fp32): rows (q [T, I], s [I/128, T]) and optionally
-    cols (qT [I, T], sT [ceil(T/128), I]); the values `reference.swiglu32` defines."""
+    cols (qT [I, Tp], sT [Tp/128, I], as in `quantize`); the values `reference.swiglu32` defines."""
     T, I2 = ab.shape
     inter = I2 // 2
     assert ab.is_contiguous() and inter % TILE == 0
     dev = ab.device
     q = torch.empty(T, inter, dtype=torch.float8_e4m3fn, device=dev)
     s = torch.empty(inter // TILE, T, dtype=torch.float32, device=dev)
-    qt = torch.empty(inter, T if cols else 1, dtype=torch.float8_e4m3fn, device=dev)
+    qt = torch.empty(inter, _pad(T) if cols else 1, dtype=torch.float8_e4m3fn, device=dev)
     st = torch.empty(triton.cdiv(T, TILE) if cols else 1, inter, dtype=torch.float32, device=dev)
     if T:
-        _swiglu_kernel[(triton.cdiv(T, TILE), inter // TILE)](ab, q, s, qt, st, counter, T, I=inter, COLS=cols,
-                                                              POW2=pow2, num_warps=8)
+        _swiglu_kernel[(triton.cdiv(T, TILE), inter // TILE)](ab, q, s, qt, st, counter, T, qt.stride(0), I=inter,
+                                                              COLS=cols, POW2=pow2, num_warps=8)
     return (q, s), ((qt, st) if cols else None)
 
 
