@@ -67,8 +67,7 @@ def test_emulated_fp8_loss_tracks_fp32(monkeypatch):
 def test_triton_path_tracks_emulation(monkeypatch):
     pytest.importorskip("triton")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev == "cpu":
-        monkeypatch.setenv("RINGLINEAR_BACKEND", "triton")
+    monkeypatch.setenv("RINGLINEAR_BACKEND", "triton" if dev == "cpu" else "auto")
     m = M8.convert_to_fp8(model(layers=2).to(dev), F8.Fp8Recipe())
     tri, _ = loss_of(m, seq=24)
     monkeypatch.setenv("RINGLINEAR_BACKEND", "torch")

@@ -28,6 +28,8 @@ def backend(monkeypatch):
         if kind == "triton":
             if DEV == "cpu":
                 monkeypatch.setenv("RINGLINEAR_BACKEND", "triton")
+            else:
+                monkeypatch.delenv("RINGLINEAR_BACKEND", raising=False)
             return TRITON, DEV
         monkeypatch.setenv("RINGLINEAR_BACKEND", "torch")
         return EMU, "cpu"
