@@ -38,8 +38,8 @@ def _gemm_backend(kind):
 
 @dataclass
 class Fp8Act:
-    """FP8 copies of an activation x [T, C]: rows (q [T, C], s [C/128, T]) and optionally cols (qT [C, T],
-    sT [T/128, C]), made with `pow2` scales from x at version `version`."""
+    """FP8 copies of an activation x [T, C]: rows (q [T, C], s [C/128, T]) and optionally cols (qT [C, Tp],
+    sT [Tp/128, C], Tp = T rounded up to 128), made with `pow2` scales from x at version `version`."""
     rows: tuple
     cols: tuple | None
     pow2: bool
