@@ -75,7 +75,10 @@ class TrainConfig:
     # --- performance
     device: str = _f("auto", "auto (cuda if available), cpu, cuda, cuda:N")
     precision: str = _f("auto", "auto = bf16 on CUDA, fp32 on CPU; bf16 = bf16 parameters with fp32 master weights and "
-                                "moments in the optimizer", choices=["auto", "fp32", "bf16"])
+                                "moments in the optimizer; fp8 = bf16 as that, with the dense projections, MLPs and "
+                                "experts in FP8 (e4m3, 1x128 / 128x128 scales: docs/fp8.md)",
+                        choices=["auto", "fp32", "bf16", "fp8"])
+    fp8_emulate: bool = _f(False, "--precision fp8 without FP8 hardware (CPU): the exact emulation, slow (tests)")
     numerics: str = _f("default", "default (fastest kernels) or aligned (the forward serving's aligned mode "
                                   "reproduces bit for bit: docs/numerics.md)", choices=["default", "aligned"])
     log_every: int = _f(1, "read the step statistics back from the device every N steps (one sync per N steps; "

@@ -65,15 +65,23 @@ def run(tr) -> dict:
         now = time.perf_counter()
         dt = (now - t_flush) / len(pending)  # the GPU runs ahead of the host: time per step over the interval
         t_flush = now
+        fp8_bad = 0
+        if tr.fp8:
+            from ..ops.fp8 import read_nonfinite
+            fp8_bad = read_nonfinite(tr.env.device)  # NaN/inf that reached an FP8 quantiser since the last read
         for step, st in pending:
             st = to_host(st)
             last_loss = st["loss_sum"] / max(st["targets"], 1.0)
             if not math.isfinite(last_loss):
-                raise FloatingPointError(f"loss is {last_loss} at step {step}: lower --lr or raise --warmup-steps")
+                why = f"; {fp8_bad} non-finite values reached FP8 quantisers" if fp8_bad else ""
+                raise FloatingPointError(f"loss is {last_loss} at step {step}{why}: lower --lr or raise "
+                                         "--warmup-steps (the checkpoints written so far are intact)")
             if main:
                 rec = {"step": step, "loss": last_loss, "lr": st["lr"], "grad_norm": st["grad_norm"],
                        "tokens": st["tokens_seen"], "tok_s": st["tokens"] / dt, "elapsed_s": round(st["elapsed"], 3)}
                 rec.update({k: v for k, v in st.items() if k.startswith("moe_")})
+                if tr.fp8:
+                    rec["fp8_nonfinite"] = fp8_bad
                 if cfg.seq_aux_loss_coef > 0:
                     rec["aux_loss"] = st["aux_sum"] / st["rows"]
                 metrics.write(rec)

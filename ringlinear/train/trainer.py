@@ -47,6 +47,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg.validate()
         self.env = env = D.setup(cfg.device)
+        if cfg.precision == "fp8" and env.device.type != "cuda" and not cfg.fp8_emulate:
+            raise ValueError(f"--precision fp8 needs a CUDA GPU with FP8 tensor cores (sm_89+); on {env.device.type} "
+                             "add --fp8-emulate for the exact (slow) emulation")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -67,7 +70,7 @@ class Trainer:
         dev = env.device
         # bf16 = the parameters themselves in bf16 (every kernel on bf16 operands, no per-step casts) with fp32
         # master weights and moments in the optimizer (MasterAdamW); auto = bf16 on CUDA, fp32 on CPU.
-        self.param_dtype = torch.bfloat16 if cfg.precision == "bf16" or (
+        self.param_dtype = torch.bfloat16 if cfg.precision in ("bf16", "fp8") or (
             cfg.precision == "auto" and dev.type == "cuda") else torch.float32
         self.model.to(device=dev, dtype=self.param_dtype).train()
         self.model.set_numerics(cfg.numerics)
@@ -77,6 +80,11 @@ class Trainer:
         self.opt = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps,
                                   dev.type)
         self.lr_sched = make_scheduler(self.opt, cfg)
+        self.fp8 = cfg.precision == "fp8"
+        if self.fp8:
+            from ..models.fp8 import convert_to_fp8
+            from ..ops.fp8 import Fp8Recipe
+            convert_to_fp8(self.model, Fp8Recipe(emulate=cfg.fp8_emulate), optimizer=self.opt)
         self.step = 0
         self.tokens_seen = 0
         self.elapsed = 0.0
