@@ -175,12 +175,76 @@ def price():
     return res
 
 
+def model_level(quick=False):
+    """The tiny model and a 5-layer Ring-mini slice, bf16 weights, engine with CUDA graphs: align-check figures in
+    both modes (aligned must be all zeros), and the price of aligned mode: prefill and decode through the engine,
+    and the training step."""
+    import time
+
+    from ringlinear.engine import EngineConfig, LLMEngine, SamplingParams
+    from ringlinear.models.config import get_preset
+    from ringlinear.models.modeling import RingLinearForCausalLM
+    from ringlinear.rl.align_check import align_check
+    out = {}
+    for name, cfg in (("tiny", get_preset("tiny")),
+                      ("mini-5L", get_preset("ring-mini-linear-2.0").replace(num_hidden_layers=5))):
+        m = RingLinearForCausalLM.from_config(cfg.replace(torch_dtype="bfloat16"), dtype=torch.bfloat16,
+                                              device="cuda", seed=0).eval()
+        r = {}
+        for mode in ("default", "aligned"):
+            res = align_check(m, mode, n_prompts=8 if quick else 16, max_tokens=48, max_prompt=300)
+            r[mode] = {k: res[k] for k in ("max_abs_dlogp", "mean_abs_dlogp", "kl_rollout_train", "frac_dp_gt_0.8",
+                                           "tokens", "divergence")}
+        if name == "mini-5L":
+            for mode in ("default", "aligned"):
+                torch.cuda.synchronize()
+                eng = LLMEngine(model=m, config=EngineConfig(max_num_seqs=64, numerics=mode, num_kv_blocks=64 * 80,
+                                                             max_num_batched_tokens=4096, prefill_chunk=512,
+                                                             max_model_len=1200))
+                prompt = torch.randint(10, cfg.vocab_size, (4096 - 64,)).tolist()
+                sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+                eng2 = LLMEngine(model=m, config=EngineConfig(max_num_seqs=1, numerics=mode, num_kv_blocks=300,
+                                                              max_num_batched_tokens=4096, prefill_chunk=4096,
+                                                              cuda_graphs=False))
+                for _ in range(2):  # the first run compiles
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    eng2.add_request(prompt, sp)
+                    while eng2.has_unfinished():
+                        eng2.step()
+                    torch.cuda.synchronize()
+                    pre = len(prompt) / (time.perf_counter() - t0)
+                del eng2
+                prompts = [torch.randint(10, cfg.vocab_size, (1000,)).tolist() for _ in range(64)]
+                for p_ in prompts:
+                    eng.add_request(p_, SamplingParams(max_tokens=100, temperature=1.0, seed=1, ignore_eos=True))
+                while any(s.num_computed < len(s.prompt_token_ids) for s in eng.seqs.values()):
+                    eng.step()
+                torch.cuda.synchronize()
+                t0, n = time.perf_counter(), 0
+                while eng.has_unfinished():
+                    n += len(eng.step())
+                torch.cuda.synchronize()
+                r[f"price_{mode}"] = {"prefill_4k_tok_s": pre, "decode_b64_tok_s": n / (time.perf_counter() - t0)}
+                del eng
+            r["price_aligned_vs_default"] = {k: r["price_aligned"][k] / r["price_default"][k]
+                                             for k in r["price_default"]}
+        out[name] = r
+        del m
+        torch.cuda.empty_cache()
+    return out
+
+
 def main():
     if not torch.cuda.is_available():
         sys.exit("benchmarks/aligned.py needs a CUDA GPU")
     out = {"card": torch.cuda.get_device_name(), "torch": torch.__version__}
-    for name, fn in (("attention", check_attention), ("lightning", check_lightning), ("rows", check_rows),
-                     ("price", price)):
+    sections = [("attention", check_attention), ("lightning", check_lightning), ("rows", check_rows),
+                ("price", price), ("model", model_level)]
+    only = sys.argv[1].split(",") if len(sys.argv) > 1 else None
+    for name, fn in sections:
+        if only and name not in only:
+            continue
         try:
             out[name] = fn()
         except Exception as e:  # noqa: BLE001  (report and go on: GPU time is scarce)

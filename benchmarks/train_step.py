@@ -115,9 +115,13 @@ def build(cfg, seed=0):
     return RingLinearForCausalLM.from_config(cfg, dtype=torch.bfloat16, device="cuda", seed=seed).train()
 
 
-def trainer_like(model, cfg, rows, seq, optimizer=True):
+def trainer_like(model, cfg, rows, seq, optimizer=True, fp8=False):
     env = DistEnv(0, 1, 0, torch.device("cuda"), False)
     opt = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), 1e-8, "cuda") if optimizer else None
+    if fp8:  # what `ringlinear train --precision fp8` does after building the optimizer
+        from ringlinear.models.fp8 import convert_to_fp8
+        from ringlinear.ops.fp8 import Fp8Recipe
+        convert_to_fp8(model, Fp8Recipe(), optimizer=opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0) if optimizer else None
     return SimpleNamespace(model=model, fwd=model, ddp=None, env=env, opt=opt, lr_sched=sched,
                            balancer=MoEBalancer(model, 1e-3, 0.0), autocast=contextlib.nullcontext,
@@ -165,14 +169,14 @@ def parts(model, batch, cfg):
     return out
 
 
-def bench_config(name, cfg, seq, rows, ref_baseline, optimizer=True):
+def bench_config(name, cfg, seq, rows, ref_baseline, optimizer=True, numerics="default", fp8=False):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    model = build(cfg)
+    model = build(cfg).set_numerics(numerics)
     init_s = time.perf_counter() - t0
     batch = make_batch(cfg, rows * seq, seq, seed=1)
-    tr = trainer_like(model, cfg, rows, seq, optimizer)
+    tr = trainer_like(model, cfg, rows, seq, optimizer, fp8)
     step_s = timed(lambda: run_step(tr, batch, optimizer), 2, 4)
     peak = torch.cuda.max_memory_allocated() / 2**30
     fpt, detail = flops_per_token(cfg, batch["lens"])
@@ -228,6 +232,9 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--max-layers", action="store_true", help="also find the largest Ring-mini slice that trains")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--aligned", action="store_true", help="also the mini 4K step in numerics=aligned (its price)")
+    ap.add_argument("--fp8", action="store_true", help="also the mini 4K and flash steps with --precision fp8")
+    ap.add_argument("--only", default="", help="comma-separated config names to run (default: all)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/train_step.py needs a CUDA GPU")
@@ -235,13 +242,21 @@ def main():
     peak = gemm_peak()
     mini = get_preset("ring-mini-linear-2.0").replace(num_hidden_layers=5)
     flash = get_preset("ring-flash-linear-2.0").replace(num_hidden_layers=4)
-    runs = [("mini-5L seq4K", mini, 4096, 4 if args.quick else 8, not args.no_reference, True),
-            ("mini-5L seq16K", mini, 16384, 1 if args.quick else 2, False, True),
-            ("flash-4L seq4K (fwd+bwd)", flash, 4096, 2 if args.quick else 4, False, False)]
+    r4 = 4 if args.quick else 8
+    runs = [("mini-5L seq4K", mini, 4096, r4, not args.no_reference, True, "default", False),
+            ("mini-5L seq16K", mini, 16384, r4 // 4, False, True, "default", False),
+            ("flash-4L seq4K (fwd+bwd)", flash, 4096, r4 // 2, False, False, "default", False)]
+    if args.aligned:
+        runs.append(("mini-5L seq4K aligned", mini, 4096, r4, False, True, "aligned", False))
+    if args.fp8:
+        runs += [("mini-5L seq4K fp8", mini, 4096, r4, False, True, "default", True),
+                 ("flash-4L seq4K fp8 (fwd+bwd)", flash, 4096, r4 // 2, False, False, "default", True)]
+    if args.only:
+        runs = [r for r in runs if any(o in r[0] for o in args.only.split(","))]
     results = {"card": card, "torch": torch.__version__, "bf16_gemm_tflops": peak, "configs": []}
-    for name, cfg, seq, rows, ref, opt in runs:
+    for name, cfg, seq, rows, ref, opt, numerics, fp8 in runs:
         try:
-            r = bench_config(name, cfg, seq, rows, ref, opt)
+            r = bench_config(name, cfg, seq, rows, ref, opt, numerics, fp8)
             r["mfu_measured_peak"] = r["tflops"] / peak
             r["mfu_datasheet"] = r["tflops"] / DATASHEET_TFLOPS
         except Exception as e:  # noqa: BLE001  (report and go on)

@@ -105,7 +105,9 @@ class Trainer:
         else:
             mc = model_config_for(cfg, tok.vocab_size).replace(
                 eos_token_id=tok.stop_token_ids or None, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
-            model = RingLinearForCausalLM.from_config(mc, dtype=torch.float32, seed=cfg.seed)
+            # drawn on the training device: seconds for billions of parameters (a CUDA generator: a GPU run and a
+            # CPU run of the same seed start from different weights; --init-from a checkpoint gives both the same)
+            model = RingLinearForCausalLM.from_config(mc, dtype=torch.float32, device=self.env.device, seed=cfg.seed)
         if tok.vocab_size > model.config.vocab_size:
             raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}")
         return model
