@@ -106,6 +106,6 @@ def align_check(model, numerics: str = "aligned", n_prompts: int = 16, max_token
     res["numerics"] = numerics
     res["divergence"] = None
     if any(res[k] for k in MISMATCH_KEYS):
-        worst = max(range(len(outs)), key=lambda i: float((served[i] - train[i]).abs().max()))
+        worst = max(range(len(outs)), key=lambda i: float((served[i] - train[i].cpu()).abs().max()))
         res["divergence"] = first_divergence(model, prompts[worst], numerics, max_tokens, seed + worst)
     return res

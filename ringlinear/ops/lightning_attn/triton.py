@@ -291,12 +291,34 @@ def _backward(do, dht, q, k, v, g, scale, h0, seg_init, plan, need_dh0):
     return dq, dk, dv, dh0
 
 
+def _aligned_as_prefill(q, k, v, g, scale, plan):
+    """The aligned training forward, run as aligned serving's prefill from fresh (zero) state slots, so both are
+    one compiled kernel with the same arguments' kinds: a position's bits cannot depend on which one ran it."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = plan.N
+    pool = torch.zeros(N, H, K, V, device=q.device, dtype=torch.float32)
+    BT = plan.fwd[0]
+    open_k = torch.empty(N, BT, H, K, device=q.device, dtype=q.dtype)
+    open_v = torch.empty(N, BT, H, V, device=q.device, dtype=q.dtype)
+    slots = torch.arange(N, device=q.device, dtype=torch.int32)
+    if plan.cu is None:
+        plan.cu = torch.arange(0, (B + 1) * T, T, device=q.device, dtype=torch.int32)
+        plan.varlen = True
+    qf, kf, vf = (x.reshape(1, B * T, H, -1) for x in (q, k, v))
+    o, _, _ = _forward(qf, kf, vf, g, scale, pool, True, plan, slots=slots, ht_out=pool, open_kv=(open_k, open_v))
+    return o.view(B, T, H, V)
+
+
 class _LightningAttnFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, scale, h0, want_ht, cu_seqlens, training, aligned):
         B, T, H, K = q.shape
         plan = _Plan(B, T, H, K, v.shape[-1], cu_seqlens, q.device, q.dtype, training=training, aligned=aligned)
-        o, ht, seg_init = _forward(q, k, v, g, scale, h0, want_ht, plan)
+        if aligned:  # exactly the compiled variant aligned serving prefills with: zero state slots, open chunks
+            o, ht, seg_init = _aligned_as_prefill(q, k, v, g, scale, plan), None, None
+        else:
+            o, ht, seg_init = _forward(q, k, v, g, scale, h0, want_ht, plan)
         ctx.save_for_backward(q, k, v, g, h0, seg_init)
         ctx.plan, ctx.scale = plan, scale
         ctx.set_materialize_grads(False)  # an unused final state must not cost a zero-filled dht

@@ -54,9 +54,10 @@ def _decode_aligned_kernel(q, k, v, o, g, state, open_k, open_v, slots, position
     if i_v == 0:
         tl.store(open_k + row * K + rk, new_k)
     tl.store(open_v + row * V + rv, new_v)
-    if i == BT - 1:  # the chunk closes: fold it into the boundary state, exactly as the forward does
-        c, w = _chunk_weights(gl, rt, 0, BT, BT)
-        tl.store(st, _state_update(S, b_k, b_v, w, tl.exp2(gl * c), LOWP, PREC))
+    # the fold as the forward computes it, always (same code around the dots); stored only when the chunk closes
+    c, w = _chunk_weights(gl, rt, 0, BT, BT)
+    S_new = _state_update(S, b_k, b_v, w, tl.exp2(gl * c), LOWP, PREC)
+    tl.store(st, S_new, mask=(rk[:, None] >= 0) & (i == BT - 1))
 
 
 def open_chunk_rows(K: int, V: int, dtype: torch.dtype) -> int:

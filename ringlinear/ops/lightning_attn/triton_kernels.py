@@ -168,16 +168,19 @@ def _fwd_kernel(q, k, v, o, g, h0, ht, slots, seg_init, cu, seg_seq, seg_ptr, op
         b_o = _chunk_out(b_q, b_k, b_v, S, mask, d_row, LOWP, PREC)
         tl.store(o + rows[:, None] * (H * V) + rv[None, :], (b_o * scale).to(o.dtype.element_ty), mask=m[:, None])
         c, w = _chunk_weights(gl, rt, t0, end, BT)
+        S_new = _state_update(S, b_k, b_v, w, tl.exp2(gl * c), LOWP, PREC)
         if ALIGNED:
-            if end - t0 >= BT:
-                S = _state_update(S, b_k, b_v, w, tl.exp2(gl * c), LOWP, PREC)
-            else:  # the open chunk: keep its rows for decode
-                buf = (slot * BT + rt.to(tl.int64)) * H + i_h
-                if i_v == 0:
-                    tl.store(open_k + buf[:, None] * K + rk[None, :], b_k, mask=m[:, None])
-                tl.store(open_v + buf[:, None] * V + rv[None, :], b_v, mask=m[:, None])
+            # the fold is computed in the same place either way (same code around the dots, so the compiler
+            # lowers them alike); an open (partial) chunk keeps the boundary state and its rows for decode
+            full = end - t0 >= BT
+            S = tl.where(full, S_new, S)
+            buf = (slot * BT + rt.to(tl.int64)) * H + i_h
+            keep = m & (end - t0 < BT)
+            if i_v == 0:
+                tl.store(open_k + buf[:, None] * K + rk[None, :], b_k, mask=keep[:, None])
+            tl.store(open_v + buf[:, None] * V + rv[None, :], b_v, mask=keep[:, None])
         else:
-            S = _state_update(S, b_k, b_v, w, tl.exp2(gl * c), LOWP, PREC)
+            S = S_new
     if STORE_HT:
         tl.store(ht + slot * (H * K * V) + st_off, S)
 
