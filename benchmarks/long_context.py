@@ -28,7 +28,7 @@ import torch
 from ringlinear.engine.config import EngineConfig
 from ringlinear.engine.engine import LLMEngine
 from ringlinear.engine.sampling_params import SamplingParams
-from ringlinear.models.config import get_preset
+from ringlinear.models.presets import get_preset
 from ringlinear.models.context import StatelessContext
 from ringlinear.models.modeling import RingLinearForCausalLM
 

@@ -90,7 +90,8 @@ def _fmt_bytes(n: float) -> str:
 
 
 def cmd_info(args) -> int:
-    from .models.config import RingLinearConfig, get_preset
+    from .models.config import RingLinearConfig
+    from .models.presets import get_preset
     from .models.modeling import count_parameters, kv_bytes_per_token, state_bytes_per_sequence
     if bool(args.model) == bool(args.preset):
         raise ValueError("give exactly one of --model DIR or --preset NAME")
@@ -126,7 +127,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .testing import make_tiny_checkpoint
+    from .models.demo import make_tiny_checkpoint
     out = os.path.abspath(args.out)
     make_tiny_checkpoint(out, preset="small", seed=0)
     print(f"wrote a random-weight 'small' checkpoint to {out}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..modules.layers import SparseMoeBlock
+from ..models.moe import SparseMoeBlock
 
 
 class MoEBalancer:

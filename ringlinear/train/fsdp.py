@@ -8,10 +8,17 @@ Everything else (attention, dense MLP, shared experts, router, norms, embeddings
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
-from ..modules.layers import SparseMoeBlock
+from ..models.modeling import RingLinearForCausalLM
+from ..models.moe import SparseMoeBlock
 
 
 def expert_params(model) -> list[torch.nn.Parameter]:
@@ -23,10 +30,6 @@ def apply_fsdp(model, env):
     """Shard in place (each decoder layer, then the root) over all ranks; CUDA (nccl) or CPU (gloo)."""
     if not env.distributed:
         raise ValueError("--fsdp needs several processes (torchrun --nproc-per-node N)")
-    import warnings
-
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     # The logits are returned as a view; nothing modifies them in place, so FSDP's warning about that is moot.
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     mesh = init_device_mesh(env.device.type, (env.world,))
@@ -78,17 +81,14 @@ def clip_grads(params, max_norm: float) -> torch.Tensor:
 
 
 def _opts(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
     return StateDictOptions(full_state_dict=True, **kw)
 
 
 def gathered_model(model, env):
     """A plain CPU copy of the sharded model on rank 0 (None elsewhere), for save_pretrained. Collective."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
     sd = get_model_state_dict(model, options=_opts(cpu_offload=True))
     if not env.is_main:
         return None
-    from ..models.modeling import RingLinearForCausalLM
     with torch.device("meta"):
         full = RingLinearForCausalLM(model.config)
     full.to_empty(device="cpu")
@@ -100,12 +100,10 @@ def gathered_model(model, env):
 
 def full_optimizer_state(model, opt) -> dict:
     """Unsharded optimizer state keyed by parameter name (collective; meaningful on rank 0)."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     return get_optimizer_state_dict(model, opt, options=_opts(cpu_offload=True))
 
 
 def load_optimizer(model, opt, state: dict) -> None:
     if "optimizer_full" not in state:
         raise ValueError("this checkpoint was written without --fsdp: resume it without --fsdp")
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
     set_optimizer_state_dict(model, opt, state["optimizer_full"], options=_opts())

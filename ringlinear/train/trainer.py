@@ -13,12 +13,19 @@ import shutil
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..models.config import RingLinearConfig
+from ..models.modeling import RingLinearForCausalLM
+from ..models.presets import get_preset
+from ..models.tokenizer import load_tokenizer
 from . import dist as D
+from . import fsdp
 from .balance import MoEBalancer
 from .checkpoint import (find_resume, list_checkpoints, load_trainer_state, remove_stale_temp, rng_state,
                          save_checkpoint, set_rng_state, verify_checkpoint)
-from .config import RUN_DEFINING, TrainConfig, model_config_for
+from .config import RUN_DEFINING, TrainConfig
+from .loop import run
 from .optim import make_optimizer, make_scheduler
 from .packing import PackedRows, RowSchedule, collate
 from .prepare import load_streams, prepare
@@ -86,15 +93,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _build_model(self):
-        from ..models.modeling import RingLinearForCausalLM
-        from ..models.tokenizer import load_tokenizer
         cfg = self.cfg
         tok = load_tokenizer(self.prep.tokenizer_dir)
         src = self.resume_path or cfg.init_from
         if src:
             model = RingLinearForCausalLM.from_pretrained(src, dtype=torch.float32)
         else:
-            mc = model_config_for(cfg, tok.vocab_size).replace(
+            mc = _model_config(cfg, tok.vocab_size).replace(
                 eos_token_id=tok.stop_token_ids or None, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
             model = RingLinearForCausalLM.from_config(mc, dtype=torch.float32, seed=cfg.seed)
         if tok.vocab_size > model.config.vocab_size:
@@ -107,8 +112,7 @@ class Trainer:
             raise ValueError(f"cannot resume: the checkpoint used {saved_global} rows per step (world x grad-accum x "
                              f"batch-size), this run {self.sched_rows.global_rows}; keep the product equal")
         if self.fsdp:
-            from .fsdp import load_optimizer
-            load_optimizer(self.model, self.opt, st)
+            fsdp.load_optimizer(self.model, self.opt, st)
         elif "optimizer" not in st:
             raise ValueError("this checkpoint was written by an --fsdp run: resume it with --fsdp")
         else:
@@ -125,10 +129,8 @@ class Trainer:
         m = self.model
         self.fsdp = cfg.fsdp
         if cfg.fsdp:
-            from .fsdp import apply_fsdp
-            m = apply_fsdp(m, env)
+            m = fsdp.apply_fsdp(m, env)
         elif env.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [env.device.index] if env.device.type == "cuda" else None
             # expert_bias is kept identical on every rank by the balancer: no per-forward buffer broadcast.
             m = DDP(m, device_ids=ids, broadcast_buffers=False)
@@ -173,9 +175,8 @@ class Trainer:
         cfg = self.cfg
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.fsdp:
-            from .fsdp import clip_grads
             self.model._expert_sync()
-            gn = clip_grads(params, cfg.grad_clip)
+            gn = fsdp.clip_grads(params, cfg.grad_clip)
         elif cfg.grad_clip > 0:
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
@@ -215,9 +216,8 @@ class Trainer:
         env, cfg = self.env, self.cfg
         rngs = D.gather_objects(env, rng_state())
         if self.fsdp:
-            from .fsdp import full_optimizer_state, gathered_model
-            model, opt_state = gathered_model(self.model, env), {"optimizer_full": full_optimizer_state(self.model,
-                                                                                                      self.opt)}
+            model = fsdp.gathered_model(self.model, env)
+            opt_state = {"optimizer_full": fsdp.full_optimizer_state(self.model, self.opt)}
         else:
             model, opt_state = self.model, {"optimizer": self.opt.state_dict()}
         path = None
@@ -235,19 +235,24 @@ class Trainer:
         """The model alone, in the published layout (collective under FSDP: call on every rank)."""
         model = self.model
         if self.fsdp:
-            from .fsdp import gathered_model
-            model = gathered_model(self.model, self.env)
+            model = fsdp.gathered_model(self.model, self.env)
         if self.env.is_main:
             model.save_pretrained(path, tokenizer_dir=self.prep.tokenizer_dir)
         D.barrier(self.env)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:
-        from .loop import run
         try:
             return run(self)
         finally:
             D.teardown(self.env)
+
+
+def _model_config(cfg: TrainConfig, vocab_size: int) -> RingLinearConfig:
+    """The architecture to initialise randomly, with the vocabulary sized to the tokenizer (multiple of 64)."""
+    mc = RingLinearConfig.from_json(cfg.model_config) if cfg.model_config else get_preset(cfg.model_preset)
+    padded = -(-vocab_size // 64) * 64
+    return mc.replace(vocab_size=max(padded, 64), torch_dtype="float32")
 
 
 def _warn_if_cpu_busy() -> None:

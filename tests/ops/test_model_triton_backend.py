@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from ringlinear.models.config import get_preset  # noqa: E402
+from ringlinear.models.presets import get_preset  # noqa: E402
 from ringlinear.models.modeling import RingLinearForCausalLM  # noqa: E402
 from ringlinear.testing import perturb_norms_and_biases  # noqa: E402
 

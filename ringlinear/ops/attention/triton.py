@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..lightning_attn.triton_compat import patch_interpreter
+from .._triton import patch_interpreter
 
 PART = 512  # tokens per partition
 BLOCK_N = 64  # tokens per inner tile

@@ -1,6 +1,8 @@
-"""Keeps the Triton interpreter (TRITON_INTERPRET=1, the CPU test path) usable for these kernels.
+"""Helpers every Triton kernel module shares: the interpreter fixes and the SM count. Imported only by those modules
+(Triton is optional: nothing else in the package imports it).
 
-Two defects of Triton 3.6's interpreter, patched only when it is active (compiled kernels are untouched):
+`patch_interpreter()` keeps the Triton interpreter (TRITON_INTERPRET=1, the CPU test path) usable for these
+kernels. Three defects of Triton 3.6's interpreter, patched only when it is active (compiled kernels are untouched):
 - it turns a scalar tensor into a Python int with `int(handle.data)` but holds scalars as 1-element arrays,
   which numpy >= 2.4 refuses, so any `range()` over a runtime bound fails;
 - `tl.dot` on bf16 operands multiplies their raw 16-bit patterns as integers (numpy has no bf16);
@@ -9,18 +11,22 @@ Two defects of Triton 3.6's interpreter, patched only when it is active (compile
 """
 from __future__ import annotations
 
+import functools
 import os
 
-_done = False
+import numpy as np
+import torch
+import triton.language as tl
+from triton.runtime import interpreter as itp
+
+_patched = False
 
 
 def patch_interpreter() -> None:
-    global _done
-    if _done or os.environ.get("TRITON_INTERPRET") != "1":
+    global _patched
+    if _patched or os.environ.get("TRITON_INTERPRET") != "1":
         return
-    _done = True
-    from triton.runtime import interpreter as itp
-
+    _patched = True
     orig = getattr(itp, "_patch_lang_tensor", None)
     if orig is None:  # a Triton whose interpreter is laid out differently: nothing to fix here
         return
@@ -30,10 +36,6 @@ def patch_interpreter() -> None:
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
     itp._patch_lang_tensor = patched
-
-    import numpy as np
-    import triton.language as tl
-
     builder_cls = type(itp.interpreter_builder)
     orig_dot = builder_cls.create_dot
 
@@ -46,9 +48,6 @@ def patch_interpreter() -> None:
         return orig_dot(self, as_f32(a), as_f32(b), d, input_precision, max_num_imprecise_acc)
 
     builder_cls.create_dot = create_dot
-
-    import torch
-
     orig_cast = builder_cls.cast_impl
 
     def cast_impl(self, src, dst_type):
@@ -58,3 +57,16 @@ def patch_interpreter() -> None:
         return orig_cast(self, src, dst_type)
 
     builder_cls.cast_impl = cast_impl
+
+
+def num_sms(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device (the current one when it has no index); None for any other
+    device (the interpreter), where each caller picks a small program count of its own."""
+    if device.type != "cuda":
+        return None
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
