@@ -1,44 +1,18 @@
-"""Softmax attention ops. Prefill: SDPA (flash on CUDA in the model dtype, fp32 reference on CPU). Decode over a
-paged KV cache: the Triton kernel on CUDA (`RINGLINEAR_BACKEND` forces), the gather reference on CPU."""
+"""Softmax attention ops. Prefill: SDPA in the model dtype for 16-bit CUDA tensors (sdpa.py), the fp32 reference
+otherwise. Decode over a paged KV cache: the Triton kernel on CUDA, the gather reference on CPU. The rules are in
+`ringlinear/backend.py`."""
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
-from ...backend import backend_override, use_triton
-from . import reference
+from ...backend import use_sdpa, use_triton
+from . import reference, sdpa
 from .reference import causal_attention_varlen
 
 
 def attention_with_prefix(q, k, v, scale):
     """q [Tq, H, D] are the last Tq of the Tk positions of k, v [Tk, KV, D] (causal). Returns [Tq, H, D]."""
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and backend_override() != "torch":
-        return _sdpa_prefix(q, k, v, scale)
+    if use_sdpa(q):
+        return sdpa.attention_with_prefix(q, k, v, scale)
     return reference.attention_with_prefix(q, k, v, scale)
-
-
-def _sdpa_prefix(q, k, v, scale, max_mask_elems: int = 1 << 27):
-    # SDPA in the model dtype (flash / memory-efficient kernels; their softmax runs in fp32).
-    Tq, H, D = q.shape
-    Tk, KV, _ = k.shape
-    kh = k.repeat_interleave(H // KV, 1).transpose(0, 1)[None]  # [1, H, Tk, D]
-    vh = v.repeat_interleave(H // KV, 1).transpose(0, 1)[None]
-    if Tq == Tk:
-        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kh, vh, is_causal=True, scale=scale)
-        return o[0].transpose(0, 1)
-    # A chunk continuing a cached prefix: an explicit bottom-right causal mask, in row blocks so the mask stays
-    # small (torch's causal_lower_right bias failed on CUDA for long prefixes in our runs).
-    out = torch.empty_like(q)
-    off = Tk - Tq
-    rows = max(1, min(Tq, max_mask_elems // Tk))
-    for a in range(0, Tq, rows):
-        b = min(Tq, a + rows)
-        keys = off + b
-        mask = torch.arange(keys, device=q.device)[None, :] <= (off + torch.arange(a, b, device=q.device))[:, None]
-        o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1)[None], kh[:, :, :keys], vh[:, :, :keys],
-                                           attn_mask=mask, scale=scale)
-        out[a:b] = o[0].transpose(0, 1)
-    return out
 
 
 def paged_decode_attention(q, K, V, block_tables, context_lens, block_size: int, scale: float, out=None):
