@@ -352,7 +352,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         want_lp = req.logprobs is not None
         rid = f"cmpl-{uuid.uuid4().hex}"
-        params = [req.sampling_params(max_tokens, want_lp, req.logprobs or 0, j) for j in range(req.n)]
+        params = req.sampling_params(max_tokens, want_lp, req.logprobs or 0)
         streams = await submit_all(prompts, params, rid)
         fmt = Formatter(tok, model_name, rid)
         prompt_tokens = sum(s.num_prompt_tokens for s in streams[::req.n])
@@ -383,13 +383,13 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         text = await engine.offload(render_chat, req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:  # the rest of the context: the length is known only once tokenised
-            ids = await engine.prepare(text, req.sampling_params(1, False, 0, 0))
+            ids = await engine.prepare(text, req.sampling_params(1, False, 0)[0])
             max_tokens = max(1, max_model_len - len(ids))
         else:
             ids = text
         want_lp = req.logprobs
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        params = [req.sampling_params(max_tokens, want_lp, req.top_logprobs or 0, j) for j in range(req.n)]
+        params = req.sampling_params(max_tokens, want_lp, req.top_logprobs or 0)
         streams = await submit_all([ids], params, rid)
         fmt = Formatter(tok, model_name, rid)
         prompt_tokens = streams[0].num_prompt_tokens
