@@ -1,6 +1,6 @@
 """Linear-attention state slots: one fp32 [H, D, D] state per linear layer per running request.
 
-`states[layer]` is a pool [num_slots + 1, H, D, D] fp32 (never lower precision: numerics.md) that the lightning
+`states[layer]` is a pool [num_slots + 1, H, D, D] fp32 (never lower precision: docs/numerics.md) that the lightning
 ops update in place by slot id. A slot is zeroed when handed out, because a fresh request starts from the zero
 state and a recomputed (preempted) request starts over. The extra last slot is a scratch target for padded
 CUDA-graph rows and is never handed out.
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .free_list import FreeList
+
 
 class StatePool:
     def __init__(self, linear_layers: list[int], num_slots: int, num_heads: int, head_dim: int, device):
@@ -16,31 +18,20 @@ class StatePool:
         self.scratch_slot = num_slots
         shape = (num_slots + 1, num_heads, head_dim, head_dim)
         self.states = {i: torch.zeros(shape, dtype=torch.float32, device=device) for i in linear_layers}
-        self._free = list(range(num_slots - 1, -1, -1))
-        self._used: set[int] = set()
-
-    @staticmethod
-    def bytes_per_slot(n_linear_layers: int, num_heads: int, head_dim: int) -> int:
-        return n_linear_layers * num_heads * head_dim * head_dim * 4
+        self.slots = FreeList(num_slots, "linear-state slot")
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self.slots.num_free
 
     def allocate(self) -> int:
-        if not self._free:
-            raise RuntimeError("out of linear-state slots")
-        slot = self._free.pop()
-        self._used.add(slot)
+        slot = self.slots.allocate(1)[0]
         for t in self.states.values():
             t[slot].zero_()
         return slot
 
     def free(self, slot: int) -> None:
-        if slot not in self._used:
-            raise RuntimeError(f"state slot {slot} freed twice or never allocated")
-        self._used.remove(slot)
-        self._free.append(slot)
+        self.slots.free([slot])
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.states.values())

@@ -365,22 +365,13 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         return await respond(request, req, streams, prompt_tokens, "text_completion", [], chunks,
                              lambda outs: fmt.completion(outs, prompt_tokens, want_lp), fmt)
 
-    def render_chat(req: ChatCompletionRequest) -> str:
-        try:
-            return tok.apply_chat_template([m.as_template_dict() for m in req.messages], **req.template_variables())
-        except APIError:
-            raise
-        except Exception as e:  # noqa: BLE001  (template errors are the client's messages' fault)
-            raise APIError(400, f"could not apply the chat template: {e}", param="messages") from None
-
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = await parse(request, ChatCompletionRequest)
         req.validate_request()
         check_model(req.model)
-        if tok is None or not tok.chat_template:
-            raise APIError(400, "this model has no chat template; use /v1/completions")
-        text = await engine.offload(render_chat, req)
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        text = await engine.offload(functools.partial(engine.engine.chat_prompt, messages, **req.template_variables()))
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:  # the rest of the context: the length is known only once tokenised
             ids = await engine.prepare(text, req.sampling_params(1, False, 0)[0])

@@ -136,14 +136,6 @@ class ChatMessage(_Strict):
     content: str | list[TextPart] | None = None
     name: str | None = None
 
-    def as_template_dict(self) -> dict[str, Any]:
-        d = self.model_dump(exclude_none=True)
-        if isinstance(self.content, list):
-            d["content"] = "".join(p.text for p in self.content)
-        d.setdefault("content", "")
-        if d["role"] == "developer":
-            d["role"] = "system"
-        return d
 
 
 class ChatCompletionRequest(_Common):

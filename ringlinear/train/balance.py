@@ -23,9 +23,6 @@ class MoEBalancer:
         self.E = self.blocks[0].num_experts if self.blocks else 0
         self.counts = None
 
-    def __bool__(self) -> bool:
-        return bool(self.blocks)
-
     def after_forward(self, row_ids: torch.Tensor, n_rows: int):
         """Collect this micro-batch's routing. row_ids [T] (row of each token). Returns the summed (over rows and
         layers) sequence aux loss, differentiable, or None when the coefficient is 0."""
@@ -61,12 +58,6 @@ class MoEBalancer:
                 b.gate.expert_bias.add_(delta[li].to(b.gate.expert_bias.device))
         self.counts = None
         return {"moe_imbalance": float(ratio.mean()), "moe_imbalance_max": float(ratio.max())}
-
-    def bias_stats(self) -> dict:
-        if not self.blocks:
-            return {}
-        b = torch.stack([blk.gate.expert_bias.float().cpu() for blk in self.blocks])
-        return {"expert_bias_absmax": float(b.abs().max())}
 
 
 def seq_aux_loss(logits: torch.Tensor, topk_idx: torch.Tensor, row_ids: torch.Tensor, n_rows: int):

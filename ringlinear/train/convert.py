@@ -30,7 +30,7 @@ def _source_config(src: str, group_norm_size: int | None) -> RingLinearConfig:
     mt = str(d.get("model_type", ""))
     if mt == "bailing_moe_linear":
         cfg = RingLinearConfig.from_dict(d)
-        if not all(cfg.is_softmax_layer(i) for i in range(cfg.num_hidden_layers)):
+        if cfg.linear_layers:
             raise ValueError(f"{src} is already a hybrid (layer_group_size {cfg.layer_group_size}); the source must "
                              "have every layer softmax (layer_group_size 1)")
     elif mt.startswith("bailing_moe"):
