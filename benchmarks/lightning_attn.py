@@ -155,7 +155,7 @@ def small_checks(la, ref, fp32=True, dtypes=(torch.bfloat16, torch.float16)):
         errs += [rel(od, rod), rel(p1, p2)]
         worst = max(worst, max(errs))
         print(f"  fp32 check B={B} T={T} H={h} D={d} cu={cu} seg={seg}: max rel err {max(errs):.2e}")
-    # 16-bit inputs on every head dim, against the budgets of numerics.md
+    # 16-bit inputs on every head dim, against the budgets of docs/numerics.md
     rows16 = []
     for dt in dtypes:
         for d in (32, 64, 128, 256):

@@ -2,9 +2,10 @@
 (config.json, safetensors, tokenizer files) plus `trainer_state.pt` (optimizer, scheduler, RNG, data position,
 config) and `checkpoint.json`, a manifest with every file's size and sha256, written last.
 
-Writing: everything goes to a `.tmp-*` directory beside the target, which is renamed into place only once complete;
-only after that are checkpoints of earlier steps beyond `keep_last` removed (never those of later steps). A crash at any point leaves the previous
-checkpoints as they were and, at worst, a `.tmp-*` directory that resume ignores.
+Writing: everything goes to a `.tmp-*` directory beside the target (`models.checkpoint.atomic_directory`), which is
+renamed into place only once complete; only after that are checkpoints of earlier steps beyond `keep_last` removed
+(never those of later steps). A crash at any point leaves the previous checkpoints as they were and, at worst, a
+`.tmp-*` directory that resume ignores.
 Resuming: the chosen checkpoint is verified against its manifest before anything is loaded or written.
 """
 from __future__ import annotations

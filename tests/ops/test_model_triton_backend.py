@@ -1,6 +1,6 @@
 """The tiny model end to end with RINGLINEAR_BACKEND=triton (CPU: every Triton kernel through the interpreter)
 equals the reference backend: full-forward logits, prefill + cached decode, and training gradients, all fp32
-(1e-5 relative, the fp32 column of shared/spec/numerics.md).
+(1e-5 relative, the fp32 column of docs/numerics.md).
 """
 import pytest
 import torch

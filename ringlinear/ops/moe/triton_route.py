@@ -24,7 +24,7 @@ PLAN_BLOCK_B = 32   # histogram blocks per step of the single-program prefix sum
 
 
 def dot_precision(*tensors):
-    """tl.dot input precision: fp32 operands must not silently run in TF32 (numerics.md)."""
+    """tl.dot input precision: fp32 operands must not silently run in TF32 (docs/numerics.md)."""
     return "ieee" if any(t.dtype == torch.float32 for t in tensors) else "tf32"
 
 
