@@ -161,10 +161,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _parse(request: Request, cls):
-    """Read and size-check the body, parse it on the worker pool."""
+async def _accept(request: Request, cls):
+    """(server state, request): the body read and size-checked, parsed on the worker pool, validated, the model
+    name checked."""
     srv = _server(request)
-    return await srv.engine.offload(parse_request, cls, await read_body(request, srv.max_request_bytes))
+    req = await srv.engine.offload(parse_request, cls, await read_body(request, srv.max_request_bytes))
+    req.validate_request()
+    srv.check_model(req.model)
+    return srv, req
 
 
 async def _submit_all(srv: ServerState, prompts, params, prefix: str) -> list[RequestStream]:
@@ -248,10 +252,7 @@ async def stats(request: Request):
 
 @router.post("/v1/completions")
 async def completions(request: Request):
-    srv = _server(request)
-    req = await _parse(request, CompletionRequest)
-    req.validate_request()
-    srv.check_model(req.model)
+    srv, req = await _accept(request, CompletionRequest)
     prompts = req.prompts()
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     want_lp = req.logprobs is not None
@@ -272,10 +273,7 @@ async def completions(request: Request):
 
 @router.post("/v1/chat/completions")
 async def chat(request: Request):
-    srv = _server(request)
-    req = await _parse(request, ChatCompletionRequest)
-    req.validate_request()
-    srv.check_model(req.model)
+    srv, req = await _accept(request, ChatCompletionRequest)
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
     text = await srv.engine.offload(functools.partial(srv.engine.engine.chat_prompt, messages,
                                                       **req.template_variables()))
