@@ -2,12 +2,26 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 DEMO_DIR ?= runs/demo
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install demo test test-all bench-kernels clean
+.PHONY: install install-torch demo test test-all bench-kernels clean
 
-# torch first from its pinned CPU wheel, then the package with its dev extras (triton, openai, fastapi, ...).
-install:
-	$(PIP) install -q "torch==2.13.0"
+# torch first. An installed torch >= 2.11 (a CUDA build on a GPU machine, say) is kept. Otherwise the CPU build,
+# asked for by its local version label `+cpu`: plain `torch==X` would take PyPI's default, a CUDA build of several
+# GB. A CPU wheel pip can already see (its find-links or extra index, as on machines that carry one offline) is
+# tried first; then PyTorch's CPU index.
+install-torch:
+	@if $(PYTHON) -c "import sys, torch; v = torch.__version__.split('+')[0].split('.'); \
+	    sys.exit(not (int(v[0]), int(v[1])) >= (2, 11))" 2>/dev/null; then \
+	  echo "torch $$($(PYTHON) -c 'import torch; print(torch.__version__)') is installed: kept"; \
+	else \
+	  $(PIP) install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null || \
+	  $(PIP) install -q "torch==$(TORCH_VERSION)+cpu" --extra-index-url $(TORCH_CPU_INDEX); \
+	fi
+
+# Then the package with its dev extras (triton, openai, fastapi, ...); torch is already satisfied.
+install: install-torch
 	$(PIP) install -q -e ".[dev]"
 
 # Train the default tiny-code model on this Python's stdlib sources (minutes on a 2-core CPU), then sample from it.

@@ -182,7 +182,7 @@ def model_level(quick=False):
     import time
 
     from ringlinear.engine import EngineConfig, LLMEngine, SamplingParams
-    from ringlinear.models.config import get_preset
+    from ringlinear.models.presets import get_preset
     from ringlinear.models.modeling import RingLinearForCausalLM
     from ringlinear.rl.align_check import align_check
     out = {}

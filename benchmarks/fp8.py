@@ -392,10 +392,10 @@ def moe(args):
 
 
 def mini_layer(fp8):
-    from ringlinear.models.config import get_preset
+    from ringlinear.models.presets import get_preset
     from ringlinear.models.fp8 import convert_to_fp8
     from ringlinear.models.modeling import DecoderLayer
-    from ringlinear.modules.layers import RotaryEmbedding
+    from ringlinear.models.layers import RotaryEmbedding
     cfg = get_preset("ring-mini-linear-2.0")
     if DEV == "cpu":  # --smoke: the same structure at toy size
         cfg = cfg.replace(hidden_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=128,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import sys
 import time
@@ -23,25 +22,14 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ringlinear.ops.lightning_attn.decay import layer_log_decay
+
 H, D, TOKENS = 16, 128, 65536
 
 
-def alibi_slopes(n: int) -> torch.Tensor:
-    def pow2(m):
-        start = 2 ** (-2 ** -(math.log2(m) - 3))
-        return [start ** (i + 1) for i in range(m)]
-    if math.log2(n).is_integer():
-        s = pow2(n)
-    else:
-        p = 2 ** math.floor(math.log2(n))
-        s = pow2(p) + pow2(2 * p)[0::2][: n - p]
-    return torch.tensor(s, dtype=torch.float32)
-
-
 def g_gamma_for_layer(layer: int, num_layers: int = 20) -> torch.Tensor:
-    """HF layer factor (shared/spec/model.md 2(a).5); the deepest layer has the smallest decay."""
-    f = 1 - (layer - 1) / (num_layers - 1) + 1e-5
-    return -alibi_slopes(H) * f
+    """HF layer factor (docs/decay.md); the deepest layer has the smallest decay."""
+    return layer_log_decay(H, layer, num_layers, "hf")
 
 
 def bench_ms(fn, warmup=25, rep=100, grad_to_none=None) -> float:
@@ -155,7 +143,7 @@ def small_checks(la, ref, fp32=True, dtypes=(torch.bfloat16, torch.float16)):
         errs += [rel(od, rod), rel(p1, p2)]
         worst = max(worst, max(errs))
         print(f"  fp32 check B={B} T={T} H={h} D={d} cu={cu} seg={seg}: max rel err {max(errs):.2e}")
-    # 16-bit inputs on every head dim, against the budgets of numerics.md
+    # 16-bit inputs on every head dim, against the budgets of docs/numerics.md
     rows16 = []
     for dt in dtypes:
         for d in (32, 64, 128, 256):

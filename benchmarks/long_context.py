@@ -28,7 +28,7 @@ import torch
 from ringlinear.engine.config import EngineConfig
 from ringlinear.engine.engine import LLMEngine
 from ringlinear.engine.sampling_params import SamplingParams
-from ringlinear.models.config import get_preset
+from ringlinear.models.presets import get_preset
 from ringlinear.models.context import StatelessContext
 from ringlinear.models.modeling import RingLinearForCausalLM
 
@@ -97,7 +97,7 @@ def bench_prefill(model, T, chunk):
 
 def fits(model, B, C, free_bytes):
     cfg = model.config
-    n_sm = sum(cfg.is_softmax_layer(i) for i in range(cfg.num_hidden_layers))
+    n_sm = len(cfg.softmax_layers)
     n_lin = cfg.num_hidden_layers - n_sm
     per_seq = C * n_sm * 2 * cfg.num_key_value_heads * cfg.head_dim_ * 2 + n_lin * cfg.num_attention_heads * \
         cfg.head_dim_ ** 2 * 4
@@ -115,7 +115,7 @@ def touched_weight_bytes(model, B):
             layer.mlp.record_stats = True
     ids = torch.randint(10, cfg.vocab_size, (B,), device=dev)
     ctx = StatelessContext(torch.arange(B + 1, device=dev, dtype=torch.int32))
-    model.model.forward_packed(ids, ctx)
+    model.forward_packed(ids, ctx)
     total = 0
     for name, p in model.named_parameters():
         if name.endswith(("mlp.w13", "mlp.w2")) or "word_embeddings" in name:
@@ -164,7 +164,7 @@ def bench_decode(model, B, C, steps, bw):
     if not times:
         raise RuntimeError("no step had every request decoding")
     step = sorted(times)[len(times) // 2]
-    n_sm = sum(cfg.is_softmax_layer(i) for i in range(cfg.num_hidden_layers))
+    n_sm = len(cfg.softmax_layers)
     n_lin = cfg.num_hidden_layers - n_sm
     state_b = n_lin * cfg.num_attention_heads * cfg.head_dim_ ** 2 * 4 * 2  # read + write
     kv_b = C * n_sm * 2 * cfg.num_key_value_heads * cfg.head_dim_ * 2

@@ -32,10 +32,9 @@ import time
 
 import torch
 
-from ringlinear.models.config import get_preset
+from ringlinear.models.demo import make_tiny_checkpoint
 from ringlinear.rl import MISMATCH_KEYS, RLConfig
 from ringlinear.rl.trainer import RLTrainer
-from ringlinear.testing import make_tiny_checkpoint
 
 
 def reward(prompt: str, completion: str, record: dict) -> float:

@@ -37,7 +37,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ringlinear.models.config import get_preset
+from ringlinear.models.presets import get_preset
 from ringlinear.models.modeling import RingLinearForCausalLM
 from ringlinear.train import step as S
 from ringlinear.train.balance import MoEBalancer

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .models.config import RingLinearConfig, get_preset  # noqa: E402
+from .models.config import RingLinearConfig  # noqa: E402
+from .models.presets import get_preset  # noqa: E402
 
 
 def __getattr__(name):  # lazy: keep `import ringlinear` cheap

@@ -13,11 +13,12 @@ def register(sub) -> None:
     src.add_argument("--prompt", help="raw text prompt")
     src.add_argument("--chat", help="a user message, wrapped in the checkpoint's chat template")
     g.add_argument("--system", default=None, help="system message for --chat")
+    # Sampling flags left out take ringlinear.sampling.Sampling's defaults (the model's own distribution).
     g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1.0)")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default 0 = off)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default 1.0 = off)")
+    g.add_argument("--seed", type=int, default=0, help="default 0: the same output every run")
     g.add_argument("--dtype", default="auto", help="auto (config torch_dtype), bfloat16, float16, float32")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.set_defaults(func=cmd_generate)
@@ -40,11 +41,11 @@ def cmd_generate(args) -> int:
     from .models.checkpoint import resolve_device, resolve_dtype
     from .models.modeling import RingLinearForCausalLM
     from .models.tokenizer import StreamDecoder, load_tokenizer
-    from .sampling import validate_sampling
+    from .sampling import Sampling
     # Every flag is checked before the model loads (and before the prompt is echoed).
-    if args.max_new_tokens < 1:
-        raise ValueError("--max-new-tokens must be >= 1")
-    validate_sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    sampling = Sampling(max_tokens=args.max_new_tokens, seed=args.seed,
+                        **{k: v for k, v in given.items() if v is not None})
     device = resolve_device(args.device)
     if args.dtype != "auto":
         resolve_dtype(args.dtype)
@@ -71,8 +72,7 @@ def cmd_generate(args) -> int:
         sys.stdout.write(stream.push(t))
         sys.stdout.flush()
 
-    out = generate(model, torch.tensor([ids]), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_token_ids=tok.stop_token_ids or None,
+    out = generate(model, torch.tensor([ids]), sampling=sampling, stop_token_ids=tok.stop_token_ids or None,
                    streamer=on_token)
     sys.stdout.write(stream.flush() + "\n")
     n = len(out.sequences[0])
@@ -90,7 +90,8 @@ def _fmt_bytes(n: float) -> str:
 
 
 def cmd_info(args) -> int:
-    from .models.config import RingLinearConfig, get_preset
+    from .models.config import RingLinearConfig
+    from .models.presets import get_preset
     from .models.modeling import count_parameters, kv_bytes_per_token, state_bytes_per_sequence
     if bool(args.model) == bool(args.preset):
         raise ValueError("give exactly one of --model DIR or --preset NAME")
@@ -98,16 +99,15 @@ def cmd_info(args) -> int:
         raise ValueError(f"--context must be >= 1, got {args.context}")
     cfg = RingLinearConfig.from_json(args.model) if args.model else get_preset(args.preset)
     c = count_parameters(cfg)
-    types = cfg.layer_types
-    pattern = "".join("S" if t == "softmax" else "L" for t in types)
+    pattern = "".join("S" if t == "softmax" else "L" for t in cfg.layer_types)
+    n_lin, n_sm = len(cfg.linear_layers), len(cfg.softmax_layers)
     st = state_bytes_per_sequence(cfg)
     kv = kv_bytes_per_token(cfg)
     lines = [
         f"model_type            {cfg.model_type} ({', '.join(cfg.architectures)})",
         f"hidden / layers       {cfg.hidden_size} / {cfg.num_hidden_layers}",
         f"heads / kv / head_dim {cfg.num_attention_heads} / {cfg.num_key_value_heads} / {cfg.head_dim_}",
-        f"layer pattern         {pattern}  (L linear x{types.count('linear')}, S softmax x{types.count('softmax')};"
-        f" softmax at {[i for i, t in enumerate(types) if t == 'softmax']})",
+        f"layer pattern         {pattern}  (L linear x{n_lin}, S softmax x{n_sm}; softmax at {cfg.softmax_layers})",
         f"ffn                   dense x{cfg.first_k_dense_replace} ({cfg.intermediate_size}), MoE {cfg.num_experts}"
         f" experts of {cfg.moe_intermediate_size}, top-{cfg.num_experts_per_tok}, {cfg.num_shared_experts} shared,"
         f" groups {cfg.n_group}/{cfg.topk_group}, scale {cfg.routed_scaling_factor}",
@@ -119,14 +119,14 @@ def cmd_info(args) -> int:
         f"linear state / seq    {_fmt_bytes(st)} fp32 (constant)",
         f"softmax KV / token    {_fmt_bytes(kv)} bf16",
         f"memory / seq @ {args.context:<7d}{_fmt_bytes(st + kv * args.context)}"
-        f"  (an all-softmax twin: {_fmt_bytes(kv * args.context * cfg.num_hidden_layers / max(1, types.count('softmax')))})",
+        f"  (an all-softmax twin: {_fmt_bytes(kv * args.context * cfg.num_hidden_layers / max(1, n_sm))})",
     ]
     print("\n".join(lines))
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .testing import make_tiny_checkpoint
+    from .models.demo import make_tiny_checkpoint
     out = os.path.abspath(args.out)
     make_tiny_checkpoint(out, preset="small", seed=0)
     print(f"wrote a random-weight 'small' checkpoint to {out}")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import log_softmax_fp32, make_generator, sample, validate_sampling
+from .sampling import Sampling, log_softmax_fp32, make_generator, sample
 
 
 @dataclass
@@ -22,14 +22,16 @@ class GenerationOutput:
 @torch.no_grad()
 def generate(model, input_ids, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, seed: int | None = None, stop_token_ids=None, attention_mask=None,
-             streamer=None) -> GenerationOutput:
+             streamer=None, sampling: Sampling | None = None) -> GenerationOutput:
     """input_ids: [B, T] tensor (padding marked by attention_mask, left or right) or a list of id lists.
 
-    Row i samples with a generator seeded `seed + i`. `streamer(row, token_id)` is called for every new token.
+    `sampling` (a `Sampling`, built and checked by the caller) replaces max_new_tokens, temperature, top_k, top_p
+    and seed. Row i samples with a generator seeded `seed + i`. `streamer(row, token_id)` is called for every new
+    token.
     """
-    validate_sampling(temperature, top_k, top_p, seed)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if sampling is None:
+        sampling = Sampling(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    max_new_tokens, seed = sampling.max_tokens, sampling.seed
     device = next(model.parameters()).device
     if isinstance(input_ids, (list, tuple)):
         rows = [list(map(int, r)) for r in input_ids]
@@ -69,7 +71,7 @@ def generate(model, input_ids, max_new_tokens: int = 64, temperature: float = 1.
         for i in range(B):
             if done[i]:
                 continue
-            t = sample(logits[i], temperature, top_k, top_p, gens[i])
+            t = sample(logits[i], sampling, gens[i])
             seqs[i].append(t)
             lps[i].append(float(lp[i, t]))
             nxt[i, 0] = t

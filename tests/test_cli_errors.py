@@ -1,4 +1,5 @@
 """A user's mistake on the command line is one line naming the flag, before any expensive work, never a traceback."""
+import importlib.util
 import logging
 import os
 import socket
@@ -57,6 +58,7 @@ def test_train_errors_before_any_work(tmp_path, capsys):
 
 
 def test_serve_errors_before_the_model_loads(ckpt, tmp_path, capsys, caplog):
+    pytest.importorskip("uvicorn", reason="ringlinear serve needs the serving extras (fastapi, uvicorn)")
     _one_line_error(capsys, ["serve", "--model", ckpt, "--port", "99999"], "--port 99999")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -73,5 +75,6 @@ def test_a_training_run_directory_points_at_its_model(ckpt, tmp_path, capsys):
     import shutil
     run = tmp_path / "run"
     shutil.copytree(ckpt, run / "final")
-    for argv in (["serve", "--model", str(run), "--port", "0"], ["generate", "--model", str(run), "--prompt", "x"]):
+    serve = [["serve", "--model", str(run), "--port", "0"]] if importlib.util.find_spec("uvicorn") else []
+    for argv in serve + [["generate", "--model", str(run), "--prompt", "x"]]:
         _one_line_error(capsys, argv, "(it is a training run; its model is " + str(run / "final") + ")")

@@ -23,7 +23,7 @@ class EngineConfig:
     # None = on for CPU (measured bitwise), off on CUDA (not verified there; see docs/serving.md).
     batch_invariant: bool | None = None
     row_block: int = 16
-    cuda_graphs: bool = True             # capture decode steps (CUDA only; untested on GPU so far)
+    cuda_graphs: bool = True             # replay decode steps from CUDA graphs (CUDA only)
     cuda_graph_max_batch: int = 64
     cpu_threads: int | None = None       # torch intra-op threads on CPU (None: leave torch's default)
     # "aligned": every position computed with the arithmetic of the training forward in aligned mode, whatever the

@@ -2,7 +2,7 @@
 
 A step packs N sequences: the first `num_decode` have one token each (decode kernels), the rest are prefill
 pieces (chunked kernels continuing from the slot state / cached prefix). Which path a sequence takes depends only
-on its own piece, never on the rest of the batch, so its numbers do not change with the batch (numerics.md).
+on its own piece, never on the rest of the batch, so its numbers do not change with the batch (docs/numerics.md).
 """
 from __future__ import annotations
 
@@ -15,6 +15,45 @@ from ..ops.lightning_attn import (lightning_attn_decode, lightning_attn_decode_a
 from ..ops.linear import suspended
 from .kv_cache import PagedKVCache
 from .state_pool import StatePool
+
+
+class PagedDecode:
+    """Attention for one new token per sequence over the engine's memory, shared by the eager `PagedContext` (its
+    decode rows) and the CUDA-graph step (static buffers): a linear layer updates each sequence's state slot in
+    place; a softmax layer writes the token's K/V row, then attends over the sequence's block table.
+
+    slot_ids [B] int64, write_rows [B] int64 (flat KV row of each new token), block_tables [B, MB] int,
+    context_lens [B] int (>= 1, the new token included), positions [B] int64 (context_lens - 1); all on the model's
+    device. aligned: the chunk-aligned lightning decode (open-chunk buffers) and the fixed key-order attention.
+    """
+
+    def __init__(self, kv: PagedKVCache, states: StatePool, slot_ids, write_rows, block_tables, context_lens,
+                 positions=None, aligned: bool = False):
+        self.kv, self.states = kv, states
+        self.slot_ids, self.write_rows = slot_ids, write_rows
+        self.block_tables, self.context_lens = block_tables, context_lens
+        self.positions, self.aligned = positions, aligned
+        if aligned:
+            self.q_cu = torch.arange(slot_ids.shape[0] + 1, dtype=torch.int32, device=slot_ids.device)
+
+    def linear(self, layer_idx, q, k, v, g_gamma, scale, out=None):  # q, k, v [B, H, D]
+        st = self.states
+        if self.aligned:
+            return lightning_attn_decode_aligned(q, k, v, g_gamma, st.states[layer_idx], st.open_k[layer_idx],
+                                                 st.open_v[layer_idx], self.slot_ids, self.positions, scale=scale,
+                                                 out=out)
+        return lightning_attn_decode(q, k, v, g_gamma, st.states[layer_idx], slot_ids=self.slot_ids, scale=scale,
+                                     out=out)
+
+    def softmax(self, layer_idx, q, k, v, scale, out=None):  # q [B, H, D], k, v [B, KV, D]
+        K, V = self.kv.flat(layer_idx)
+        K.index_copy_(0, self.write_rows, k)
+        V.index_copy_(0, self.write_rows, v)
+        if self.aligned:
+            return aligned_paged_attention(q, K, V, self.q_cu, self.positions, self.block_tables, self.kv.block_size,
+                                           scale, 1, out=out)
+        return paged_decode_attention(q, K, V, self.block_tables, self.context_lens, self.kv.block_size, scale,
+                                      out=out)
 
 
 class PagedContext(AttentionContext):
@@ -45,9 +84,11 @@ class PagedContext(AttentionContext):
         self.write_rows = torch.cat([kv.token_rows(bt, s, s + n)
                                      for bt, s, n in zip(block_tables, starts, seq_lens)]).to(device)
         width = max((len(bt) for bt in block_tables[:nd]), default=0)
-        self.decode_tables = torch.tensor([bt + [0] * (width - len(bt)) for bt in block_tables[:nd]],
-                                          dtype=torch.int32).reshape(nd, width).to(device)
-        self.decode_lens = torch.tensor([s + 1 for s in starts[:nd]], dtype=torch.int32).to(device)
+        tables = torch.tensor([bt + [0] * (width - len(bt)) for bt in block_tables[:nd]],
+                              dtype=torch.int32).reshape(nd, width).to(device)
+        lens = torch.tensor([s + 1 for s in starts[:nd]], dtype=torch.int32).to(device)
+        self.decode = PagedDecode(kv, states, self.slot_ids[:nd], self.write_rows[:nd], tables, lens,
+                                  positions=self.positions[:nd], aligned=aligned)
         self.prefill_rows = [kv.token_rows(bt, 0, s + n).to(device)
                              for bt, s, n in zip(block_tables[nd:], starts[nd:], seq_lens[nd:])]
         if aligned:  # one fixed-order kernel for every row of the step: all tables, all starts
@@ -67,49 +108,40 @@ class PagedContext(AttentionContext):
             return self._softmax(layer_idx, q, k, v, scale)
 
     def _linear(self, layer_idx, q, k, v, g_gamma, scale):
-        if self.aligned:
-            return self._linear_aligned(layer_idx, q, k, v, g_gamma, scale)
-        pool = self.states.states[layer_idx]
         nd = self.num_decode
         if nd == len(self.seq_lens):
-            return lightning_attn_decode(q, k, v, g_gamma, pool, slot_ids=self.slot_ids, scale=scale)
+            return self.decode.linear(layer_idx, q, k, v, g_gamma, scale)
         out = torch.empty_like(q)
         if nd:
-            out[:nd] = lightning_attn_decode(q[:nd], k[:nd], v[:nd], g_gamma, pool, slot_ids=self.slot_ids[:nd],
-                                             scale=scale)
-        o = lightning_attn_prefill(q[None, nd:], k[None, nd:], v[None, nd:], g_gamma, pool, self.slot_ids[nd:],
-                                   self.prefill_cu, scale=scale)
+            self.decode.linear(layer_idx, q[:nd], k[:nd], v[:nd], g_gamma, scale, out=out[:nd])
+        st = self.states
+        if self.aligned:
+            o = lightning_attn_prefill_aligned(q[None, nd:], k[None, nd:], v[None, nd:], g_gamma,
+                                               st.states[layer_idx], st.open_k[layer_idx], st.open_v[layer_idx],
+                                               self.slot_ids[nd:], self.prefill_cu, self.starts_cpu[nd:],
+                                               scale=scale)
+        else:
+            o = lightning_attn_prefill(q[None, nd:], k[None, nd:], v[None, nd:], g_gamma, st.states[layer_idx],
+                                       self.slot_ids[nd:], self.prefill_cu, scale=scale)
         out[nd:] = o[0]
         return out
 
-    def _linear_aligned(self, layer_idx, q, k, v, g_gamma, scale):
-        pool, ok, ov = (d[layer_idx] for d in (self.states.states, self.states.open_k, self.states.open_v))
-        nd = self.num_decode
-        out = torch.empty_like(q)
-        if nd:
-            lightning_attn_decode_aligned(q[:nd], k[:nd], v[:nd], g_gamma, pool, ok, ov, self.slot_ids[:nd],
-                                          self.positions[:nd], scale=scale, out=out[:nd])
-        if nd < len(self.seq_lens):
-            o = lightning_attn_prefill_aligned(q[None, nd:], k[None, nd:], v[None, nd:], g_gamma, pool, ok, ov,
-                                               self.slot_ids[nd:], self.prefill_cu, self.starts_cpu[nd:],
-                                               scale=scale)
-            out[nd:] = o[0]
-        return out
-
     def _softmax(self, layer_idx, q, k, v, scale):
-        K, V = self.kv.flat(layer_idx)
-        K[self.write_rows] = k
-        V[self.write_rows] = v
-        if self.aligned:
+        nd = self.num_decode
+        if self.aligned:  # every row of the step through one fixed key-order kernel, decode rows included
+            K, V = self.kv.flat(layer_idx)
+            K[self.write_rows] = k
+            V[self.write_rows] = v
             return aligned_paged_attention(q, K, V, self.cu_seqlens, self.starts_dev, self.all_tables,
                                            self.kv.block_size, scale, self.max_q)
-        nd = self.num_decode
         out = torch.empty_like(q)
         # Each sequence over its own context only (the paged kernel's splits are fixed-size): its result cannot
         # depend on its neighbours.
         if nd:
-            paged_decode_attention(q[:nd], K, V, self.decode_tables, self.decode_lens, self.kv.block_size, scale,
-                                   out=out[:nd])
+            self.decode.softmax(layer_idx, q[:nd], k[:nd], v[:nd], scale, out=out[:nd])
+        K, V = self.kv.flat(layer_idx)
+        K[self.write_rows[nd:]] = k[nd:]  # the prefill pieces' rows (decode rows: written above)
+        V[self.write_rows[nd:]] = v[nd:]
         for i, rows in enumerate(self.prefill_rows, start=nd):
             s, e = self.cu[i], self.cu[i + 1]
             out[s:e] = attention_with_prefix(q[s:e], K[rows], V[rows], scale)

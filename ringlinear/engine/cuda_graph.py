@@ -1,9 +1,9 @@
 """Decode steps replayed from CUDA graphs (one graph per padded batch size).
 
-Written to be correct by construction but NOT yet run on a GPU (the author had none): `EngineConfig.cuda_graphs
-= False` (`ringlinear serve --enforce-eager`) turns it off. Capture needs every op of the decode step to be free of
-host syncs (the CUDA kernels are written that way; the CPU reference MoE's `bincount().tolist()` is not); if
-capture fails anyway, the runner logs a warning and runs eagerly.
+On by default; `EngineConfig.cuda_graphs = False` (`ringlinear serve --enforce-eager`) turns it off. It has run on
+an H100 in the long-context benchmark (benchmarks/long_context.py; BENCHMARKS.md, 2026-11-26). Capture needs every op of
+the decode step to be free of host syncs (the CUDA kernels are written that way; the CPU reference MoE's
+`bincount().tolist()` is not); if capture fails anyway, the runner logs a warning and runs eagerly.
 
 A graph sees static tensors only: token ids, positions, slot ids, flat KV write rows, block tables padded to
 `max_blocks` and context lengths, all [B_graph, ...]. The paged decode attention kernel's grid depends only on the
@@ -18,8 +18,7 @@ import logging
 import torch
 
 from ..models.context import AttentionContext
-from ..ops.attention import aligned_paged_attention, paged_decode_attention
-from ..ops.lightning_attn import lightning_attn_decode, lightning_attn_decode_aligned
+from .context import PagedDecode
 from .kv_cache import PagedKVCache
 from .state_pool import StatePool
 
@@ -27,32 +26,20 @@ log = logging.getLogger(__name__)
 
 
 class _StaticContext(AttentionContext):
+    """The first B rows of the static buffers as an attention context (decode only)."""
+
     def __init__(self, step: "StaticDecodeStep", B: int):
-        self.step = step
-        self.B = B
         self.cu_seqlens = torch.arange(B + 1, dtype=torch.int32, device=step.device)
         self.positions = step.positions[:B]
+        self.decode = PagedDecode(step.kv, step.states, step.slot_ids[:B], step.write_rows[:B],
+                                  step.block_tables[:B], step.context_lens[:B], positions=self.positions,
+                                  aligned=step.aligned)
 
     def linear_attention(self, layer_idx, q, k, v, g_gamma, scale):
-        st = self.step.states
-        if self.step.aligned:
-            return lightning_attn_decode_aligned(q, k, v, g_gamma, st.states[layer_idx], st.open_k[layer_idx],
-                                                 st.open_v[layer_idx], self.step.slot_ids[:self.B],
-                                                 self.positions, scale=scale)
-        return lightning_attn_decode(q, k, v, g_gamma, st.states[layer_idx], slot_ids=self.step.slot_ids[:self.B],
-                                     scale=scale)
+        return self.decode.linear(layer_idx, q, k, v, g_gamma, scale)
 
     def softmax_attention(self, layer_idx, q, k, v, scale):
-        s = self.step
-        K, V = s.kv.flat(layer_idx)
-        rows = s.write_rows[:self.B]
-        K.index_copy_(0, rows, k)
-        V.index_copy_(0, rows, v)
-        if s.aligned:
-            return aligned_paged_attention(q, K, V, self.cu_seqlens, self.positions, s.block_tables[:self.B],
-                                           s.kv.block_size, scale, 1)
-        return paged_decode_attention(q, K, V, s.block_tables[:self.B], s.context_lens[:self.B],
-                                      s.kv.block_size, scale)
+        return self.decode.softmax(layer_idx, q, k, v, scale)
 
 
 class StaticDecodeStep:
@@ -125,7 +112,7 @@ class StaticDecodeStep:
         return n
 
     def forward(self, B: int) -> torch.Tensor:
-        hidden = self.model.model.forward_packed(self.ids[:B], _StaticContext(self, B))
+        hidden = self.model.forward_packed(self.ids[:B], _StaticContext(self, B))
         return self.model.compute_logits(hidden)
 
 

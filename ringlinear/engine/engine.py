@@ -21,7 +21,7 @@ from .model_runner import ModelRunner
 from .sampler import sample_rows
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
-from .sequence import Sequence, Status
+from .sequence import Sequence
 from .state_pool import StatePool
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,13 @@ def _output(seq: Sequence) -> RequestOutput:
         ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time)
 
 
+def _text_of(content) -> str:
+    """A message's content as one string: text parts joined, none -> ""."""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    return "" if content is None else content
+
+
 class LLMEngine:
     def __init__(self, model_dir: str | None = None, config: EngineConfig | None = None, *, model=None,
                  tokenizer=None):
@@ -91,8 +98,7 @@ class LLMEngine:
         self.model_config = cfg
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
-        softmax = [i for i in range(cfg.num_hidden_layers) if cfg.is_softmax_layer(i)]
-        linear = [i for i in range(cfg.num_hidden_layers) if not cfg.is_softmax_layer(i)]
+        softmax, linear = cfg.softmax_layers, cfg.linear_layers
         H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim_
         open_chunk = None
         if config.numerics == "aligned":  # open-chunk buffers, sized by the kernels this device and dtype use
@@ -173,6 +179,27 @@ class LLMEngine:
                                f"limit of {self.max_model_len} tokens", code="context_length_exceeded",
                                param="max_tokens")
 
+    def chat_prompt(self, messages: list[dict], **template_variables) -> str:
+        """A conversation rendered by the checkpoint's chat template: the one place the server and `LLM.chat` turn
+        messages into a prompt. Messages are {role, content} dicts; content may be a list of {"type": "text",
+        "text": ...} parts (joined), role "developer" is the template's "system". `template_variables` override the
+        defaults (add_generation_prompt=True, tools=None). Any failure is a RequestError naming `messages`."""
+        if self.tokenizer is None or not self.tokenizer.chat_template:
+            raise RequestError("this model has no chat template; send a text prompt instead", param="messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise RequestError("messages must be a list of {'role': ..., 'content': ...} dicts", param="messages")
+        turns = []
+        for m in messages:
+            m = {**m, "content": _text_of(m.get("content"))}
+            if m["role"] == "developer":
+                m["role"] = "system"
+            turns.append(m)
+        variables = {"add_generation_prompt": True, **template_variables}
+        try:
+            return self.tokenizer.apply_chat_template(turns, **variables)
+        except Exception as e:  # noqa: BLE001  (a template error is the messages' fault)
+            raise RequestError(f"could not apply the chat template: {e}", param="messages") from None
+
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, prepared: bool = False) -> str:
         """Queue a request; returns its id. `prepared`: prompt is the id list `prepare` returned."""
@@ -251,7 +278,3 @@ class LLMEngine:
             "free_state_slots": self.states.num_free, "total_state_slots": self.states.num_slots,
             "preemptions": self.scheduler.num_preemptions, "aborted": self.num_aborted,
         }
-
-    def status_of(self, request_id: str) -> Status | None:
-        seq = self.seqs.get(request_id)
-        return None if seq is None else seq.status

@@ -1,4 +1,4 @@
-"""Paged KV cache for the softmax layers: fixed-size blocks, a free-list allocator, per-request block tables.
+"""Paged KV cache for the softmax layers: fixed-size blocks handed out from a free list, per-request block tables.
 
 Every softmax layer owns K and V tensors [num_blocks + 1, block_size, KV, D] in the model dtype. A request's
 block table (a list of block ids) maps its token position p to row `table[p // bs] * bs + p % bs` of the
@@ -9,33 +9,7 @@ from __future__ import annotations
 
 import torch
 
-
-class BlockAllocator:
-    """Free list of block ids. Lowest ids are handed out first, so runs are reproducible."""
-
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: pop() yields 0, 1, 2, ...
-        self._used: set[int] = set()
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"out of KV blocks: need {n}, {len(self._free)} free")
-        out = [self._free.pop() for _ in range(n)]
-        self._used.update(out)
-        return out
-
-    def free(self, blocks: list[int]) -> None:
-        for b in blocks:
-            if b not in self._used:
-                raise RuntimeError(f"block {b} freed twice or never allocated")
-            self._used.remove(b)
-        # Returned in reverse so the most recently freed (still warm in cache) block is reused first.
-        self._free.extend(reversed(blocks))
+from .free_list import FreeList
 
 
 class PagedKVCache:
@@ -49,7 +23,7 @@ class PagedKVCache:
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
         self.make_storage()
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = FreeList(num_blocks, "KV block")
 
     def make_storage(self) -> None:
         """(Re-)create the zeroed K/V tensors (after `free_storage`)."""

@@ -44,10 +44,7 @@ class LLM:
 
     def chat(self, messages, params: SamplingParams | list[SamplingParams] | None = None,
              **template_kwargs) -> list[RequestOutput]:
-        """messages: one conversation (a list of {role, content}) or a list of conversations."""
-        if self.tokenizer is None:
-            raise ValueError("chat needs the checkpoint's tokenizer")
+        """messages: one conversation (a list of {role, content}) or a list of conversations; rendered by
+        `LLMEngine.chat_prompt`, as the server renders them. `template_kwargs` are template variables."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, **template_kwargs)
-                   for c in convs]
-        return self.generate(prompts, params)
+        return self.generate([self.engine.chat_prompt(c, **template_kwargs) for c in convs], params)

@@ -1,7 +1,7 @@
 """Runs one scheduled step through the model and returns fp32 logits for the rows that sample.
 
 CPU: eager, with `RowBlockMode` (batch-invariant GEMMs) on by default. CUDA: eager for steps with prefill pieces;
-all-decode steps replay a CUDA graph when `config.cuda_graphs` (see cuda_graph.py: untested on GPU so far).
+all-decode steps replay a CUDA graph when `config.cuda_graphs` (cuda_graph.py).
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ class ModelRunner:
                            sum(1 for s in entries if s.is_decode), self.device, aligned=self.aligned)
         last_rows = [ctx.cu[i + 1] - 1 for i, s in enumerate(entries) if s.sample]
         with self._mode():
-            hidden = self.model.model.forward_packed(torch.tensor(ids, device=self.device), ctx)
+            hidden = self.model.forward_packed(torch.tensor(ids, device=self.device), ctx)
             if not last_rows:  # a step of prefill pieces only: nothing to sample, but keep the [n, V] shape
                 return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)
             return self.model.compute_logits(hidden[last_rows])

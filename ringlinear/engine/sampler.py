@@ -16,7 +16,7 @@ Sampled = tuple[int, float | None, list[tuple[int, float]] | None]
 def sample_row(logits: torch.Tensor, seq: Sequence) -> Sampled:
     """logits [V] fp32 -> (token id, its log-prob or None, top-k (id, log-prob) or None)."""
     p = seq.params
-    token = sample(logits, p.temperature, p.top_k, p.top_p, seq.generator)
+    token = sample(logits, p, seq.generator)
     if not p.logprobs:
         return token, None, None
     lp = log_softmax_fp32(logits[None], _lp_temperature(p))[0]

@@ -3,7 +3,7 @@
 Every step packs up to `max_num_batched_tokens` tokens: first one token for every running request that is
 decoding, then the next prefill piece of requests still prefilling, then newly admitted requests (FCFS).
 
-Batch invariance (numerics.md) constrains the policy: a request's prefill is cut at fixed multiples of
+Batch invariance (docs/numerics.md) constrains the policy: a request's prefill is cut at fixed multiples of
 `prefill_chunk` counted from its token 0, never at whatever budget happens to be left, so the pieces it is
 computed in (and thus its numbers) do not depend on what else is running. A piece that does not fit this step
 waits for the next one.
@@ -62,9 +62,6 @@ class Scheduler:
     # ------------------------------------------------------------------ queue
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
 
     def release(self, seq: Sequence) -> None:
         """Give back a request's slot and blocks (finish, cancel or preemption)."""

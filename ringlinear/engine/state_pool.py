@@ -1,6 +1,6 @@
 """Linear-attention state slots: one fp32 [H, D, D] state per linear layer per running request.
 
-`states[layer]` is a pool [num_slots + 1, H, D, D] fp32 (never lower precision: numerics.md) that the lightning
+`states[layer]` is a pool [num_slots + 1, H, D, D] fp32 (never lower precision: docs/numerics.md) that the lightning
 ops update in place by slot id. A slot is zeroed when handed out, because a fresh request starts from the zero
 state and a recomputed (preempted) request starts over. The extra last slot is a scratch target for padded
 CUDA-graph rows and is never handed out.
@@ -8,6 +8,8 @@ CUDA-graph rows and is never handed out.
 from __future__ import annotations
 
 import torch
+
+from .free_list import FreeList
 
 
 class StatePool:
@@ -27,8 +29,7 @@ class StatePool:
         self.open_k: dict[int, torch.Tensor] = {}
         self.open_v: dict[int, torch.Tensor] = {}
         self.make_storage()
-        self._free = list(range(num_slots - 1, -1, -1))
-        self._used: set[int] = set()
+        self.slots = FreeList(num_slots, "linear-state slot")
 
     def make_storage(self) -> None:
         """(Re-)create the state tensors (after `free_storage`); slots are zeroed when handed out anyway."""
@@ -40,32 +41,22 @@ class StatePool:
 
     def free_storage(self) -> None:
         """Drop the state tensors (RL's training phase); every slot must be free."""
-        if self._used:
+        if self.slots.num_free != self.num_slots:
             raise RuntimeError("free_storage with state slots still in use")
         self.states, self.open_k, self.open_v = {}, {}, {}
 
-    @staticmethod
-    def bytes_per_slot(n_linear_layers: int, num_heads: int, head_dim: int) -> int:
-        return n_linear_layers * num_heads * head_dim * head_dim * 4
-
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self.slots.num_free
 
     def allocate(self) -> int:
-        if not self._free:
-            raise RuntimeError("out of linear-state slots")
-        slot = self._free.pop()
-        self._used.add(slot)
+        slot = self.slots.allocate(1)[0]
         for t in self.states.values():
             t[slot].zero_()
         return slot
 
     def free(self, slot: int) -> None:
-        if slot not in self._used:
-            raise RuntimeError(f"state slot {slot} freed twice or never allocated")
-        self._used.remove(slot)
-        self._free.append(slot)
+        self.slots.free([slot])
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.states, self.open_k, self.open_v) for t in d.values())

@@ -26,12 +26,11 @@ class HybridCache:
         self.states: dict[int, torch.Tensor] = {}
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
-        for i in range(cfg.num_hidden_layers):
-            if cfg.is_softmax_layer(i):
-                self.keys[i] = torch.zeros(batch_size, capacity, KV, D, dtype=dtype, device=self.device)
-                self.values[i] = torch.zeros_like(self.keys[i])
-            else:
-                self.states[i] = torch.zeros(batch_size, H, D, D, dtype=torch.float32, device=self.device)
+        for i in cfg.softmax_layers:
+            self.keys[i] = torch.zeros(batch_size, capacity, KV, D, dtype=dtype, device=self.device)
+            self.values[i] = torch.zeros_like(self.keys[i])
+        for i in cfg.linear_layers:
+            self.states[i] = torch.zeros(batch_size, H, D, D, dtype=torch.float32, device=self.device)
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -76,18 +75,6 @@ class HybridCache:
             for t in d.values():
                 t[dst] = t[src]
         self.lengths[dst] = self.lengths[src]
-
-    def select(self, rows) -> "HybridCache":
-        """A new cache holding the given rows (in that order)."""
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        new = copy.copy(self)
-        new.batch_size = len(rows)
-        new.lengths = self.lengths[rows].clone()
-        dev_rows = rows.to(self.device)
-        new.states = {i: t[dev_rows].clone() for i, t in self.states.items()}
-        new.keys = {i: t[dev_rows].clone() for i, t in self.keys.items()}
-        new.values = {i: t[dev_rows].clone() for i, t in self.values.items()}
-        return new
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.states, self.keys, self.values) for t in d.values())

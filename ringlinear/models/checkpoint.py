@@ -1,18 +1,32 @@
-"""Checkpoint IO in the published layout: config.json + (sharded) safetensors + index, tokenizer files alongside.
+"""Checkpoint IO in the published layout (config.json, safetensors shards + index, tokenizer files): one toolkit for
+loading, saving, `ringlinear convert` and training checkpoints.
+
+- `iter_tensors(dir, cfg)`: every tensor of a checkpoint, one file open at a time, names with the aliases applied,
+  MTP tensors skipped; each is read only when asked (`.load()`), after its shape can be checked.
+- `ShardWriter`: tensors streamed into safetensors shards of at most `max_bytes`, with the index when sharded.
+- `atomic_directory(path)`: a directory written beside its target and renamed into place once complete.
+- `copy_tokenizer_files`, `sha256_file`, `follow_umask`, `resolve_dtype`, `resolve_device`.
 
 Loading builds the model on the meta device, allocates it once in the requested dtype/device and copies tensors in
-one at a time, so peak memory is the model plus one tensor. Saving writes a temp dir and renames it into place.
+one at a time, so peak memory is the model plus one tensor.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 
+import safetensors.torch
 import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from .config import RingLinearConfig
 
@@ -22,15 +36,17 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja")
-_ALIASES = {"mlp.gate.e_score_correction_bias": "mlp.gate.expert_bias"}
+ALIASES = {"mlp.gate.e_score_correction_bias": "mlp.gate.expert_bias"}  # checkpoint name -> the model's
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64,
            "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded; the message names the file/tensor and the problem."""
 
 
+# ---------------------------------------------------------------------- arguments
 def resolve_dtype(dtype, cfg: RingLinearConfig | None = None) -> torch.dtype:
     if dtype is None or dtype == "auto":
         dtype = cfg.torch_dtype if cfg is not None else "float32"
@@ -61,6 +77,7 @@ def resolve_device(device=None) -> torch.device:
     return dev
 
 
+# ---------------------------------------------------------------------- reading
 def _weight_files(path: str) -> dict[str, str]:
     """{tensor name: file} from the index, or from the single model.safetensors."""
     idx = os.path.join(path, INDEX_NAME)
@@ -76,24 +93,16 @@ def _weight_files(path: str) -> dict[str, str]:
         return wm
     single = os.path.join(path, SINGLE_NAME)
     if os.path.exists(single):
-        return {k: SINGLE_NAME for k in _keys_of(single)}
+        with _open(single) as f:
+            return {k: SINGLE_NAME for k in f.keys()}
     raise CheckpointError(f"no {SINGLE_NAME} or {INDEX_NAME} in {path}")
 
 
 def _open(file: str):
-    from safetensors import safe_open
     try:
         return safe_open(file, framework="pt", device="cpu")
     except Exception as e:  # SafetensorError and OSError carry the precise reason
         raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
-
-
-def _keys_of(file: str) -> list[str]:
-    with _open(file) as f:
-        return list(f.keys())
-
-
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def mtp_tensor_names(names, cfg: RingLinearConfig, where: str) -> set[str]:
@@ -118,61 +127,84 @@ def mtp_tensor_names(names, cfg: RingLinearConfig, where: str) -> set[str]:
     return mtp
 
 
-def load_pretrained(cls, path, dtype=None, device=None, strict: bool = True):
+@dataclass
+class StoredTensor:
+    """One tensor of a checkpoint, not yet read. Valid while `iter_tensors` is on its file."""
+
+    name: str         # as the model names it (aliases applied)
+    stored_name: str  # as the file names it
+    file: str
+    _handle: object
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._handle.get_slice(self.stored_name).get_shape())
+
+    def load(self) -> torch.Tensor:
+        try:
+            return self._handle.get_tensor(self.stored_name)
+        except Exception as e:
+            raise CheckpointError(f"tensor {self.stored_name!r} in {self.file} cannot be read (truncated file?): "
+                                  f"{e}") from None
+
+
+def iter_tensors(path: str, cfg: RingLinearConfig, desc: str = "loading weights") -> Iterator[StoredTensor]:
+    """Every tensor of checkpoint directory `path` but the MTP ones (skipped with one log line), file by file in
+    name order. A published checkpoint is tens of GB: progress shows on a terminal (tqdm disables itself
+    otherwise)."""
+    files = _weight_files(path)
+    mtp = mtp_tensor_names(files, cfg, path)
+    by_file: dict[str, list[str]] = {}
+    for name, fn in files.items():
+        by_file.setdefault(fn, []).append(name)
+    with tqdm(total=len(files), desc=desc, unit="tensor", disable=None, leave=False) as bar:
+        for fn, names in sorted(by_file.items()):
+            with _open(os.path.join(path, fn)) as f:
+                present = set(f.keys())
+                for name in sorted(names):
+                    bar.update(1)
+                    if name not in present:
+                        raise CheckpointError(f"index maps {name!r} to {fn}, but that file lacks it")
+                    if name not in mtp:
+                        alias = name
+                        for a, b in ALIASES.items():
+                            alias = alias.replace(a, b)
+                        yield StoredTensor(alias, name, fn, f)
+    if mtp:
+        log.info("skipped %d MTP tensors (model.layers.>=%d / model.mtp.*): not used for inference", len(mtp),
+                 cfg.num_hidden_layers)
+
+
+def load_pretrained(cls, path, dtype=None, device=None, strict: bool = True, **config_overrides):
+    """`config_overrides` replace config.json fields for this load (checked like config.json itself)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     cfg = RingLinearConfig.from_json(path)
+    if config_overrides:
+        unknown = sorted(set(config_overrides) - set(cfg.to_dict()))
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown} in the overrides")
+        cfg = cfg.replace(**config_overrides)
     dt = resolve_dtype(dtype, cfg)
     device = resolve_device(device or "cpu")
-    files = _weight_files(path)
-    mtp = mtp_tensor_names(files, cfg, path)
-
     with torch.device("meta"):
         model = cls(cfg)
     model.to(dt)
     model.to_empty(device=device)
     target = model.state_dict(keep_vars=True)
-    loaded, skipped, unexpected = set(), [], []
-    by_file: dict[str, list[str]] = {}
-    for name, fn in files.items():
-        by_file.setdefault(fn, []).append(name)
-    # A published checkpoint is tens of GB: show progress on a terminal (tqdm disables itself otherwise).
-    from tqdm.auto import tqdm
-    bar = tqdm(total=len(files), desc="loading weights", unit="tensor", disable=None, leave=False)
-    for fn, names in sorted(by_file.items()):
-        full = os.path.join(path, fn)
-        with _open(full) as f:
-            present = set(f.keys())
-            for name in names:
-                bar.update(1)
-                if name not in present:
-                    raise CheckpointError(f"index maps {name!r} to {fn}, but that file lacks it")
-                if name in mtp:
-                    skipped.append(name)
-                    continue
-                key = name
-                for a, b in _ALIASES.items():
-                    key = key.replace(a, b)
-                if key not in target:
-                    unexpected.append(name)
-                    continue
-                dst = target[key]
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != tuple(dst.shape):
-                    raise CheckpointError(f"tensor {name!r} in {fn}: expected shape {tuple(dst.shape)}, "
-                                          f"found {shape}")
-                try:
-                    t = f.get_tensor(name)
-                except Exception as e:
-                    raise CheckpointError(f"tensor {name!r} in {fn} cannot be read (truncated file?): {e}") from None
-                with torch.no_grad():
-                    dst.copy_(t)
-                loaded.add(key)
-    bar.close()
-    if skipped:
-        log.info("skipped %d MTP tensors (model.layers.>=%d / model.mtp.*): not used for inference",
-                 len(skipped), cfg.num_hidden_layers)
+    loaded, unexpected = set(), []
+    for t in iter_tensors(path, cfg):
+        if t.name not in target:
+            unexpected.append(t.stored_name)
+            continue
+        dst = target[t.name]
+        if t.shape != tuple(dst.shape):
+            raise CheckpointError(f"tensor {t.stored_name!r} in {t.file}: expected shape {tuple(dst.shape)}, "
+                                  f"found {t.shape}")
+        with torch.no_grad():
+            dst.copy_(t.load())
+        loaded.add(t.name)
     optional = {k for k in target if k.endswith("expert_bias")} if not cfg.moe_router_enable_expert_bias else set()
     if cfg.tie_word_embeddings:
         optional.add("lm_head.weight")
@@ -188,56 +220,117 @@ def load_pretrained(cls, path, dtype=None, device=None, strict: bool = True):
     return model
 
 
-def _shard(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards, cur, size = [], {}, 0
-    for k, t in state.items():
+# ---------------------------------------------------------------------- writing
+class ShardWriter:
+    """Tensors streamed into safetensors shards of at most max_bytes (a tensor never split), in the order added;
+    at `close` they are named model.safetensors, or model-NNNNN-of-NNNNN with the index."""
+
+    def __init__(self, directory: str, max_bytes: int):
+        self.d, self.max = directory, max_bytes
+        self.cur, self.size, self.names, self.weight_map, self.total = {}, 0, [], {}, 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
         n = t.numel() * t.element_size()
-        if cur and size + n > max_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k] = t
-        size += n
-    if cur or not shards:
-        shards.append(cur)
-    return shards
+        if self.cur and self.size + n > self.max:
+            self._flush()
+        t = t.detach().cpu().contiguous()
+        if t.untyped_storage().nbytes() != n:  # a view into a larger tensor (the stacked experts): standalone
+            t = t.clone()
+        self.cur[name] = t
+        self.size += n
+        self.total += n
+
+    def _flush(self) -> None:
+        fn = f"part-{len(self.names):05d}.safetensors"
+        safetensors.torch.save_file(self.cur, os.path.join(self.d, fn), metadata={"format": "pt"})
+        for k in self.cur:
+            self.weight_map[k] = fn
+        self.names.append(fn)
+        self.cur, self.size = {}, 0
+
+    def close(self) -> None:
+        if self.cur or not self.names:
+            self._flush()
+        n = len(self.names)
+        if n == 1:
+            os.rename(os.path.join(self.d, self.names[0]), os.path.join(self.d, SINGLE_NAME))
+            return
+        rename = {fn: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, fn in enumerate(self.names)}
+        for fn, new in rename.items():
+            os.rename(os.path.join(self.d, fn), os.path.join(self.d, new))
+        wm = {k: rename[v] for k, v in self.weight_map.items()}
+        with open(os.path.join(self.d, INDEX_NAME), "w") as f:
+            json.dump({"metadata": {"total_size": self.total}, "weight_map": wm}, f, indent=2, sort_keys=True)
+
+
+def write_pretrained(model, directory: str, max_shard_bytes: int = 4 << 30, tokenizer_dir: str | None = None) -> None:
+    """config.json, the weights and (from `tokenizer_dir`) the tokenizer files, into an existing directory."""
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    cfg.replace(torch_dtype=str(dtype).replace("torch.", "")).to_json(os.path.join(directory, "config.json"))
+    writer = ShardWriter(directory, max_shard_bytes)
+    for k, v in model.state_dict().items():
+        if not (cfg.tie_word_embeddings and k == "lm_head.weight"):
+            writer.add(k, v)
+    writer.close()
+    if tokenizer_dir:
+        copy_tokenizer_files(tokenizer_dir, directory)
 
 
 def save_pretrained(model, path, max_shard_bytes: int = 4 << 30, tokenizer_dir=None) -> None:
-    """Write config.json, safetensors shards (+ index when sharded) and tokenizer files, atomically."""
-    from safetensors.torch import save_file
+    """Write config.json, safetensors shards (+ index when sharded) and tokenizer files, atomically. Tokenizer
+    files come from `tokenizer_dir`, else from the directory the model was loaded from."""
+    path = os.path.abspath(os.fspath(path))
+    src = tokenizer_dir or getattr(model, "source_dir", None)
+    if src and os.path.abspath(src) == path:
+        src = None  # saving over the source directory: its tokenizer files are kept as they are
+    with atomic_directory(path, keep_from_old=TOKENIZER_FILES) as tmp:
+        write_pretrained(model, tmp, max_shard_bytes, src)
+
+
+def copy_tokenizer_files(src: str, dst: str) -> None:
+    """Whatever tokenizer files (tokenizer.json, its configs, the chat template) `src` has."""
+    os.makedirs(dst, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str, keep_from_old: tuple[str, ...] = ()) -> Iterator[str]:
+    """Yields a fresh directory beside `path` to write into. Once the block completes, its modes follow the umask
+    and it is renamed to `path`; an existing `path` is moved aside first and removed only after that rename
+    (files in `keep_from_old` that only the old one had are carried over). If the block fails the staged
+    directory is removed and `path` is as it was. An interrupted run leaves at worst a hidden `.tmp-*` beside it."""
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
     try:
-        cfg = model.config
-        dtype = next(model.parameters()).dtype
-        cfg_out = cfg.replace(torch_dtype=str(dtype).replace("torch.", ""))
-        cfg_out.to_json(os.path.join(tmp, "config.json"))
-        state = {k: v.detach() for k, v in model.state_dict().items()}
-        if cfg.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        shards = _shard(state, max_shard_bytes)
-        n = len(shards)
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards):
-            fn = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            # Expert weights view shared stacks: give safetensors standalone contiguous tensors.
-            save_file({k: v.contiguous().clone().cpu() for k, v in shard.items()}, os.path.join(tmp, fn),
-                      metadata={"format": "pt"})
-            for k, v in shard.items():
-                weight_map[k] = fn
-                total += v.numel() * v.element_size()
-        if n > 1:
-            with open(os.path.join(tmp, INDEX_NAME), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
-        src = tokenizer_dir or getattr(model, "source_dir", None)
-        if src and os.path.abspath(src) != path:
-            for name in TOKENIZER_FILES:
-                if os.path.exists(os.path.join(src, name)):
-                    shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+        yield tmp
         follow_umask(tmp)
-        _swap_into_place(tmp, path)
+        if os.path.exists(path):
+            old = tmp + ".old"
+            os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)
+                raise
+            for name in keep_from_old:
+                if os.path.exists(os.path.join(old, name)) and not os.path.exists(os.path.join(path, name)):
+                    shutil.copy2(os.path.join(old, name), os.path.join(path, name))
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -264,22 +357,3 @@ def follow_umask(root: str) -> None:
         os.chmod(d, 0o777 & ~mask)
         for name in files:
             os.chmod(os.path.join(d, name), 0o666 & ~mask)
-
-
-def _swap_into_place(tmp: str, path: str) -> None:
-    """Rename tmp -> path; an existing path is moved aside first and removed only after the rename succeeded."""
-    if os.path.exists(path):
-        old = path + ".old-" + os.path.basename(tmp)
-        os.rename(path, old)
-        try:
-            os.rename(tmp, path)
-        except BaseException:
-            os.rename(old, path)
-            raise
-        # Keep tokenizer files that lived only in the old dir (saving over a checkpoint dir in place).
-        for name in TOKENIZER_FILES:
-            if os.path.exists(os.path.join(old, name)) and not os.path.exists(os.path.join(path, name)):
-                shutil.copy2(os.path.join(old, name), os.path.join(path, name))
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, path)

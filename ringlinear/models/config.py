@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("bailing_moe_linear",)
+# The per-layer decay formulas ops/lightning_attn/decay.py implements (named here, not imported: this module stays
+# free of torch so that the command line starts fast).
+DECAY_FORMULAS = ("hf", "sglang")
 
 # Fields a checkpoint config must carry: their class defaults differ from the published values (model.md §1.2).
 _REQUIRED = (
@@ -94,7 +97,7 @@ class RingLinearConfig:
         self._check_types_and_ranges()
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"unsupported model_type {self.model_type!r}: ringlinear supports {SUPPORTED_MODEL_TYPES}")
-        if self.decay_layer_formula not in ("hf", "sglang"):
+        if self.decay_layer_formula not in DECAY_FORMULAS:
             raise ValueError(f"decay_layer_formula must be 'hf' or 'sglang', got {self.decay_layer_formula!r}")
         if self.score_function != "sigmoid":
             raise ValueError(f"unsupported score_function {self.score_function!r} (only 'sigmoid')")
@@ -153,6 +156,20 @@ class RingLinearConfig:
     @property
     def layer_types(self) -> list[str]:
         return ["softmax" if self.is_softmax_layer(i) else "linear" for i in range(self.num_hidden_layers)]
+
+    @property
+    def softmax_layers(self) -> list[int]:
+        """Indices of the softmax (GQA, KV-cached) layers."""
+        return [i for i in range(self.num_hidden_layers) if self.is_softmax_layer(i)]
+
+    @property
+    def linear_layers(self) -> list[int]:
+        """Indices of the linear-attention (fixed fp32 state) layers."""
+        return [i for i in range(self.num_hidden_layers) if not self.is_softmax_layer(i)]
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
     def is_moe_layer(self, i: int) -> bool:
         return self.num_experts is not None and i >= self.first_k_dense_replace
@@ -241,76 +258,3 @@ def _field_types() -> dict[str, tuple]:
     hints = typing.get_type_hints(RingLinearConfig)
     return {f.name: typing.get_args(hints[f.name]) or (hints[f.name],) for f in dataclasses.fields(RingLinearConfig)
             if f.name != "extra"}
-
-
-# ---------------------------------------------------------------------- presets
-def _mini() -> RingLinearConfig:
-    return RingLinearConfig()
-
-
-def _flash() -> RingLinearConfig:
-    # group_norm_size and rope_theta of the flash checkpoint are not confirmed (model.md §1.1): read config.json.
-    return RingLinearConfig(hidden_size=4096, intermediate_size=9216, num_hidden_layers=32, num_attention_heads=32,
-                            num_key_value_heads=4, head_dim=128, moe_intermediate_size=1024,
-                            moe_shared_expert_intermediate_size=1024, layer_group_size=8, group_norm_size=8)
-
-
-def _tiny() -> RingLinearConfig:
-    """For tests: every feature on (dense layer 0, MoE with groups, linear + softmax layers, tail softmax)."""
-    return RingLinearConfig(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
-                            num_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
-                            moe_intermediate_size=32, moe_shared_expert_intermediate_size=32, layer_group_size=3,
-                            group_norm_size=2, max_position_embeddings=4096, rope_theta=10000.0,
-                            eos_token_id=[1, 2], pad_token_id=1, bos_token_id=0, torch_dtype="float32")
-
-
-def _small() -> RingLinearConfig:
-    """A few-million-parameter hybrid for demos and training on a laptop (M=3: 3 linear + 1 softmax)."""
-    return RingLinearConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=8,
-                            num_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
-                            moe_intermediate_size=256, moe_shared_expert_intermediate_size=256, layer_group_size=4,
-                            group_norm_size=2, max_position_embeddings=8192, rope_theta=10000.0,
-                            eos_token_id=[0], pad_token_id=0, torch_dtype="float32")
-
-
-PRESETS = {
-    "ring-mini-linear-2.0": _mini,
-    "ring-flash-linear-2.0": _flash,
-    "tiny": _tiny,
-    "small": _small,
-}
-
-
-def get_preset(name: str) -> RingLinearConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]()
-
-
-def alibi_slopes(n: int) -> list[float]:
-    """ALiBi slopes for n heads (the lightning-attention decay base); non powers of 2 interleave the 2p list."""
-    def pow2(m: int) -> list[float]:
-        start = 2 ** (-(2 ** -(math.log2(m) - 3)))
-        return [start * start ** i for i in range(m)]
-    if math.log2(n).is_integer():
-        return pow2(n)
-    p = 2 ** math.floor(math.log2(n))
-    return pow2(p) + alibi_slopes(2 * p)[0::2][: n - p]
-
-
-def layer_decay_factor(cfg: RingLinearConfig, layer_idx: int) -> float:
-    L = cfg.num_hidden_layers
-    denom = max(L - 1, 1)
-    if cfg.decay_layer_formula == "hf":
-        return 1 - (layer_idx - 1) / denom + 1e-5
-    return 1 - layer_idx / denom + 1e-5
-
-
-def layer_log_decay(cfg: RingLinearConfig, layer_idx: int):
-    """g_gamma [H] fp32 = -slope_h * f(layer): the per-head log decay of one linear layer."""
-    import torch
-    # Same arithmetic as the HF buffer: fp32 slopes times a Python-float factor, negated.
-    s = torch.tensor(alibi_slopes(cfg.num_attention_heads), dtype=torch.float32, device="cpu")
-    return -s * layer_decay_factor(cfg, layer_idx)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..modules.layers import MLP, LinearAttention, RMSNorm, SparseMoeBlock
+from .layers import MLP, LinearAttention, RMSNorm
+from .moe import SparseMoeBlock
 from ..ops import fp8 as F8
 from ..ops.fp8.reference import check_dims
 

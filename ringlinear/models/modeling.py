@@ -8,11 +8,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from ..modules.layers import MLP, LinearAttention, RMSNorm, RotaryEmbedding, SoftmaxAttention, SparseMoeBlock
-from .config import RingLinearConfig
 from ..ops.linear import active_invariant_mode, invariant_mode
+from ..ops.lm_head import lm_head_fp32
+from ..ops.loss import linear_cross_entropy
+from .cache import HybridCache
+from .checkpoint import load_pretrained, save_pretrained
+from .config import RingLinearConfig
 from .context import AttentionContext, StatelessContext, check_numerics, positions_from_cu_seqlens
+from .layers import MLP, LinearAttention, RMSNorm, RotaryEmbedding, SoftmaxAttention
+from .moe import SparseMoeBlock
 
 
 class DecoderLayer(nn.Module):
@@ -47,7 +53,6 @@ class RingLinearModel(nn.Module):
         mode = active_invariant_mode() if self.gradient_checkpointing and self.training else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                from torch.utils.checkpoint import checkpoint
                 h = checkpoint(_layer_in_mode, layer, h, cos, sin, ctx, mode, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, ctx)
@@ -72,7 +77,7 @@ class RingLinearForCausalLM(nn.Module):
     """Transformers-like API: `from_pretrained`, `save_pretrained`, `model(input_ids, ...)`.
 
     Logits come from an fp32 lm_head (bf16 weights and inputs, fp32 accumulation and output) so that log-probs in
-    training and serving agree (numerics.md).
+    training and serving agree (docs/numerics.md).
     """
 
     def __init__(self, config: RingLinearConfig):
@@ -139,18 +144,24 @@ class RingLinearForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ checkpoint IO
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype=None, device=None, strict: bool = True):
-        from .checkpoint import load_pretrained
-        return load_pretrained(cls, path, dtype=dtype, device=device, strict=strict)
+    def from_pretrained(cls, path: str | os.PathLike, dtype=None, device=None, strict: bool = True,
+                        **config_overrides):
+        """Load a checkpoint directory. `config_overrides` replace config.json fields for this load, e.g.
+        `decay_layer_formula="sglang"` or `max_position_embeddings=...` (checked like config.json itself)."""
+        return load_pretrained(cls, path, dtype=dtype, device=device, strict=strict, **config_overrides)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int = 4 << 30, tokenizer_dir=None):
-        from .checkpoint import save_pretrained
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes, tokenizer_dir=tokenizer_dir)
 
     # ------------------------------------------------------------------ forward
+    def forward_packed(self, input_ids: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """input_ids [T] packed as ctx describes -> final-normed hidden states [T, hidden]; `compute_logits` turns
+        the rows that need them into logits. The entry point of anything that owns its attention state (the
+        serving engine, CUDA graphs)."""
+        return self.model.forward_packed(input_ids, ctx)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., h] -> fp32 logits [..., V]."""
-        from ..ops.lm_head import lm_head_fp32
         shp = hidden.shape
         return lm_head_fp32(hidden.reshape(-1, shp[-1]), self.lm_head.weight).view(*shp[:-1], -1)
 
@@ -212,7 +223,6 @@ class RingLinearForCausalLM(nn.Module):
         cu = F.pad(torch.cumsum(lens, 0), (1, 0))
         flat_ids = input_ids[mask]
         if cache is None and use_cache:
-            from .cache import HybridCache
             cache = HybridCache(self.config, batch_size=B, dtype=self.lm_head.weight.dtype, device=dev)
         if cache is not None:
             if cache.batch_size != B:
@@ -231,7 +241,6 @@ class RingLinearForCausalLM(nn.Module):
                 loss_reduction):
         loss = None
         if labels is not None and not return_logits:
-            from ..ops.loss import linear_cross_entropy
             h = hidden.reshape(-1, hidden.shape[-1])
             loss = linear_cross_entropy(h, self.lm_head.weight, labels.reshape(-1).to(h.device),
                                         reduction=loss_reduction)
@@ -250,10 +259,6 @@ class RingLinearForCausalLM(nn.Module):
         return CausalLMOutput(logits=logits, cache=cache, loss=loss,
                               hidden_states=hidden if output_hidden_states else None)
 
-    # ------------------------------------------------------------------ info
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
 
 def count_parameters(cfg: RingLinearConfig) -> dict:
     """Total and active parameter counts (with and without embeddings), computed on the meta device."""
@@ -264,8 +269,7 @@ def count_parameters(cfg: RingLinearConfig) -> dict:
     inactive = 0
     if cfg.num_experts:
         per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-        n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
-        inactive = n_moe * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
+        inactive = len(cfg.moe_layers) * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
     active = total - inactive
     return {"total": total, "active": active, "embedding": emb, "active_non_embedding": active - emb,
             "total_non_embedding": total - emb}
@@ -273,11 +277,9 @@ def count_parameters(cfg: RingLinearConfig) -> dict:
 
 def state_bytes_per_sequence(cfg: RingLinearConfig) -> int:
     """fp32 linear-attention state of one sequence, all linear layers."""
-    n_lin = sum(not cfg.is_softmax_layer(i) for i in range(cfg.num_hidden_layers))
-    return n_lin * cfg.num_attention_heads * cfg.head_dim_ ** 2 * 4
+    return len(cfg.linear_layers) * cfg.num_attention_heads * cfg.head_dim_ ** 2 * 4
 
 
 def kv_bytes_per_token(cfg: RingLinearConfig, dtype_bytes: int = 2) -> int:
-    n_sm = sum(cfg.is_softmax_layer(i) for i in range(cfg.num_hidden_layers))
-    return n_sm * 2 * cfg.num_key_value_heads * cfg.head_dim_ * dtype_bytes
+    return len(cfg.softmax_layers) * 2 * cfg.num_key_value_heads * cfg.head_dim_ * dtype_bytes
 

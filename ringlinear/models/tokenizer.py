@@ -1,4 +1,6 @@
-"""The checkpoint's tokenizer through the `tokenizers` library, and its chat template through jinja2.
+"""The checkpoint's tokenizer through the `tokenizers` library, and its chat template through jinja2; and the
+tokenizers ringlinear makes itself (training runs, tiny test checkpoints): a byte-level BPE trainer and the files
+that `load_tokenizer` reads back, with the special tokens and Ring-style chat template they share.
 
 Rendering follows what transformers does for `apply_chat_template`: a sandboxed jinja2 environment with
 trim_blocks/lstrip_blocks, the loopcontrols extension, a `tojson` filter that keeps non-ASCII, and the globals
@@ -12,7 +14,22 @@ import os
 import re
 from datetime import datetime
 
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 from .config import training_run_hint
+
+SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|role_end|>"]  # ids 0, 1, 2 of the tokenizers made here
+# Ring-2.0 style turns: <role>HUMAN</role>...<|role_end|>; the generation prompt is <role>ASSISTANT</role>.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% set role = {'system': 'SYSTEM', 'user': 'HUMAN', 'assistant': 'ASSISTANT', 'tool': 'OBSERVATION'}"
+    "[m['role']] %}"
+    "<role>{{ role }}</role>{{ m['content'] }}<|role_end|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<role>ASSISTANT</role>{% endif %}"
+)
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # Pre-tokenizers that drop no character of the input (they only cut it, or re-spell it one for one).
@@ -27,7 +44,6 @@ def _token_str(v):
 
 class RingTokenizer:
     def __init__(self, model_dir: str):
-        from tokenizers import Tokenizer
         path = os.path.join(model_dir, "tokenizer.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no tokenizer.json in {model_dir}{training_run_hint(model_dir)}")
@@ -110,7 +126,6 @@ def _max_chars_per_token(tk) -> int | None:
     the input, one symbol per byte, and a byte is at most one character, so a token covers at most as many
     characters as its vocabulary string is long. Anything else: None (the caller tokenises and counts).
     """
-    from tokenizers import pre_tokenizers
     if tk.normalizer is not None or tk.truncation is not None or type(tk.model).__name__ != "BPE":
         return None
     if tk.pre_tokenizer is None:
@@ -158,8 +173,6 @@ _CACHE: dict[str, object] = {}
 def _compiled(src: str):
     if src in _CACHE:
         return _CACHE[src]
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise TemplateError(message)
@@ -178,6 +191,31 @@ def _compiled(src: str):
 
 def load_tokenizer(model_dir: str) -> RingTokenizer:
     return RingTokenizer(os.fspath(model_dir))
+
+
+def train_byte_level_bpe(texts, vocab_size: int, length: int | None = None) -> Tokenizer:
+    """A byte-level BPE (GPT-2 style pre-tokenisation, every byte encodable) learnt from `texts`, with
+    SPECIAL_TOKENS at ids 0, 1, 2. `length`: how many texts, for the trainer's bookkeeping."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    return tok
+
+
+def write_tokenizer_files(out_dir: str, tok: Tokenizer, eos_ids=(1, 2), chat_template: str = CHAT_TEMPLATE) -> None:
+    """tokenizer.json, tokenizer_config.json (special tokens, chat template) and generation_config.json (stop ids)
+    for a tokenizer made by `train_byte_level_bpe`: what `load_tokenizer` and `ringlinear generate` read."""
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIAL_TOKENS[0],
+                   "eos_token": SPECIAL_TOKENS[2], "pad_token": SPECIAL_TOKENS[1], "add_bos_token": False,
+                   "add_eos_token": False, "chat_template": chat_template}, f, indent=2)
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": 0, "eos_token_id": list(eos_ids), "pad_token_id": 1}, f, indent=2)
 
 
 class StreamDecoder:

@@ -1,8 +1,10 @@
-"""The OpenAI-compatible HTTP app (FastAPI): /v1/models, /v1/completions, /v1/chat/completions, /health.
+"""The OpenAI-compatible HTTP app (FastAPI): /v1/models, /v1/completions, /v1/chat/completions, /health, /stats.
 
-Every error is an OpenAI-style body {"error": {message, type, param, code}} with a 4xx/5xx status, and the
-server keeps serving. A client that disconnects (streaming or not) has its requests aborted, which frees their
-KV blocks and state slots at once. Import this module only when serving: it needs fastapi.
+Routes live at module level and find what they serve in `request.app.state.server` (a `ServerState`), so
+`create_app` only wires them up. Every error is an OpenAI-style body {"error": {message, type, param, code}} with a
+4xx/5xx status, and the server keeps serving. A client that disconnects (streaming or not) has its requests
+aborted, which frees their KV blocks and state slots at once. Import this module only when serving: it needs
+fastapi.
 """
 from __future__ import annotations
 
@@ -13,19 +15,23 @@ import hmac
 import logging
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from ..engine.engine import RequestError
 from .openai_format import SSE_DONE, Formatter, sse
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request, pydantic_error_message
+from .streaming import SSEResponse, collect, merged, unless_disconnected
 
 log = logging.getLogger(__name__)
 
+# After a body this large, hand freed memory back to the OS (glibc keeps freed heap pages otherwise).
+_TRIM_AFTER_BYTES = 256 << 10
 
 
 def default_max_request_bytes(max_model_len: int) -> int:
@@ -34,14 +40,39 @@ def default_max_request_bytes(max_model_len: int) -> int:
     bytes a token, as escaped CJK text about 9, English text 4: the default leaves 3-8x room (4 MiB for 128K)."""
     return max(1 << 20, 32 * max_model_len)
 
-# After a body this large, hand freed memory back to the OS (glibc keeps freed heap pages otherwise).
-_TRIM_AFTER_BYTES = 256 << 10
+
+@dataclass
+class ServerState:
+    """What the routes serve (`app.state.server`)."""
+
+    engine: AsyncEngine
+    model_name: str
+    max_request_bytes: int
+    drain_timeout: float | None = None
+
+    @property
+    def tokenizer(self):
+        return self.engine.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'.",
+                           param="model", code="model_not_found")
+
+
+def _server(request: Request) -> ServerState:
+    return request.app.state.server
 
 
 def _error(status: int, message: str, type: str = "invalid_request_error", param=None, code=None) -> JSONResponse:
     return JSONResponse(APIError(status, message, type, param, code).body(), status_code=status)
 
 
+# ---------------------------------------------------------------------- middleware
 @functools.lru_cache(maxsize=None)
 def _malloc_trim():
     try:
@@ -107,92 +138,7 @@ class TrimAfterLargeRequests:
                 await asyncio.to_thread(release_memory)
 
 
-class SSEResponse(StreamingResponse):
-    """Streams `body_iterator` while watching for the client going away; either way the iterator is closed and
-    `on_close` runs (it aborts the engine requests behind the stream, even if the body never started)."""
-
-    def __init__(self, content, on_close, **kw):
-        super().__init__(content, **kw)
-        self.on_close = on_close
-
-    async def __call__(self, scope, receive, send):
-        async def stream():
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            async for chunk in self.body_iterator:
-                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-        async def disconnected():
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        tasks = [asyncio.ensure_future(stream()), asyncio.ensure_future(disconnected())]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in tasks:
-                t.cancel()
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-            await self.body_iterator.aclose()
-            self.on_close()
-        err = results[0]
-        if isinstance(err, Exception) and not isinstance(err, (OSError, asyncio.CancelledError)):
-            log.error("stream failed: %s: %s", type(err).__name__, err)  # the client sees a cut stream
-
-
-async def _until_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_disconnected(request: Request, coro):
-    """Run coro; if the client disconnects first, cancel it (its finally blocks abort the requests)."""
-    work = asyncio.ensure_future(coro)
-    watch = asyncio.ensure_future(_until_disconnect(request))
-    try:
-        await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not work.done():
-            work.cancel()
-        await asyncio.gather(work, watch, return_exceptions=True)
-    if work.cancelled():
-        return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
-    return work.result()
-
-
-async def _merged(streams: list[RequestStream]):
-    """(choice index, output) from several streams as they arrive."""
-    if len(streams) == 1:
-        async for out in streams[0]:
-            yield 0, out
-        return
-    q: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i, s):
-        try:
-            async for out in s:
-                await q.put((i, out))
-        except Exception as e:  # noqa: BLE001
-            await q.put((i, e))
-        await q.put((i, None))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        live = len(streams)
-        while live:
-            i, item = await q.get()
-            if item is None:
-                live -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
+# ---------------------------------------------------------------------- request handling
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, or APIError(413) past `limit` bytes, judged on Content-Length and again on the bytes as
     they arrive (a chunked body has no length). An oversized body is still read to its end (up to 4x the limit,
@@ -215,194 +161,198 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def _accept(request: Request, cls):
+    """(server state, request): the body read and size-checked, parsed on the worker pool, validated, the model
+    name checked."""
+    srv = _server(request)
+    req = await srv.engine.offload(parse_request, cls, await read_body(request, srv.max_request_bytes))
+    req.validate_request()
+    srv.check_model(req.model)
+    return srv, req
+
+
+async def _submit_all(srv: ServerState, prompts, params, prefix: str) -> list[RequestStream]:
+    """One engine request per (prompt, choice), tokenised on the worker pool; all or none are queued."""
+    ids = [await srv.engine.prepare(p, params[0]) for p in prompts]  # the checks do not depend on the choice
+    streams: list[RequestStream] = []
+    try:
+        for p in ids:
+            for sp in params:
+                streams.append(srv.engine.submit(p, sp, f"{prefix}-{len(streams)}", prepared=True))
+    except BaseException:
+        for s in streams:
+            s.abort()
+        raise
+    return streams
+
+
+async def _respond(request, req, streams, prompt_tokens, chunk_object, head, chunks, final, fmt):
+    """Non-streaming: wait for every choice (abort on disconnect) and build the body with `final(outs)`.
+    Streaming: SSE of `head` chunks, then `chunks(i, output)` per engine output, optional usage, [DONE]."""
+    def abort_all():
+        for s in streams:
+            s.abort()
+
+    if not req.stream:
+        try:
+            outs = await unless_disconnected(request, collect(streams))
+        finally:
+            abort_all()  # no-op for finished requests; frees the rest if the client left
+        # building the body detokenises every log-prob entry: on the worker pool too
+        return outs if isinstance(outs, JSONResponse) else await _server(request).engine.offload(final, outs)
+
+    async def events():
+        try:
+            for c in head:
+                yield sse(c)
+            async for i, o in merged(streams):
+                for c in chunks(i, o):
+                    yield sse(c)
+            if req.stream_options and req.stream_options.include_usage:
+                done = sum(len(s.last.token_ids) for s in streams)
+                yield sse(fmt.usage_chunk(chunk_object, prompt_tokens, done))
+        except (EngineDeadError, RequestError) as e:
+            yield sse(APIError(500, str(e), type="server_error").body())
+        yield SSE_DONE
+
+    return SSEResponse(events(), abort_all, media_type="text/event-stream")
+
+
+# ---------------------------------------------------------------------- routes
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request):
+    engine = _server(request).engine
+    if not engine.alive:
+        return _error(503, f"engine not running: {engine.error}", type="server_error")
+    return {"status": "ok" if engine.accepting else "draining"}
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    srv = _server(request)
+    return {"object": "list", "data": [{"id": srv.model_name, "object": "model", "created": 0,
+                                        "owned_by": "ringlinear", "max_model_len": srv.max_model_len}]}
+
+
+@router.get("/v1/models/{name:path}")
+async def model_info(name: str, request: Request):
+    srv = _server(request)
+    srv.check_model(name)
+    return {"id": srv.model_name, "object": "model", "created": 0, "owned_by": "ringlinear"}
+
+
+@router.get("/stats")
+async def stats(request: Request):
+    engine = _server(request).engine
+    return {**await asyncio.to_thread(engine.call, lambda e: e.stats()), "in_flight": engine.num_in_flight}
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    srv, req = await _accept(request, CompletionRequest)
+    prompts = req.prompts()
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    want_lp = req.logprobs is not None
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    params = req.sampling_params(max_tokens, want_lp, req.logprobs or 0)
+    streams = await _submit_all(srv, prompts, params, rid)
+    fmt = Formatter(srv.tokenizer, srv.model_name, rid)
+    prompt_tokens = sum(s.num_prompt_tokens for s in streams[::req.n])
+    offsets = [0] * len(streams)
+
+    def chunks(i, o):
+        yield fmt.completion_chunk(i, o, want_lp, offsets[i])
+        offsets[i] += len(o.delta_text)
+
+    return await _respond(request, req, streams, prompt_tokens, "text_completion", [], chunks,
+                          lambda outs: fmt.completion(outs, prompt_tokens, want_lp), fmt)
+
+
+@router.post("/v1/chat/completions")
+async def chat(request: Request):
+    srv, req = await _accept(request, ChatCompletionRequest)
+    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    text = await srv.engine.offload(functools.partial(srv.engine.engine.chat_prompt, messages,
+                                                      **req.template_variables()))
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_tokens is None:  # the rest of the context: the length is known only once tokenised
+        ids = await srv.engine.prepare(text, req.sampling_params(1, False, 0)[0])
+        max_tokens = max(1, srv.max_model_len - len(ids))
+    else:
+        ids = text
+    want_lp = req.logprobs
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    params = req.sampling_params(max_tokens, want_lp, req.top_logprobs or 0)
+    streams = await _submit_all(srv, [ids], params, rid)
+    fmt = Formatter(srv.tokenizer, srv.model_name, rid)
+    prompt_tokens = streams[0].num_prompt_tokens
+
+    def chunks(i, o):
+        lp = fmt.chat_delta_logprobs(o) if want_lp else None
+        if o.delta_text or lp:
+            yield fmt.chat_chunk(i, {"content": o.delta_text}, logprobs=lp)
+        if o.finished:
+            yield fmt.chat_chunk(i, {}, o.finish_reason)
+
+    head = [fmt.chat_chunk(i, {"role": "assistant", "content": ""}) for i in range(len(streams))]
+    return await _respond(request, req, streams, prompt_tokens, "chat.completion.chunk", head, chunks,
+                          lambda outs: fmt.chat(outs, prompt_tokens, want_lp), fmt)
+
+
+# ---------------------------------------------------------------------- errors and the app
+async def _api_error(request, e: APIError):
+    headers = {"Connection": "close"} if e.status == 413 else None  # the rest of the body is not read
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+async def _validation(request, e: RequestValidationError):
+    msg, param = pydantic_error_message(e.errors())
+    return _error(400, msg, param=param)
+
+
+async def _request_error(request, e: RequestError):
+    return _error(400, str(e), param=e.param, code=e.code)
+
+
+async def _dead(request, e: EngineDeadError):
+    return _error(503, str(e), type="server_error", code="unavailable")
+
+
+async def _http(request, e: StarletteHTTPException):
+    return _error(e.status_code, str(e.detail), type="invalid_request_error" if e.status_code < 500 else
+                  "server_error")
+
+
+async def _internal(request, e: Exception):
+    log.exception("internal error")
+    return _error(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+
+
+@asynccontextmanager
+async def _lifespan(app):
+    yield
+    # Uvicorn has already waited for in-flight responses; this covers anything left, then stops the thread.
+    srv = app.state.server
+    srv.engine.accepting = False
+    await srv.engine.wait_idle(srv.drain_timeout)
+    srv.engine.shutdown()
+    log.info("engine stopped")
+
+
 def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                drain_timeout: float | None = None, max_request_bytes: int | None = None) -> FastAPI:
-    tok = engine.engine.tokenizer
-    max_model_len = engine.engine.max_model_len
-    max_request_bytes = max_request_bytes or default_max_request_bytes(max_model_len)
-
-    @asynccontextmanager
-    async def lifespan(app):
-        yield
-        # Uvicorn has already waited for in-flight responses; this covers anything left, then stops the thread.
-        engine.accepting = False
-        await engine.wait_idle(drain_timeout)
-        engine.shutdown()
-        log.info("engine stopped")
-
-    app = FastAPI(title="ringlinear", lifespan=lifespan)
-    app.state.engine = engine
+    app = FastAPI(title="ringlinear", lifespan=_lifespan)
+    app.state.server = ServerState(engine, model_name,
+                                   max_request_bytes or default_max_request_bytes(engine.engine.max_model_len),
+                                   drain_timeout)
     app.add_middleware(TrimAfterLargeRequests)
     if api_key:
         app.add_middleware(AuthMiddleware, api_key=api_key)
-
-    @app.exception_handler(APIError)
-    async def _api_error(request, e: APIError):
-        headers = {"Connection": "close"} if e.status == 413 else None  # the rest of the body is not read
-        return JSONResponse(e.body(), status_code=e.status, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request, e: RequestValidationError):
-        msg, param = pydantic_error_message(e.errors())
-        return _error(400, msg, param=param)
-
-    @app.exception_handler(RequestError)
-    async def _request_error(request, e: RequestError):
-        return _error(400, str(e), param=e.param, code=e.code)
-
-    @app.exception_handler(EngineDeadError)
-    async def _dead(request, e: EngineDeadError):
-        return _error(503, str(e), type="server_error", code="unavailable")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request, e: StarletteHTTPException):
-        return _error(e.status_code, str(e.detail), type="invalid_request_error" if e.status_code < 500 else
-                      "server_error")
-
-    @app.exception_handler(Exception)
-    async def _internal(request, e: Exception):
-        log.exception("internal error")
-        return _error(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
-
-    def check_model(name: str) -> None:
-        if name != model_name:
-            raise APIError(404, f"The model '{name}' does not exist; this server serves '{model_name}'.",
-                           param="model", code="model_not_found")
-
-    async def parse(request: Request, cls):
-        """Read and size-check the body, parse it on the worker pool."""
-        return await engine.offload(parse_request, cls, await read_body(request, max_request_bytes))
-
-    async def submit_all(prompts, params, prefix: str) -> list[RequestStream]:
-        """One engine request per (prompt, choice), tokenised on the worker pool; all or none are queued."""
-        ids = [await engine.prepare(p, params[0]) for p in prompts]  # the checks do not depend on the choice
-        streams: list[RequestStream] = []
-        try:
-            for p in ids:
-                for sp in params:
-                    streams.append(engine.submit(p, sp, f"{prefix}-{len(streams)}", prepared=True))
-        except BaseException:
-            for s in streams:
-                s.abort()
-            raise
-        return streams
-
-    async def collect(streams: list[RequestStream]):
-        async for _ in _merged(streams):
-            pass
-        return [s.last for s in streams]
-
-    async def respond(request, req, streams, prompt_tokens, chunk_object, head, chunks, final, fmt):
-        """Non-streaming: wait for every choice (abort on disconnect) and build the body with `final(outs)`.
-        Streaming: SSE of `head` chunks, then `chunks(i, output)` per engine output, optional usage, [DONE]."""
-        def abort_all():
-            for s in streams:
-                s.abort()
-
-        if not req.stream:
-            try:
-                outs = await _unless_disconnected(request, collect(streams))
-            finally:
-                abort_all()  # no-op for finished requests; frees the rest if the client left
-            # building the body detokenises every log-prob entry: on the worker pool too
-            return outs if isinstance(outs, JSONResponse) else await engine.offload(final, outs)
-
-        async def events():
-            try:
-                for c in head:
-                    yield sse(c)
-                async for i, o in _merged(streams):
-                    for c in chunks(i, o):
-                        yield sse(c)
-                if req.stream_options and req.stream_options.include_usage:
-                    done = sum(len(s.last.token_ids) for s in streams)
-                    yield sse(fmt.usage_chunk(chunk_object, prompt_tokens, done))
-            except (EngineDeadError, RequestError) as e:
-                yield sse(APIError(500, str(e), type="server_error").body())
-            yield SSE_DONE
-
-        return SSEResponse(events(), abort_all, media_type="text/event-stream")
-
-    @app.get("/health")
-    async def health():
-        if not engine.alive:
-            return _error(503, f"engine not running: {engine.error}", type="server_error")
-        return {"status": "ok" if engine.accepting else "draining"}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "ringlinear", "max_model_len": max_model_len}]}
-
-    @app.get("/v1/models/{name:path}")
-    async def model_info(name: str):
-        check_model(name)
-        return {"id": model_name, "object": "model", "created": 0, "owned_by": "ringlinear"}
-
-    @app.get("/stats")
-    async def stats():
-        return {**await asyncio.to_thread(engine.call, lambda e: e.stats()), "in_flight": engine.num_in_flight}
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        req = await parse(request, CompletionRequest)
-        req.validate_request()
-        check_model(req.model)
-        prompts = req.prompts()
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        want_lp = req.logprobs is not None
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        params = [req.sampling_params(max_tokens, want_lp, req.logprobs or 0, j) for j in range(req.n)]
-        streams = await submit_all(prompts, params, rid)
-        fmt = Formatter(tok, model_name, rid)
-        prompt_tokens = sum(s.num_prompt_tokens for s in streams[::req.n])
-        offsets = [0] * len(streams)
-
-        def chunks(i, o):
-            yield fmt.completion_chunk(i, o, want_lp, offsets[i])
-            offsets[i] += len(o.delta_text)
-
-        return await respond(request, req, streams, prompt_tokens, "text_completion", [], chunks,
-                             lambda outs: fmt.completion(outs, prompt_tokens, want_lp), fmt)
-
-    def render_chat(req: ChatCompletionRequest) -> str:
-        try:
-            return tok.apply_chat_template([m.as_template_dict() for m in req.messages], **req.template_variables())
-        except APIError:
-            raise
-        except Exception as e:  # noqa: BLE001  (template errors are the client's messages' fault)
-            raise APIError(400, f"could not apply the chat template: {e}", param="messages") from None
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        req = await parse(request, ChatCompletionRequest)
-        req.validate_request()
-        check_model(req.model)
-        if tok is None or not tok.chat_template:
-            raise APIError(400, "this model has no chat template; use /v1/completions")
-        text = await engine.offload(render_chat, req)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        if max_tokens is None:  # the rest of the context: the length is known only once tokenised
-            ids = await engine.prepare(text, req.sampling_params(1, False, 0, 0))
-            max_tokens = max(1, max_model_len - len(ids))
-        else:
-            ids = text
-        want_lp = req.logprobs
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        params = [req.sampling_params(max_tokens, want_lp, req.top_logprobs or 0, j) for j in range(req.n)]
-        streams = await submit_all([ids], params, rid)
-        fmt = Formatter(tok, model_name, rid)
-        prompt_tokens = streams[0].num_prompt_tokens
-
-        def chunks(i, o):
-            lp = fmt.chat_delta_logprobs(o) if want_lp else None
-            if o.delta_text or lp:
-                yield fmt.chat_chunk(i, {"content": o.delta_text}, logprobs=lp)
-            if o.finished:
-                yield fmt.chat_chunk(i, {}, o.finish_reason)
-
-        head = [fmt.chat_chunk(i, {"role": "assistant", "content": ""}) for i in range(len(streams))]
-        return await respond(request, req, streams, prompt_tokens, "chat.completion.chunk", head, chunks,
-                             lambda outs: fmt.chat(outs, prompt_tokens, want_lp), fmt)
-
+    for exc, handler in ((APIError, _api_error), (RequestValidationError, _validation), (RequestError, _request_error),
+                         (EngineDeadError, _dead), (StarletteHTTPException, _http), (Exception, _internal)):
+        app.add_exception_handler(exc, handler)
+    app.include_router(router)
     return app

@@ -1,13 +1,14 @@
 """OpenAI request schemas (strictly typed: a wrong type is a 400, never a silent coercion) and error bodies."""
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
 
-from ..engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
-from ..sampling import SEED_LIMIT
+from ..engine.sampling_params import SamplingParams
+from ..sampling import SEED_LIMIT, Sampling, SamplingParamError
 
 
 class APIError(Exception):
@@ -60,22 +61,23 @@ class _Common(_Strict):
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
 
-    def sampling_params(self, max_tokens: int, logprobs: bool, top_logprobs: int, index: int) -> SamplingParams:
-        if max_tokens < 1:
-            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
-        seed = self.seed
-        if seed is not None and not 0 <= seed < SEED_LIMIT:
-            raise APIError(400, f"seed must be an integer in [0, 2**64), got {seed}", param="seed")
-        if seed is not None and self.n > 1:
-            seed = (seed + index) % SEED_LIMIT  # n choices: independent streams, reproducible as a set
+    # A request parameter whose name differs from the SamplingParams field it sets (errors name the client's).
+    _PARAM_NAMES: ClassVar[dict[str, str]] = {}
+
+    def sampling_params(self, max_tokens: int, logprobs: bool, top_logprobs: int) -> list[SamplingParams]:
+        """One SamplingParams per choice; with a seed, choice j samples with seed + j (a reproducible set). The
+        checks are SamplingParams' own: a failure is a 400 naming the parameter."""
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(Sampling)
+                 if f.name != "max_tokens" and getattr(self, f.name, None) is not None}
         try:
-            return SamplingParams(
-                max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
-                top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, seed=seed,
-                stop=self.stop or [], stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
-                logprobs=logprobs, top_logprobs=top_logprobs)
-        except ValueError as e:
-            raise APIError(400, str(e), param=getattr(e, "param", None)) from None
+            sp = SamplingParams(max_tokens=max_tokens, **given, stop=self.stop or [],
+                                stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
+                                logprobs=logprobs, top_logprobs=top_logprobs)
+        except SamplingParamError as e:
+            raise APIError(400, str(e), param=self._PARAM_NAMES.get(e.param, e.param)) from None
+        if sp.seed is None:
+            return [sp] * self.n
+        return [dataclasses.replace(sp, seed=(sp.seed + j) % SEED_LIMIT) for j in range(self.n)]
 
 
 def _prompt(p):
@@ -96,6 +98,7 @@ def _prompt(p):
 
 
 class CompletionRequest(_Common):
+    _PARAM_NAMES: ClassVar[dict[str, str]] = {"top_logprobs": "logprobs"}
     prompt: Annotated[str | list[str] | list[int] | list[list[int]], PlainValidator(_prompt)]
     logprobs: int | None = None
     echo: bool = False
@@ -120,8 +123,6 @@ class CompletionRequest(_Common):
             raise APIError(400, "suffix is not supported", param="suffix")
         if self.best_of not in (None, 1, self.n):
             raise APIError(400, "best_of other than n is not supported", param="best_of")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise APIError(400, f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="logprobs")
 
 
 class TextPart(_Strict):
@@ -135,14 +136,6 @@ class ChatMessage(_Strict):
     content: str | list[TextPart] | None = None
     name: str | None = None
 
-    def as_template_dict(self) -> dict[str, Any]:
-        d = self.model_dump(exclude_none=True)
-        if isinstance(self.content, list):
-            d["content"] = "".join(p.text for p in self.content)
-        d.setdefault("content", "")
-        if d["role"] == "developer":
-            d["role"] = "system"
-        return d
 
 
 class ChatCompletionRequest(_Common):
@@ -164,11 +157,8 @@ class ChatCompletionRequest(_Common):
 
     def validate_request(self) -> None:
         self.check_unsupported()
-        if self.top_logprobs is not None:
-            if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-                raise APIError(400, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
-            if self.top_logprobs and not self.logprobs:
-                raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
 
 
 def parse_request(cls, body: bytes):

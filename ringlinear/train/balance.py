@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..modules.layers import SparseMoeBlock
+from ..models.moe import SparseMoeBlock
 
 
 class MoEBalancer:
@@ -22,9 +22,6 @@ class MoEBalancer:
             b.record_stats = True
         self.E = self.blocks[0].num_experts if self.blocks else 0
         self.counts = None
-
-    def __bool__(self) -> bool:
-        return bool(self.blocks)
 
     def after_forward(self, row_ids: torch.Tensor, n_rows: int):
         """Collect this micro-batch's routing. row_ids [T] (row of each token). Returns the summed (over rows and
@@ -62,12 +59,6 @@ class MoEBalancer:
         self.counts = None
         # device scalars: the loop reads them when it logs (no host sync per step)
         return {"moe_imbalance": ratio.mean(), "moe_imbalance_max": ratio.max()}
-
-    def bias_stats(self) -> dict:
-        if not self.blocks:
-            return {}
-        b = torch.stack([blk.gate.expert_bias.float().cpu() for blk in self.blocks])
-        return {"expert_bias_absmax": float(b.abs().max())}
 
 
 def seq_aux_loss(logits: torch.Tensor, topk_idx: torch.Tensor, row_ids: torch.Tensor, n_rows: int):

@@ -2,26 +2,25 @@
 (config.json, safetensors, tokenizer files) plus `trainer_state.pt` (optimizer, scheduler, RNG, data position,
 config) and `checkpoint.json`, a manifest with every file's size and sha256, written last.
 
-Writing: everything goes to a `.tmp-*` directory beside the target, which is renamed into place only once complete;
-only after that are checkpoints of earlier steps beyond `keep_last` removed (never those of later steps). A crash at any point leaves the previous
-checkpoints as they were and, at worst, a `.tmp-*` directory that resume ignores.
+Writing: everything goes to a `.tmp-*` directory beside the target (`models.checkpoint.atomic_directory`), which is
+renamed into place only once complete; only after that are checkpoints of earlier steps beyond `keep_last` removed
+(never those of later steps). A crash at any point leaves the previous checkpoints as they were and, at worst, a
+`.tmp-*` directory that resume ignores.
 Resuming: the chosen checkpoint is verified against its manifest before anything is loaded or written.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
-import tempfile
 
 import numpy as np
 import torch
 
-from ..models.checkpoint import follow_umask
+from ..models.checkpoint import atomic_directory, sha256_file, write_pretrained
 
 log = logging.getLogger("ringlinear.train")
 
@@ -37,14 +36,6 @@ class TrainCheckpointError(ValueError):
 
 def step_name(step: int) -> str:
     return f"step-{step:07d}"
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def list_checkpoints(root: str) -> list[tuple[int, str]]:
@@ -79,34 +70,18 @@ def set_rng_state(d: dict) -> None:
 
 def save_checkpoint(root: str, step: int, model, tokenizer_dir: str, state: dict, keep_last: int) -> str:
     """Write checkpoint `step` atomically under root, then prune to the newest `keep_last`. Returns its path."""
-    os.makedirs(root, exist_ok=True)
     final = os.path.join(root, step_name(step))
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{step_name(step)}-", dir=root)
-    try:
-        staged = os.path.join(tmp, "model")
-        model.save_pretrained(staged, tokenizer_dir=tokenizer_dir)
-        for name in os.listdir(staged):  # model files at the top: the checkpoint dir is itself loadable
-            os.rename(os.path.join(staged, name), os.path.join(tmp, name))
-        os.rmdir(staged)
+    # An existing directory of the same step (--stop-at, then a resume that stops there) is replaced.
+    with atomic_directory(final) as tmp:
+        write_pretrained(model, tmp, tokenizer_dir=tokenizer_dir)  # the checkpoint dir is itself loadable
         torch.save(state, os.path.join(tmp, STATE))
-        files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": _sha256(os.path.join(tmp, n))}
+        files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": sha256_file(os.path.join(tmp, n))}
                  for n in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump({"format": FORMAT, "version": 1, "step": step, "config": state.get("config"), "files": files},
                       f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        follow_umask(tmp)
-        if os.path.exists(final):  # the same step saved again (e.g. --stop-at then a resume that stops there)
-            old = tmp + ".old"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     # Retention counts back from this checkpoint, the newest one known good. Later steps, left by a run this one
     # resumed before (one of them perhaps the corrupt checkpoint that made the user resume from an older one), are
     # never removed here: they are not ours to judge, and deleting by step would keep them and drop the good ones.
@@ -165,7 +140,7 @@ def verify_checkpoint(path: str) -> dict:
         size = os.path.getsize(p)
         if size != meta["bytes"]:
             fail(f"{name} is truncated or altered ({size} bytes, the manifest says {meta['bytes']})")
-        if _sha256(p) != meta["sha256"]:
+        if sha256_file(p) != meta["sha256"]:
             fail(f"{name} is corrupt (sha256 differs from the manifest)")
     return man
 

@@ -1,4 +1,5 @@
-"""`TrainConfig`: every `ringlinear train` flag, its presets, and the model shapes the presets train.
+"""`TrainConfig`: every `ringlinear train` flag, and the training presets (the model shapes they train are model
+presets: `ringlinear.models.presets`).
 
 The CLI is generated from the dataclass: field `seq_len` is flag `--seq-len`, its help is the field's `help`
 metadata, booleans get `--x/--no-x`. A preset fills every field; flags given on the command line override it.
@@ -10,7 +11,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from ..models.config import PRESETS, RingLinearConfig, get_preset
+from ..models.config import RingLinearConfig
+from ..models.presets import PRESETS
 
 
 def _f(default, help: str, **meta):
@@ -33,8 +35,8 @@ class TrainConfig:
     out: str = _f("runs/train", "output directory: checkpoints/, final/, metrics.jsonl, loss.png, data cache")
     init_from: str = _f("", "continue from this checkpoint directory (its weights and tokenizer), e.g. the "
                             "output of `ringlinear convert`; empty = random init")
-    model_preset: str = _f("tiny-code", "model shape for random init: a training shape (tiny-code, tiny-test) "
-                                        "or a model preset (tiny, small, ring-mini-linear-2.0, ...)")
+    model_preset: str = _f("tiny-code", "model shape for random init: a model preset (tiny-code, tiny-test, tiny, "
+                                        "small, ring-mini-linear-2.0, ...)")
     model_config: str = _f("", "config.json for random init (overrides --model-preset)")
     tokenizer: str = _f("", "directory with tokenizer.json to use instead of training a BPE")
     vocab_size: int = _f(4096, "BPE vocabulary size when training a tokenizer (the model's vocab follows it)")
@@ -87,7 +89,8 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the model")
     fsdp: bool = _f(False, "FSDP2 (fully_shard per layer; routed experts replicated) instead of DDP: see "
                            "docs/training.md")
-    threads: int = _f(0, "torch CPU threads per process (0 = torch default)")
+    threads: int = _f(0, "torch CPU threads per process (0 = torch default, one per core); on a shared or busy "
+                         "CPU use 1: threads that wait for taken cores spin (measured 10x slower)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -128,9 +131,8 @@ class TrainConfig:
         # The model and the output directory are checked now, not after minutes of BPE training.
         if self.model_config:
             RingLinearConfig.from_json(self.model_config)
-        elif not self.init_from and self.model_preset not in MODEL_SHAPES and self.model_preset not in PRESETS:
-            raise ValueError(f"unknown --model-preset {self.model_preset!r}; choose one of "
-                             f"{', '.join(sorted(MODEL_SHAPES) + sorted(PRESETS))}")
+        elif not self.init_from and self.model_preset not in PRESETS:
+            raise ValueError(f"unknown --model-preset {self.model_preset!r}; choose one of {', '.join(PRESETS)}")
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise ValueError(f"--out {self.out} is a file, not a directory")
         return self
@@ -179,41 +181,6 @@ def get_train_preset(name: str) -> TrainConfig:
     if name not in TRAIN_PRESETS:
         raise ValueError(f"unknown training preset {name!r}; choose one of {', '.join(TRAIN_PRESETS)}")
     return TRAIN_PRESETS[name][0]().replace(preset=name)
-
-
-# ---------------------------------------------------------------------- model shapes
-def _tiny_code_model() -> RingLinearConfig:
-    # 6 layers in groups of 3 (2 linear : 1 softmax), dense layer 0, 8 routed experts (top-2 of 2 groups) + shared.
-    # head_dim 32: a size the Triton kernels take (16..256, powers of two), so the same preset trains on CUDA.
-    return RingLinearConfig(vocab_size=4096, hidden_size=192, intermediate_size=512, num_hidden_layers=6,
-                            num_attention_heads=6, num_key_value_heads=2, head_dim=32, num_experts=8,
-                            num_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
-                            moe_intermediate_size=128, moe_shared_expert_intermediate_size=128, layer_group_size=3,
-                            group_norm_size=2, max_position_embeddings=4096, rope_theta=10000.0,
-                            eos_token_id=[1, 2], pad_token_id=1, bos_token_id=0, torch_dtype="float32")
-
-
-def _tiny_test_model() -> RingLinearConfig:
-    return get_preset("tiny").replace(eos_token_id=[1, 2], pad_token_id=1, bos_token_id=0)
-
-
-MODEL_SHAPES = {"tiny-code": _tiny_code_model, "tiny-test": _tiny_test_model}
-
-
-def model_config_for(cfg: TrainConfig, vocab_size: int) -> RingLinearConfig:
-    """The architecture to initialise randomly, with the vocabulary sized to the tokenizer (multiple of 64)."""
-    if cfg.model_config:
-        mc = RingLinearConfig.from_json(cfg.model_config)
-    elif cfg.model_preset in MODEL_SHAPES:
-        mc = MODEL_SHAPES[cfg.model_preset]()
-    else:
-        try:
-            mc = get_preset(cfg.model_preset)
-        except ValueError:
-            raise ValueError(f"unknown --model-preset {cfg.model_preset!r}; choose one of "
-                             f"{', '.join(sorted(MODEL_SHAPES) + sorted(PRESETS))}") from None
-    padded = -(-vocab_size // 64) * 64
-    return mc.replace(vocab_size=max(padded, 64), torch_dtype="float32")
 
 
 def describe_presets() -> str:

@@ -11,20 +11,13 @@ The conversion streams tensor by tensor (one source shard open at a time, output
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
-import shutil
-import tempfile
 
 import torch
 
-from ..models.checkpoint import (_ALIASES, INDEX_NAME, SINGLE_NAME, _open, _swap_into_place, _weight_files,
-                                 follow_umask, mtp_tensor_names)
+from ..models.checkpoint import ShardWriter, atomic_directory, copy_tokenizer_files, iter_tensors
 from ..models.config import RingLinearConfig
-from .bpe import copy_tokenizer_files
-
-log = logging.getLogger("ringlinear.train")
 _QKV = re.compile(r"^model\.layers\.(\d+)\.attention\.query_key_value\.(weight|bias)$")
 
 
@@ -37,7 +30,7 @@ def _source_config(src: str, group_norm_size: int | None) -> RingLinearConfig:
     mt = str(d.get("model_type", ""))
     if mt == "bailing_moe_linear":
         cfg = RingLinearConfig.from_dict(d)
-        if not all(cfg.is_softmax_layer(i) for i in range(cfg.num_hidden_layers)):
+        if cfg.linear_layers:
             raise ValueError(f"{src} is already a hybrid (layer_group_size {cfg.layer_group_size}); the source must "
                              "have every layer softmax (layer_group_size 1)")
     elif mt.startswith("bailing_moe"):
@@ -74,39 +67,24 @@ def convert_softmax_to_hybrid(src: str, layer_group_size: int, out: str, group_n
     if G < 2:
         raise ValueError(f"--layer-group-size must be >= 2 (G-1 linear layers per softmax layer), got {G}")
     new = cfg.replace(layer_group_size=G, num_nextn_predict_layers=0)  # re-validates; MTP blocks are dropped
-    linear = [i for i in range(L) if not new.is_softmax_layer(i)]
+    linear = new.linear_layers
     if not linear:
         raise ValueError(f"--layer-group-size {G} with {L} layers leaves no linear layer")
     H, KV, D, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim_, cfg.hidden_size
-    files = _weight_files(src)
-    mtp = mtp_tensor_names(files, cfg, src)
-    out = os.path.abspath(os.fspath(out))
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out) + "-", dir=os.path.dirname(out))
-    try:
-        writer = _ShardWriter(tmp, max_shard_bytes)
-        expanded, skipped, dtype_of = set(), 0, {}
-        by_file: dict[str, list[str]] = {}
-        for name, fn in files.items():
-            by_file.setdefault(fn, []).append(name)
-        for fn in sorted(by_file):
-            with _open(os.path.join(src, fn)) as f:
-                for name in sorted(by_file[fn]):
-                    if name in mtp:
-                        skipped += 1
-                        continue
-                    t = f.get_tensor(name)
-                    for a, b in _ALIASES.items():
-                        name = name.replace(a, b)
-                    m = _QKV.match(name)
-                    if m and int(m.group(1)) in linear:
-                        if t.shape[0] != (H + 2 * KV) * D:
-                            raise ValueError(f"{name}: {tuple(t.shape)} is not a GQA projection of "
-                                             f"(H+2KV)*D = {(H + 2 * KV) * D} rows")
-                        t = expand_qkv(t, H, KV, D)
-                        expanded.add(int(m.group(1)))
-                        dtype_of[int(m.group(1))] = t.dtype
-                    writer.add(name, t)
+    with atomic_directory(out) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        expanded, dtype_of = set(), {}
+        for st in iter_tensors(src, cfg, desc="converting"):
+            t, name = st.load(), st.name
+            m = _QKV.match(name)
+            if m and int(m.group(1)) in linear:
+                if t.shape[0] != (H + 2 * KV) * D:
+                    raise ValueError(f"{name}: {tuple(t.shape)} is not a GQA projection of "
+                                     f"(H+2KV)*D = {(H + 2 * KV) * D} rows")
+                t = expand_qkv(t, H, KV, D)
+                expanded.add(int(m.group(1)))
+                dtype_of[int(m.group(1))] = t.dtype
+            writer.add(name, t)
         missing = sorted(set(linear) - expanded)
         if missing:
             raise ValueError(f"{src} has no attention.query_key_value.weight for layer(s) {missing}")
@@ -118,50 +96,5 @@ def convert_softmax_to_hybrid(src: str, layer_group_size: int, out: str, group_n
         writer.close()
         new.to_json(os.path.join(tmp, "config.json"))
         copy_tokenizer_files(src, tmp)
-        follow_umask(tmp)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if skipped:
-        log.info("dropped %d MTP tensor(s)", skipped)
-    return {"out": out, "linear": len(linear), "softmax": L - len(linear), "expanded": len(expanded)}
-
-
-class _ShardWriter:
-    """Collects tensors into safetensors shards of at most max_bytes; names them -NNNNN-of-NNNNN at the end."""
-
-    def __init__(self, d: str, max_bytes: int):
-        self.d, self.max = d, max_bytes
-        self.cur, self.size, self.names, self.weight_map, self.total = {}, 0, [], {}, 0
-
-    def add(self, name: str, t: torch.Tensor) -> None:
-        n = t.numel() * t.element_size()
-        if self.cur and self.size + n > self.max:
-            self._flush()
-        self.cur[name] = t.contiguous()
-        self.size += n
-        self.total += n
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-        fn = f"part-{len(self.names):05d}.safetensors"
-        save_file(self.cur, os.path.join(self.d, fn), metadata={"format": "pt"})
-        for k in self.cur:
-            self.weight_map[k] = fn
-        self.names.append(fn)
-        self.cur, self.size = {}, 0
-
-    def close(self) -> None:
-        if self.cur or not self.names:
-            self._flush()
-        n = len(self.names)
-        if n == 1:
-            os.rename(os.path.join(self.d, self.names[0]), os.path.join(self.d, SINGLE_NAME))
-            return
-        rename = {fn: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, fn in enumerate(self.names)}
-        for fn, new in rename.items():
-            os.rename(os.path.join(self.d, fn), os.path.join(self.d, new))
-        wm = {k: rename[v] for k, v in self.weight_map.items()}
-        with open(os.path.join(self.d, INDEX_NAME), "w") as f:
-            json.dump({"metadata": {"total_size": self.total}, "weight_map": wm}, f, indent=2, sort_keys=True)
+    return {"out": os.path.abspath(out), "linear": len(linear), "softmax": L - len(linear),
+            "expanded": len(expanded)}

@@ -7,17 +7,20 @@ after. Sharding is per decoder layer, then the root (embeddings, final norm, hea
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from ..models.modeling import RingLinearForCausalLM
 
 
 def apply_fsdp(model, env):
     """Shard in place (each decoder layer, then the root) over all ranks; CUDA (nccl) or CPU (gloo)."""
     if not env.distributed:
         raise ValueError("--fsdp needs several processes (torchrun --nproc-per-node N)")
-    import warnings
-
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     # The logits are returned as a view; nothing modifies them in place, so FSDP's warning about that is moot.
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     mesh = init_device_mesh(env.device.type, (env.world,))
@@ -30,28 +33,11 @@ def apply_fsdp(model, env):
     return model
 
 
-def clip_grads(params, max_norm: float) -> torch.Tensor:
-    """Global grad norm over sharded (DTensor) and replicated gradients; scales them in place when max_norm > 0."""
-    sq = None
-    for p in params:
-        n = torch.linalg.vector_norm(p.grad.detach().float())
-        if hasattr(n, "full_tensor"):
-            n = n.full_tensor()
-        sq = n * n if sq is None else sq + n * n
-    total = sq.sqrt()
-    if max_norm > 0:
-        coef = min(1.0, max_norm / (float(total) + 1e-6))
-        for p in params:
-            p.grad.detach().mul_(coef)
-    return total
-
-
 def gathered_model(model, env):
     """A plain CPU copy of the sharded model on rank 0 (None elsewhere), for save_pretrained. Collective: every
     rank gathers every parameter in the same order. (Parameters by their attribute names, not through
     torch.distributed.checkpoint's state-dict helpers: those resolve state_dict keys as attributes, and the expert
     stacks are saved under per-expert checkpoint names.)"""
-    from ..models.modeling import RingLinearForCausalLM
     full = None
     if env.is_main:
         with torch.device("meta"):
@@ -83,7 +69,6 @@ def _full(p, v):
     if hasattr(v, "full_tensor"):
         return v.full_tensor()
     if hasattr(p, "to_local") and torch.is_tensor(v) and v.dim() and v.shape == p.to_local().shape:
-        from torch.distributed.tensor import DTensor
         return DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
     return v
 
@@ -103,7 +88,6 @@ def load_optimizer(model, opt, state: dict) -> None:
     """Shard a `full_optimizer_state` back onto this rank's parameters (any world size)."""
     if "optimizer_full" not in state:
         raise ValueError("this checkpoint was written without --fsdp: resume it without --fsdp")
-    from torch.distributed.tensor import distribute_tensor
     full = state["optimizer_full"]
     local_states = not isinstance(opt, torch.optim.AdamW)  # MasterAdamW: plain tensors of the local shard
     for name, p in _param_order(model, opt):

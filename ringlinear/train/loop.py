@@ -15,8 +15,7 @@ log = logging.getLogger("ringlinear.train")
 
 
 def describe_model(mc) -> str:
-    n_sm = sum(mc.is_softmax_layer(i) for i in range(mc.num_hidden_layers))
-    s = f"{mc.num_hidden_layers} layers: {mc.num_hidden_layers - n_sm} linear + {n_sm} softmax"
+    s = f"{mc.num_hidden_layers} layers: {len(mc.linear_layers)} linear + {len(mc.softmax_layers)} softmax"
     if mc.num_experts:
         s += f", {mc.num_experts} experts top-{mc.num_experts_per_tok}" + (" + shared" if mc.num_shared_experts else "")
     return s

@@ -10,6 +10,8 @@ import logging
 import os
 from dataclasses import dataclass
 
+from ..models.checkpoint import sha256_file
+from ..models.tokenizer import load_tokenizer
 from .bpe import copy_tokenizer_dir, doc_separator_id, save_tokenizer_dir, train_bpe
 from .data import corpus_fingerprint, read_documents, resolve_inputs, split_documents
 from .packing import PackedRows, TokenStream, tokenize_documents
@@ -26,15 +28,9 @@ class Prepared:
     info: dict
 
 
-def _file_sha(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def prepare(cfg, tokenizer_src: str | None) -> Prepared:
     """tokenizer_src: a directory whose tokenizer to use (resumed checkpoint, --init-from, --tokenizer), or None to
     learn a BPE on the training documents."""
-    from ..models.tokenizer import load_tokenizer
     out = cfg.out
     tok_dir = os.path.join(out, "tokenizer")
     files = resolve_inputs(cfg.data)
@@ -58,7 +54,7 @@ def prepare(cfg, tokenizer_src: str | None) -> Prepared:
     if cfg.data_format == "chat" or (cfg.data_format == "auto" and is_chat_data(files)):
         return _prepare_chat(cfg, files, tok, tok_dir, sep)
     key_src = "|".join(map(str, (fp, cfg.seed, cfg.val_fraction, cfg.max_corpus_mb, sep,
-                                 _file_sha(os.path.join(tok_dir, "tokenizer.json")))))
+                                 sha256_file(os.path.join(tok_dir, "tokenizer.json")))))
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     data_dir = os.path.join(out, "data")
     os.makedirs(data_dir, exist_ok=True)

@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from tqdm import tqdm
+
 log = logging.getLogger("ringlinear.train")
 
 
@@ -53,7 +55,6 @@ class Progress:
         self.every = max(1, (total - initial) // 20)
         self.t0, self.s0 = time.perf_counter(), initial
         if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, smoothing=0.1,
                             file=sys.stderr)
 

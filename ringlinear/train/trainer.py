@@ -12,16 +12,22 @@ import os
 import shutil
 
 import torch
-import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..models.config import RingLinearConfig
+from ..models.modeling import RingLinearForCausalLM
+from ..models.presets import get_preset
+from ..models.tokenizer import load_tokenizer
 from . import dist as D
+from . import fsdp
 from . import step as S
 from .balance import MoEBalancer
 from .checkpoint import (find_resume, list_checkpoints, load_trainer_state, remove_stale_temp, rng_state,
                          save_checkpoint, set_rng_state, verify_checkpoint)
-from .config import RUN_DEFINING, TrainConfig, model_config_for
+from .config import RUN_DEFINING, TrainConfig
+from .loop import run
 from .optim import make_optimizer, make_scheduler
-from .packing import PackedRows, RowSchedule, collate
+from .packing import RowSchedule, collate
 from .prepare import prepare, training_rows
 
 log = logging.getLogger("ringlinear.train")
@@ -52,6 +58,8 @@ class Trainer:
                              "add --fp8-emulate for the exact (slow) emulation")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        elif env.device.type == "cpu" and env.is_main:
+            _warn_if_cpu_busy()
         torch.manual_seed(cfg.seed)
         self.resume_path, state = None, None
         if cfg.resume:
@@ -95,15 +103,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _build_model(self):
-        from ..models.modeling import RingLinearForCausalLM
-        from ..models.tokenizer import load_tokenizer
         cfg = self.cfg
         tok = load_tokenizer(self.prep.tokenizer_dir)
         src = self.resume_path or cfg.init_from
         if src:
             model = RingLinearForCausalLM.from_pretrained(src, dtype=torch.float32)
         else:
-            mc = model_config_for(cfg, tok.vocab_size).replace(
+            mc = _model_config(cfg, tok.vocab_size).replace(
                 eos_token_id=tok.stop_token_ids or None, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
             # drawn on the training device: seconds for billions of parameters (a CUDA generator: a GPU run and a
             # CPU run of the same seed start from different weights; --init-from a checkpoint gives both the same)
@@ -118,8 +124,7 @@ class Trainer:
             raise ValueError(f"cannot resume: the checkpoint used {saved_global} rows per step (world x grad-accum x "
                              f"batch-size), this run {self.sched_rows.global_rows}; keep the product equal")
         if self.fsdp:
-            from .fsdp import load_optimizer
-            load_optimizer(self.model, self.opt, st)
+            fsdp.load_optimizer(self.model, self.opt, st)
         elif "optimizer" not in st:
             raise ValueError("this checkpoint was written by an --fsdp run: resume it with --fsdp")
         else:
@@ -136,10 +141,8 @@ class Trainer:
         m = self.model
         self.fsdp = cfg.fsdp
         if cfg.fsdp:
-            from .fsdp import apply_fsdp
-            m = apply_fsdp(m, env)
+            m = fsdp.apply_fsdp(m, env)
         elif env.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [env.device.index] if env.device.type == "cuda" else None
             # expert_bias is kept identical on every rank by the balancer: no per-forward buffer broadcast.
             m = DDP(m, device_ids=ids, broadcast_buffers=False)
@@ -186,9 +189,8 @@ class Trainer:
         env, cfg = self.env, self.cfg
         rngs = D.gather_objects(env, rng_state())
         if self.fsdp:
-            from .fsdp import full_optimizer_state, gathered_model
-            model, opt_state = gathered_model(self.model, env), {"optimizer_full": full_optimizer_state(self.model,
-                                                                                                      self.opt)}
+            model = fsdp.gathered_model(self.model, env)
+            opt_state = {"optimizer_full": fsdp.full_optimizer_state(self.model, self.opt)}
         else:
             model, opt_state = self.model, {"optimizer": self.opt.state_dict()}
         path = None
@@ -206,19 +208,36 @@ class Trainer:
         """The model alone, in the published layout (collective under FSDP: call on every rank)."""
         model = self.model
         if self.fsdp:
-            from .fsdp import gathered_model
-            model = gathered_model(self.model, self.env)
+            model = fsdp.gathered_model(self.model, self.env)
         if self.env.is_main:
             model.save_pretrained(path, tokenizer_dir=self.prep.tokenizer_dir)
         D.barrier(self.env)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:
-        from .loop import run
         try:
             return run(self)
         finally:
             D.teardown(self.env)
+
+
+def _model_config(cfg: TrainConfig, vocab_size: int) -> RingLinearConfig:
+    """The architecture to initialise randomly, with the vocabulary sized to the tokenizer (multiple of 64)."""
+    mc = RingLinearConfig.from_json(cfg.model_config) if cfg.model_config else get_preset(cfg.model_preset)
+    padded = -(-vocab_size // 64) * 64
+    return mc.replace(vocab_size=max(padded, 64), torch_dtype="float32")
+
+
+def _warn_if_cpu_busy() -> None:
+    """torch runs one thread per core; on a CPU other processes keep busy, those threads spin-wait for each other.
+    Measured on a 2-core box at load 7: tiny-test at ~200 tok/s with the default 2 threads, 2,500 with --threads 1.
+    The default is not changed behind the user's back (the thread count changes the float results, and so a run's
+    bitwise reproducibility): this says it instead."""
+    n = torch.get_num_threads()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if n > 1 and load >= (os.cpu_count() or n):
+        log.warning("the CPU is busy (load %.1f on %d cores): torch's %d threads will wait on each other; "
+                    "--threads 1 can be several times faster here", load, os.cpu_count(), n)
 
 
 def _claim_out_dir(cfg) -> None:

@@ -1,4 +1,4 @@
-"""A request's tokens and log-probs are BITWISE the same alone and alongside other requests (numerics.md)."""
+"""A request's tokens and log-probs are BITWISE the same alone and alongside other requests (docs/numerics.md)."""
 import torch
 import torch.nn.functional as F
 

@@ -90,7 +90,36 @@ def test_prompt_validation(make_llm, random_prompts):
         eng.add_request([10**6])
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0)
+    with pytest.raises(RequestError, match="surrogate"):
+        eng.add_request("a\ud800b")
+    with pytest.raises(RequestError, match="stop_token_ids"):
+        eng.add_request([5], SamplingParams(stop_token_ids=[10**6]))
     assert not eng.has_unfinished()
+
+
+def test_text_over_the_context_is_refused_before_tokenising(make_llm, monkeypatch):
+    eng = make_llm(num_kv_blocks=8, block_size=16).engine  # max_model_len 128
+    k = eng.tokenizer.max_chars_per_token
+    assert k is not None  # the tiny byte-level BPE proves a bound
+    words = "def add(a, b): return a + b\n" * 200
+    n_real = len(eng.tokenizer.encode(words))
+    assert n_real >= 128 and len(words) > 127 * k  # over the limit, and provably so without counting
+    monkeypatch.setattr(eng.tokenizer, "encode", lambda *a, **k: pytest.fail("tokenised a prompt it could refuse"))
+    with pytest.raises(RequestError, match="at least") as e:
+        eng.add_request(words)
+    assert e.value.code == "context_length_exceeded"
+    monkeypatch.undo()
+    # Soundness, the property the check rests on: no text has more than k characters per token. Tried on texts
+    # built to pack characters: runs of the longest vocabulary strings, special tokens, multi-byte characters.
+    import random
+    rng = random.Random(0)
+    tok = eng.tokenizer
+    longest = sorted(tok.tokenizer.get_vocab(with_added_tokens=True), key=len, reverse=True)[:40]
+    pieces = ["<|endoftext|>", "<|role_end|>", "   ", "\n\n", "é", "中文", "🙂", "def ", "return"]
+    for _ in range(300):
+        text = "".join(rng.choice(longest + pieces) for _ in range(rng.randint(1, 60)))
+        text = text.replace("Ġ", " ").replace("Ċ", "\n")  # byte-level symbols back to the characters they spell
+        assert len(text) <= k * len(tok.encode(text)), text
 
 
 def test_abort_frees_memory_at_once(make_llm, random_prompts):

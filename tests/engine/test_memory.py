@@ -1,13 +1,14 @@
-"""Block allocator, paged KV rows and state slots."""
+"""The free list behind KV blocks and state slots, paged KV rows, state slots."""
 import pytest
 import torch
 
-from ringlinear.engine.kv_cache import BlockAllocator, PagedKVCache
+from ringlinear.engine.free_list import FreeList
+from ringlinear.engine.kv_cache import PagedKVCache
 from ringlinear.engine.state_pool import StatePool
 
 
-def test_block_allocator_reuse_and_double_free():
-    a = BlockAllocator(4)
+def test_free_list_reuse_and_double_free():
+    a = FreeList(4, "KV block")
     b = a.allocate(3)
     assert b == [0, 1, 2] and a.num_free == 1
     with pytest.raises(RuntimeError, match="out of KV blocks"):

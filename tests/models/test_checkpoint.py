@@ -182,3 +182,16 @@ def test_saved_files_follow_the_umask(ckpt, tmp_path, umask):
     assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o777 & ~umask
     for f in os.listdir(tmp_path / "out"):
         assert os.stat(tmp_path / "out" / f).st_mode & 0o777 == 0o666 & ~umask, f
+
+
+def test_from_pretrained_config_overrides(ckpt):
+    from ringlinear.ops.lightning_attn.decay import layer_log_decay
+    m = RingLinearForCausalLM.from_pretrained(ckpt, decay_layer_formula="sglang")
+    L, H = m.config.num_hidden_layers, m.config.num_attention_heads
+    assert m.config.decay_layer_formula == "sglang"
+    assert torch.equal(m.model.layers[0].attention.g_gamma, layer_log_decay(H, 0, L, "sglang"))
+    assert not torch.equal(m.model.layers[0].attention.g_gamma, layer_log_decay(H, 0, L, "hf"))
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['no_such_field'\]"):
+        RingLinearForCausalLM.from_pretrained(ckpt, no_such_field=1)
+    with pytest.raises(ValueError, match="decay_layer_formula"):
+        RingLinearForCausalLM.from_pretrained(ckpt, decay_layer_formula="mlx")

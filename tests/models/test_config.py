@@ -3,7 +3,9 @@ import json
 
 import pytest
 
-from ringlinear.models.config import RingLinearConfig, alibi_slopes, get_preset, layer_log_decay
+from ringlinear.models.config import RingLinearConfig
+from ringlinear.models.presets import get_preset
+from ringlinear.ops.lightning_attn.decay import alibi_slopes, layer_log_decay
 from ringlinear.models.modeling import count_parameters
 
 # Ring-mini-linear-2.0 config.json as published (keys the loader ignores included).
@@ -93,8 +95,8 @@ def test_slopes_and_decay_formulas():
     for layer in (0, 5, 18):
         f_hf = 1 - (layer - 1) / (L - 1) + 1e-5
         f_sg = 1 - layer / (L - 1) + 1e-5
-        assert abs(layer_log_decay(hf, layer)[0].item() + s[0] * f_hf) < 1e-6
-        assert abs(layer_log_decay(sg, layer)[0].item() + s[0] * f_sg) < 1e-6
-    assert layer_log_decay(hf, 0)[0] < -s[0]  # HF's layer 0 factor exceeds 1
+        assert abs(layer_log_decay(16, layer, L, "hf")[0].item() + s[0] * f_hf) < 1e-6
+        assert abs(layer_log_decay(16, layer, L, sg.decay_layer_formula)[0].item() + s[0] * f_sg) < 1e-6
+    assert layer_log_decay(16, 0, L, "hf")[0] < -s[0]  # HF's layer 0 factor exceeds 1
     with pytest.raises(ValueError, match="decay_layer_formula"):
         hf.replace(decay_layer_formula="mlx")

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ringlinear.models import fp8 as M8
-from ringlinear.models.config import RingLinearConfig, get_preset
+from ringlinear.models.config import RingLinearConfig
+from ringlinear.models.presets import get_preset
 from ringlinear.models.modeling import RingLinearForCausalLM
 from ringlinear.ops import fp8 as F8
 

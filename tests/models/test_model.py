@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ringlinear.models.cache import HybridCache
-from ringlinear.models.config import get_preset
+from ringlinear.models.presets import get_preset
 from ringlinear.models.modeling import RingLinearForCausalLM
 from ringlinear.testing import perturb_norms_and_biases
 

@@ -71,4 +71,4 @@ def test_cli_info_and_generate(ckpt, capsys):
     assert "layer pattern" in out and "LLSSS" in out
     assert main(["generate", "--model", ckpt, "--chat", "hello", "--max-new-tokens", "4", "--temperature", "0"]) == 0
     assert main(["generate", "--model", ckpt + "-missing", "--prompt", "x"]) == 1
-    assert "does not exist" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err  # the directory, not "no tokenizer.json"

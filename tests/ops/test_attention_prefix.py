@@ -3,7 +3,8 @@ CPU tensors against the fp32 reference: same function, so the GPU path's masking
 import pytest
 import torch
 
-import ringlinear.ops.attention as A
+from ringlinear.backend import use_sdpa
+from ringlinear.ops.attention import sdpa
 from ringlinear.ops.attention.reference import attention_with_prefix
 
 
@@ -13,5 +14,10 @@ def test_sdpa_prefix_matches_reference(tq, tk, blk):
     q = torch.randn(tq, 8, 16, generator=g)
     k, v = torch.randn(tk, 2, 16, generator=g), torch.randn(tk, 2, 16, generator=g)
     ref = attention_with_prefix(q.double(), k.double(), v.double(), 0.3)
-    got = A._sdpa_prefix(q, k, v, 0.3, max_mask_elems=blk)
+    got = sdpa.attention_with_prefix(q, k, v, 0.3, max_mask_elems=blk)
     assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_sdpa_rule():
+    x = torch.zeros(2, 2, dtype=torch.bfloat16)
+    assert not use_sdpa(x) and not use_sdpa(x.float())  # CPU: the fp32 reference

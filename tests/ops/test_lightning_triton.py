@@ -1,7 +1,7 @@
 """Lightning-attention Triton kernels against the reference (CPU: Triton interpreter at small shapes; CUDA:
 compiled kernels).
 
-Tolerances from shared/spec/numerics.md, relative to an fp64 reference on the same (rounded) inputs: fp32 inputs
+Tolerances from docs/numerics.md, relative to an fp64 reference on the same (rounded) inputs: fp32 inputs
 1e-5 for outputs, gradients and final states; bf16 inputs 5e-3 (output), 1e-2 (gradients), 1e-3 (final state).
 Every check uses fresh random inputs, a random initial state and a random final-state gradient, so a kernel that
 drops any term fails. Long-sequence splitting is forced with TUNE["segment"] so the CPU run covers it too.

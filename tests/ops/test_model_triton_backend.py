@@ -1,13 +1,13 @@
 """The tiny model end to end with RINGLINEAR_BACKEND=triton (CPU: every Triton kernel through the interpreter)
 equals the reference backend: full-forward logits, prefill + cached decode, and training gradients, all fp32
-(1e-5 relative, the fp32 column of shared/spec/numerics.md).
+(1e-5 relative, the fp32 column of docs/numerics.md).
 """
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from ringlinear.models.config import get_preset  # noqa: E402
+from ringlinear.models.presets import get_preset  # noqa: E402
 from ringlinear.models.modeling import RingLinearForCausalLM  # noqa: E402
 from ringlinear.testing import perturb_norms_and_biases  # noqa: E402
 

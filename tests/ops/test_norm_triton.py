@@ -2,7 +2,7 @@
 autograd through the reference (CPU: Triton interpreter; CUDA: compiled kernels).
 
 fp32 inputs: 1e-5 relative to fp64. bf16 inputs: the forward follows the reference's rounding points, so it must
-agree to bf16 resolution; gradients within the 1e-2 kernel-gradient budget of shared/spec/numerics.md.
+agree to bf16 resolution; gradients within the 1e-2 kernel-gradient budget of docs/numerics.md.
 """
 import pytest
 import torch

@@ -71,3 +71,19 @@ def test_convert_command(tmp_path, capsys):
     assert main(["convert", "--from-softmax", str(tmp_path / "hy"), "--layer-group-size", "3", "--out",
                  str(tmp_path / "x")]) == 1
     assert "already a hybrid" in capsys.readouterr().err
+
+
+def test_busy_cpu_warning(monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    from ringlinear.train import trainer
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    for load, warned in ((7.0, True), (0.3, False)):
+        caplog.clear()
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        with caplog.at_level(logging.WARNING, logger="ringlinear.train"):
+            trainer._warn_if_cpu_busy()
+        assert any("--threads 1" in r.getMessage() for r in caplog.records) == warned

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ringlinear.models.config import get_preset
+from ringlinear.models.presets import get_preset
 from ringlinear.models.context import StatelessContext
 from ringlinear.models.modeling import RingLinearForCausalLM
 from ringlinear.ops import norm as norm_ops

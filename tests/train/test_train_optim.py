@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ringlinear.models.config import get_preset
+from ringlinear.models.presets import get_preset
 from ringlinear.models.modeling import RingLinearForCausalLM
 from ringlinear.train.balance import MoEBalancer, seq_aux_loss
 from ringlinear.train.optim import lr_factor, param_groups

@@ -3,7 +3,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ringlinear.models.config import get_preset
+from ringlinear.models.presets import get_preset
 from ringlinear.models.modeling import RingLinearForCausalLM
 from ringlinear.train.packing import PackedRows, RowSchedule, TokenStream, collate
 

@@ -3,7 +3,8 @@
 One query token per sequence over its paged KV. Work is split along the context into partitions of a FIXED number
 of tokens (PART), never chosen from the batch or the total token count, and the partial results are merged in
 partition order by a second kernel: a sequence's result is bitwise the same whatever else is in the batch
-(numerics.md), and the grid depends only on the block-table width, so a decode step can be captured in a CUDA graph.
+(docs/numerics.md), and the grid depends only on the block-table width, so a decode step can be captured in a CUDA
+graph.
 
 q [B, H, D]; K, V flat [rows, KV, D] (row = block * block_size + offset); block_tables [B, MB] int;
 context_lens [B] int (>= 1). Softmax statistics and accumulation in fp32; P·V on the tensor cores in the model dtype.
@@ -14,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..lightning_attn.triton_compat import patch_interpreter
+from .._triton import patch_interpreter
 
 PART = 512  # tokens per partition
 BLOCK_N = 64  # tokens per inner tile

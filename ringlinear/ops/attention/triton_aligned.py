@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..lightning_attn.triton_compat import patch_interpreter
+from .._triton import patch_interpreter
 from .aligned import BLOCK_N, block_m
 
 patch_interpreter()

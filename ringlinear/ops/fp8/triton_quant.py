@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ..moe.triton_gemm import _row_tile  # the fused MoE's tile finder: the same row tiles as its GEMMs
 from .reference import FP8_MAX, TILE, row_tile_bound
-from .triton_compat import patch_interpreter
+from .._triton import patch_interpreter
 
 patch_interpreter()
 

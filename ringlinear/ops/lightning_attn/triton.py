@@ -6,25 +6,16 @@ sequences is built with device ops from `cu_seqlens`, sized from shapes alone.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from . import triton_kernels as kern
-from .triton_compat import patch_interpreter
+from .._triton import num_sms, patch_interpreter
 
 patch_interpreter()
 
 # Segments start on multiples of this, so every chunk size the kernels use (16, 32, 64) tiles them. The
 # `chunk_size` argument of the reference is accepted and ignored: chunking is internal here.
 SEG_ALIGN = 64
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(device_index).multi_processor_count
-    return 4  # interpreter: small, so CPU tests also exercise the split path
 
 
 # Overrides for tuning and tests (the benchmark sweeps these; tests force the split path). Keys: "programs"
@@ -35,9 +26,7 @@ TUNE: dict = {}
 
 
 def _sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _num_sms(0)
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return num_sms(device) or 4  # interpreter: small, so CPU tests also exercise the split path
 
 
 def _prec(dtype: torch.dtype) -> tuple[str, bool]:

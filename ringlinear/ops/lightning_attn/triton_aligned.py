@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from . import triton as base
-from .triton_compat import patch_interpreter
+from .._triton import patch_interpreter
 from .triton_kernels import _chunk_out, _chunk_weights, _decay_consts, _state_update
 
 patch_interpreter()

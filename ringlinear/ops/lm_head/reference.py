@@ -1,4 +1,4 @@
-"""fp32 LM head: model-dtype inputs, fp32 accumulation and output (log-prob fidelity, numerics.md)."""
+"""fp32 LM head: model-dtype inputs, fp32 accumulation and output (log-prob fidelity, docs/numerics.md)."""
 from __future__ import annotations
 
 import torch.nn.functional as F

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..lightning_attn.triton_compat import patch_interpreter
+from .._triton import patch_interpreter
 
 patch_interpreter()  # CPU interpreter fixes; no-op for compiled kernels
 

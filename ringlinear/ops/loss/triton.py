@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..lm_head.triton import lm_head_forward
-from ..lightning_attn.triton_compat import patch_interpreter
+from .._triton import patch_interpreter
 from .reference import IGNORE_INDEX
 
 patch_interpreter()

@@ -6,7 +6,7 @@ gate/up grouped GEMM with SwiGLU in the epilogue -> down grouped GEMM writing ea
 over slots in fp32, slot order (+ the shared expert's output). Backward: d SwiGLU fused into the GEMM against W2,
 dx per pair reduced over slots, per-expert weight gradients, router gradient through the selected weights only.
 
-Deterministic by default (numerics.md): no atomics, fixed reduction order, bitwise repeatable and batch invariant.
+Deterministic by default (docs/numerics.md): no atomics, fixed reduction order, bitwise repeatable and batch invariant.
 `RINGLINEAR_MOE_DETERMINISTIC=0` (or `deterministic=False`) switches the combine and dx reductions to fp32 atomics.
 """
 from __future__ import annotations

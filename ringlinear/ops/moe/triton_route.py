@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..lightning_attn.triton_compat import patch_interpreter
+from .._triton import patch_interpreter
 
 patch_interpreter()  # CPU interpreter fixes (runtime loop bounds, bf16 dot); no-op for compiled kernels
 
@@ -24,7 +24,7 @@ PLAN_BLOCK_B = 32   # histogram blocks per step of the single-program prefix sum
 
 
 def dot_precision(*tensors):
-    """tl.dot input precision: fp32 operands must not silently run in TF32 (numerics.md)."""
+    """tl.dot input precision: fp32 operands must not silently run in TF32 (docs/numerics.md)."""
     return "ieee" if any(t.dtype == torch.float32 for t in tensors) else "tf32"
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..rope.reference import apply_rope
+
 
 def rms_norm(x, weight, eps):
     """x [..., C], weight [C]. Returns weight * (x / rms(x)) in x.dtype, variance in fp32."""
@@ -34,7 +36,6 @@ def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
     q [T, Hq, D], k [T, Hk, D], weights [D], cos/sin [T, R/2] fp32 (already times the YaRN attention factor).
     Returns q, k in their input dtype.
     """
-    from ..rope.reference import apply_rope
     dt = q.dtype
     acc = torch.float64 if dt == torch.float64 else torch.float32
 

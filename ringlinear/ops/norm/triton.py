@@ -5,30 +5,20 @@ fixed-size grid sums its rows in order into its own fp32 row, and those rows are
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ..lightning_attn.triton_compat import patch_interpreter
+from .._triton import num_sms, patch_interpreter
 
 patch_interpreter()
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-@functools.lru_cache(maxsize=None)
-def _programs(device_index) -> int:
-    if device_index is None or not torch.cuda.is_available():
-        return 4
-    return 2 * torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _grid_programs(x: torch.Tensor, blocks: int) -> int:
-    idx = (x.device.index if x.device.index is not None else torch.cuda.current_device()) \
-        if x.device.type == "cuda" else None
-    return max(1, min(blocks, _programs(idx)))
+    sms = num_sms(x.device)
+    return max(1, min(blocks, 2 * sms if sms else 4))
 
 
 def _check_dtype(*xs):

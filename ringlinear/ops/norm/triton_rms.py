@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..lightning_attn.triton_compat import patch_interpreter
+from .._triton import patch_interpreter
 from .triton import _TL, _check_dtype, _grid_programs
 
 patch_interpreter()

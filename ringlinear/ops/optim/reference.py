@@ -8,8 +8,6 @@ master copy (or the parameter itself when it is fp32); the parameter gets w roun
 """
 from __future__ import annotations
 
-import torch
-
 
 def adamw_step(param, grad, master, exp_avg, exp_avg_sq, *, lr: float, beta1: float, beta2: float, eps: float,
                weight_decay: float, step: int, grad_scale=None) -> None:

@@ -7,11 +7,10 @@ factor is read from device memory, so clipping needs no host sync.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from ..lightning_attn.triton_compat import patch_interpreter
+from .._triton import patch_interpreter
 
 patch_interpreter()
 
