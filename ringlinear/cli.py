@@ -2,6 +2,7 @@
 
 - generate, info, demo: ringlinear/cli_model.py
 - train, convert:       ringlinear/train/cli.py   (function `register(subparsers)`)
+- sweep:                ringlinear/sweep/cli.py
 - serve:                ringlinear/server/cli.py  (function `register(subparsers)`)
 
 Each `register` adds its parser and sets `func` (called with the parsed args; returns an exit code). Modules are
@@ -14,7 +15,7 @@ import importlib
 import logging
 import sys
 
-_PLUGINS = ("ringlinear.cli_model", "ringlinear.train.cli", "ringlinear.server.cli")
+_PLUGINS = ("ringlinear.cli_model", "ringlinear.train.cli", "ringlinear.sweep.cli", "ringlinear.server.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

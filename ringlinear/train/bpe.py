@@ -43,6 +43,8 @@ def copy_tokenizer_files(src: str, out_dir: str) -> None:
 
     from ..models.checkpoint import TOKENIZER_FILES
     os.makedirs(out_dir, exist_ok=True)
+    if os.path.samefile(src, out_dir):  # e.g. --tokenizer OUT/tokenizer --out OUT: already in place
+        return
     for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(src, name)):
             shutil.copy2(os.path.join(src, name), os.path.join(out_dir, name))

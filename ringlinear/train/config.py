@@ -27,6 +27,8 @@ class TrainConfig:
                     type=str)
     text_field: str = _f("text", "field holding the document text in .jsonl records and .parquet columns")
     out: str = _f("runs/train", "output directory: checkpoints/, final/, metrics.jsonl, loss.png, data cache")
+    data_cache: str = _f("", "directory of the tokenised-corpus cache (default OUT/data); runs on the same corpus, "
+                             "split and tokenizer can share one")
     init_from: str = _f("", "continue from this checkpoint directory (its weights and tokenizer), e.g. the "
                             "output of `ringlinear convert`; empty = random init")
     model_preset: str = _f("tiny-code", "model shape for random init: a training shape (tiny-code, tiny-test) "
