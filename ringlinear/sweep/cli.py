@@ -14,8 +14,8 @@ log = logging.getLogger("ringlinear.sweep")
 
 # The recipe: every run of a sweep shares it, and a sweep directory keeps it (OUT/sweep.json). The grid (ratios,
 # sizes, budgets) may grow between invocations; the recipe may not.
-DEFAULTS = dict(ratios="softmax,1,3,7,linear", sizes="5M,20M,60M", budgets="1e15,3e15,1e16", seq_len=512,
-                batch_size=64, grad_accum=1, lr=2e-3, vocab_size=4096, bpe_sample_mb=16.0, eval_rows=64,
+DEFAULTS = dict(ratios="softmax,1,3,7,linear", sizes="5M,20M,60M", budgets="1e15,3e15,1e16", seq_len=1024,
+                batch_size=32, grad_accum=1, lr=2e-3, vocab_size=4096, bpe_sample_mb=16.0, eval_rows=64,
                 min_steps=20, retrieval_fraction=0.1, corpus_mb=0.0, seed=0, depth=0)
 QUICK = dict(DEFAULTS, ratios="softmax,3", sizes="0.2M,0.5M", budgets="6e10,1.5e11", seq_len=128, batch_size=8,
              lr=3e-3, vocab_size=512, bpe_sample_mb=1.0, eval_rows=16, min_steps=10)
@@ -56,7 +56,8 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads per run (default: cores / jobs)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
     p.add_argument("--stop-after", type=float, default=0, metavar="S",
-                   help="start no new run after S seconds; the report covers what finished (0 = no limit)")
+                   help="start no run that would not finish within S seconds of the start (estimated from the "
+                        "finished runs of the same ratio and size); the report covers what finished (0 = no limit)")
     p.add_argument("--dry-run", action="store_true", help="print the grid (shapes, parameters, steps, FLOPs) and exit")
     p.add_argument("--report-only", action="store_true", help="no training: fits, plots and report of finished runs")
     for k in ("seq_len", "batch_size", "grad_accum", "lr", "vocab_size", "bpe_sample_mb", "eval_rows", "min_steps",
@@ -192,14 +193,14 @@ def _execute(out, specs, args, eval_path, deadline) -> dict:
         else:
             print(msg, file=sys.stderr, flush=True)
     try:
-        left = run_all([os.path.join(out, "runs", x["id"]) for x in todo], args.device, args.jobs, args.threads,
-                       eval_path, deadline, on_result)
+        left = run_all([(os.path.join(out, "runs", x["id"]), x) for x in todo], args.device, args.jobs,
+                       args.threads, eval_path, deadline, on_result)
     finally:
         if bar is not None:
             bar.close()
     if left:
-        print(f"--stop-after reached: {len(left)} runs not started; run the same command again to continue",
-              file=sys.stderr)
+        print(f"--stop-after: {len(left)} runs not started (they would not finish in time); run the same command "
+              "again to continue", file=sys.stderr)
     return failed
 
 

@@ -145,7 +145,7 @@ def base_shapes(target: float, depth: int) -> list[Shape]:
     def nominal(h):  # per layer: attention ~3.75 h^2 (softmax 2.5, linear 5), 3 active experts of h/2 ~4.5 h^2
         return depth * 8.25 * h * h
     cands = [h for h in range(32, 8193, 32) if h < 256 or h % 64 == 0 and (h < 512 or h % 128 == 0)]
-    return [shape_for(h, depth) for h in sorted(cands, key=lambda c: abs(math.log(nominal(c) / target)))[:3]]
+    return [shape_for(h, depth) for h in sorted(cands, key=lambda c: abs(math.log(nominal(c) / target)))[:4]]
 
 
 def model_config(shape: Shape, ratio: Ratio, moe_inter: int, dense_inter: int, vocab: int,
@@ -193,11 +193,17 @@ def match(shape: Shape, ratio: Ratio, target: float, vocab: int, max_positions: 
     n0 = count(i0, f0)
     per_i = (count(i0 + MOE_QUANTUM, f0) - n0) / MOE_QUANTUM
     per_f = (count(i0, f0 + DENSE_QUANTUM) - n0) / DENSE_QUANTUM
-    moe = max(MOE_QUANTUM, _round(i0 + (target - n0) / per_i, MOE_QUANTUM))
-    dense = _round(f0 + (target - n0 - per_i * (moe - i0)) / per_f, DENSE_QUANTUM)
-    if dense < DENSE_QUANTUM:
+    exact = i0 + (target - n0) / per_i  # expert width that would match with the nominal layer-0 width
+    best = None
+    for moe in {max(MOE_QUANTUM, q * MOE_QUANTUM) for q in (math.floor(exact / MOE_QUANTUM),
+                                                            math.ceil(exact / MOE_QUANTUM))}:
+        dense = _round(f0 + (target - n0 - per_i * (moe - i0)) / per_f, DENSE_QUANTUM)
+        if dense >= 2 * DENSE_QUANTUM and (best is None or abs(math.log(dense / f0)) < best[0]):
+            best = (abs(math.log(dense / f0)), moe, dense)
+    if best is None:
         raise ValueError(f"no {target / 1e6:g}M-parameter model of ratio {ratio.label} with {shape.layers} layers of "
                          f"width {shape.hidden}")
+    _, moe, dense = best
     cfg = model_config(shape, ratio, moe, dense, vocab, max_positions)
     c = active_params(cfg)
     m = Matched(ratio, cfg, c["active_non_embedding"], c["total_non_embedding"])
@@ -217,16 +223,23 @@ def match_size(target: float, ratios: list[Ratio], vocab: int, max_positions: in
     lcm = math.lcm(*groups) if groups else 1
     if not depth and L % lcm and -(-L // lcm) * lcm <= 2 * L:  # exact groups for every ratio where affordable
         L = -(-L // lcm) * lcm
-    err = None
-    for shape in base_shapes(target, L):  # the nearest width first; a narrower one if the target is too small
+    # Of the widths near the target, the one whose solved expert and layer-0 widths stay nearest their nominal
+    # values (h/2 and 2h) for every ratio: the matching should move capacity, not reshape the model.
+    err, best = None, None
+    for shape in base_shapes(target, L):
         try:
-            out = [match(shape, r, target, vocab, max_positions) for r in ratios]
-            break
+            cand = [match(shape, r, target, vocab, max_positions) for r in ratios]
         except ValueError as e:
             err = e
-    else:
+            continue
+        bend = max(abs(math.log(m.config.moe_intermediate_size / shape.moe_base))
+                   + abs(math.log(m.config.intermediate_size / shape.dense_base)) for m in cand)
+        if best is None or bend < best[0]:
+            best = (bend, shape, cand)
+    if best is None:
         raise ValueError(f"{err}: the target is too small for {L} layers (a larger size, or fewer layers with "
                          "--depth)")
+    _, shape, out = best
     layouts = {}
     for m in out:
         key = tuple(m.config.is_softmax_layer(i) for i in range(L))

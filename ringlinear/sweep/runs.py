@@ -156,7 +156,6 @@ def _worker(device: str, threads: int, eval_path: str, tasks, results) -> None:
         run_dir = tasks.get()
         if run_dir is None:
             return
-        results.put(("start", run_dir, None))
         try:
             results.put(("ok", run_dir, execute(run_dir, device, threads, eval_path)))
         except Exception as e:  # reported by the parent; the worker takes the next run
@@ -165,24 +164,60 @@ def _worker(device: str, threads: int, eval_path: str, tasks, results) -> None:
             results.put(("error", run_dir, f"{type(e).__name__}: {e}"))
 
 
-def run_all(run_dirs: list[str], device: str, jobs: int, threads: int, eval_path: str, deadline: float | None,
-            on_result):
-    """Execute runs in order (smallest budgets first), `jobs` at a time with `threads` CPU threads each (0: the
-    cores shared out; more threads than cores makes torch's CPU kernels spin against each other). on_result(run_dir,
-    result | None, error) is called as each finishes. No run starts after `deadline` (time.monotonic()); returns the
-    runs not started."""
-    pending = list(run_dirs)
+class Pace:
+    """How long a run should take: its tokens at the speed of the last finished run of the same ratio and size in
+    this invocation, plus that run's fixed cost (setup, evaluation). None before any such run has finished."""
+
+    def __init__(self):
+        self.seen: dict = {}
+
+    def learn(self, spec: dict, res: dict) -> None:
+        if res.get("train_seconds"):
+            self.seen[(spec["ratio"], spec["size"])] = (res["tokens"] / res["train_seconds"],
+                                                        res["seconds"] - res["train_seconds"])
+
+    def expect(self, spec: dict) -> float | None:
+        r = self.seen.get((spec["ratio"], spec["size"]))
+        return None if r is None else spec["steps"] * spec["tokens_per_step"] / r[0] + r[1]
+
+
+def _take(pending: list, deadline: float | None, pace: Pace):
+    """The first pending run that can still finish before the deadline (all of them without one)."""
+    if not pending or deadline is None:
+        return pending.pop(0) if pending else None
+    now = time.monotonic()
+    for i, (_, spec) in enumerate(pending):
+        t = pace.expect(spec)
+        if now < deadline and (t is None or now + t <= deadline):
+            return pending.pop(i)
+    return None
+
+
+def run_all(runs: list[tuple[str, dict]], device: str, jobs: int, threads: int, eval_path: str,
+            deadline: float | None, on_result) -> list:
+    """Execute (run_dir, spec) pairs in order (smallest budgets first), `jobs` at a time with `threads` CPU threads
+    each (0: the cores shared out; more threads than cores makes torch's CPU kernels spin against each other).
+    on_result(run_dir, result | None, error) is called as each finishes. With a deadline (time.monotonic()), a run
+    starts only if it is expected to finish by then (Pace); returns the runs not started."""
+    pending, pace = list(runs), Pace()
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+
+    def finished(rd, spec, res, err):
+        if res is not None:
+            pace.learn(spec, res)
+        on_result(rd, res, err)
     if jobs == 1:
         dev = worker_devices(device, 1)[0]
-        while pending and (deadline is None or time.monotonic() < deadline):
-            rd = pending.pop(0)
+        while (job := _take(pending, deadline, pace)) is not None:
+            rd, spec = job
             try:
-                on_result(rd, execute(rd, dev, threads, eval_path), None)
-            except Exception as e:
+                res = execute(rd, dev, threads, eval_path)
+            except Exception as e:  # one failed run does not stop the grid; the traceback goes to its error.txt
                 with open(os.path.join(rd, ERROR), "w") as f:
                     traceback.print_exc(file=f)
-                on_result(rd, None, f"{type(e).__name__}: {e}")
+                finished(rd, spec, None, f"{type(e).__name__}: {e}")
+            else:
+                finished(rd, spec, res, None)
         return pending
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
@@ -191,30 +226,25 @@ def run_all(run_dirs: list[str], device: str, jobs: int, threads: int, eval_path
              for d in worker_devices(device, jobs)]
     for p in procs:
         p.start()
-    running: dict[str, float] = {}  # started runs -> start time
-    queued = 0  # handed to the queue, not yet started by a worker
+    specs = dict(runs)
+    running: set = set()  # handed to a worker, not finished
     try:
-        for _ in range(min(jobs, len(pending))):
-            tasks.put(pending.pop(0))
-            queued += 1
-        while queued or running:
+        while len(running) < jobs and (job := _take(pending, deadline, pace)) is not None:
+            tasks.put(job[0])
+            running.add(job[0])
+        while running:
             try:
                 kind, rd, payload = results.get(timeout=5.0)
             except queue.Empty:
                 if not all(p.is_alive() for p in procs):
-                    for rd in list(running):
-                        on_result(rd, None, "the worker process died (out of memory?)")
-                    raise RuntimeError("a sweep worker process died; run the sweep again to continue") from None
+                    raise RuntimeError("a sweep worker process died (out of memory?); run the sweep again to "
+                                       "continue") from None
                 continue
-            if kind == "start":
-                queued -= 1
-                running[rd] = time.monotonic()
-                continue
-            running.pop(rd, None)
-            on_result(rd, payload if kind == "ok" else None, payload if kind == "error" else None)
-            if pending and (deadline is None or time.monotonic() < deadline):
-                tasks.put(pending.pop(0))
-                queued += 1
+            running.discard(rd)
+            finished(rd, specs[rd], payload if kind == "ok" else None, payload if kind == "error" else None)
+            if (job := _take(pending, deadline, pace)) is not None:
+                tasks.put(job[0])
+                running.add(job[0])
     finally:
         for _ in procs:
             tasks.put(None)
