@@ -7,6 +7,7 @@ of each layer differs, and the expert width (plus the dense layer-0 MLP for the 
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ class Ratio:
         return [round((j + 1) * n_layers / n_sm) - 1 for j in range(n_sm)]
 
 
-def parse_ratios(text: str) -> list[Ratio]:
+def parse_ratios(text: str) -> tuple[Ratio, ...]:
     out = []
     for tok in _items(text, "--ratios"):
         t = tok.lower()
@@ -51,7 +52,7 @@ def parse_ratios(text: str) -> list[Ratio]:
                              "(M linear layers per softmax layer)")
     if len({r.label for r in out}) != len(out):
         raise ValueError(f"--ratios {text!r} repeats a ratio")
-    return sorted(out, key=lambda r: r.m)
+    return tuple(sorted(out, key=lambda r: r.m))
 
 
 _SI = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
@@ -186,13 +187,14 @@ class Matched:
 def match(shape: Shape, ratio: Ratio, target: float, vocab: int, max_positions: int) -> Matched:
     """Solve the expert width (multiple of 32), then the dense layer-0 width (multiple of 16), for the target.
 
-    The active non-embedding count is affine in both widths, so three exact counts give its coefficients."""
-    def count(i, f):
-        return active_params(model_config(shape, ratio, i, f, vocab, max_positions))["active_non_embedding"]
+    The active non-embedding count is affine in both widths: per unit of expert width 3h weights (gate, up, down)
+    for each of the top-k and shared experts of every MoE layer, per unit of layer-0 width 3h. The count of the
+    result is then taken from the module tree and checked against the tolerance."""
     i0, f0 = shape.moe_base, shape.dense_base
-    n0 = count(i0, f0)
-    per_i = (count(i0 + MOE_QUANTUM, f0) - n0) / MOE_QUANTUM
-    per_f = (count(i0, f0 + DENSE_QUANTUM) - n0) / DENSE_QUANTUM
+    cfg0 = model_config(shape, ratio, i0, f0, vocab, max_positions)
+    n0 = active_params(cfg0)["active_non_embedding"]
+    n_moe = sum(cfg0.is_moe_layer(i) for i in range(shape.layers))
+    per_i, per_f = 3 * shape.hidden * (TOP_K + SHARED) * n_moe, 3 * shape.hidden
     exact = i0 + (target - n0) / per_i  # expert width that would match with the nominal layer-0 width
     best = None
     for moe in {max(MOE_QUANTUM, q * MOE_QUANTUM) for q in (math.floor(exact / MOE_QUANTUM),
@@ -213,7 +215,8 @@ def match(shape: Shape, ratio: Ratio, target: float, vocab: int, max_positions: 
     return m
 
 
-def match_size(target: float, ratios: list[Ratio], vocab: int, max_positions: int, depth: int | None = None):
+@functools.lru_cache(maxsize=64)
+def match_size(target: float, ratios: tuple[Ratio, ...], vocab: int, max_positions: int, depth: int | None = None):
     """Parameter-matched configs of every ratio for one size: (shape, [Matched])."""
     groups = [int(r.m) + 1 for r in ratios if r.kind == "hybrid"]
     need = max(groups, default=1)

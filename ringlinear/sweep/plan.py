@@ -12,9 +12,11 @@ def plan(s: dict, ratios, sizes, budgets, vocab: int, mean_keys: float | None) -
     padded = max(-(-vocab // 64) * 64, 64)
     specs, skipped = [], []
     for size, target in sizes:
-        shape, matched = match_size(target, ratios, padded, max(4096, 8 * s["seq_len"]), s["depth"] or None)
+        # non-embedding counts do not depend on the vocabulary: match once, then size the embeddings
+        shape, matched = match_size(target, ratios, 64, max(4096, 8 * s["seq_len"]), s["depth"] or None)
         for m in matched:
-            fpt = flops_per_token(m.config, s["seq_len"], mean_keys)
+            cfg = m.config.replace(vocab_size=padded)
+            fpt = flops_per_token(cfg, s["seq_len"], mean_keys)
             for b, c in budgets:
                 rid = f"{m.ratio.label if m.ratio.kind != 'hybrid' else 'm' + m.ratio.label}-{size}-{b}"
                 steps = int(round(c / (fpt.total * tokens_per_step)))
@@ -26,10 +28,9 @@ def plan(s: dict, ratios, sizes, budgets, vocab: int, mean_keys: float | None) -
                     "budget_flops": c, "steps": steps, "tokens_per_step": tokens_per_step,
                     "flops_per_token": fpt.per_token, "flops": fpt.total * steps * tokens_per_step,
                     "layout": m.layout, "active_params": m.active, "total_params": m.total,
-                    "moe_intermediate": m.config.moe_intermediate_size,
-                    "dense_intermediate": m.config.intermediate_size, "hidden": shape.hidden,
+                    "moe_intermediate": cfg.moe_intermediate_size, "dense_intermediate": cfg.intermediate_size, "hidden": shape.hidden,
                     "layers": shape.layers, "heads": shape.heads, "head_dim": shape.head_dim,
-                    "kv_heads": shape.kv_heads, "retrieval": c == budgets[-1][1], "model": m.config.to_dict(),
+                    "kv_heads": shape.kv_heads, "retrieval": c == budgets[-1][1], "model": cfg.to_dict(),
                     "train": _train_fields(s, steps)})
     order = {r.label: i for i, r in enumerate(ratios)}
     specs.sort(key=lambda x: (x["budget_flops"], x["target"], order[x["ratio"]]))

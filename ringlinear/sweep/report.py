@@ -47,8 +47,9 @@ def write_all(out: str, res: dict) -> dict:
     write_json(os.path.join(out, "results.json"), res)
     paths = {"results": os.path.join(out, "results.json")}
     try:
-        paths["loss_plot"] = plot_loss(res, os.path.join(out, "loss_vs_flops.png"))
-        paths["retrieval_plot"] = plot_retrieval(res, os.path.join(out, "retrieval.png"))
+        if res["runs"]:
+            paths["loss_plot"] = plot_loss(res, os.path.join(out, "loss_vs_flops.png"))
+            paths["retrieval_plot"] = plot_retrieval(res, os.path.join(out, "retrieval.png"))
     except ImportError:
         paths["plots"] = "matplotlib is not installed: no plots (pip install 'ringlinear[train]')"
     md = markdown(res)

@@ -136,6 +136,8 @@ def _fit_filler(tok, build, target: int) -> int:
     n = max(int((target - base) / per), 0)
     while n > 0 and n_tok(n) > target:
         n -= 1
+    while n_tok(n + 1) <= target:
+        n += 1
     return n
 
 
@@ -156,12 +158,16 @@ def build_eval_set(tok, seq_len: int, spec: RetrievalSpec, seed: int) -> list[It
                 items.append(Item("mqar", (n_kv, length), ids, ans))
     for mult in spec.passkey_lengths:
         length = int(round(mult * seq_len))
-        n = _fit_filler(tok, lambda n: passkey_document(np.random.default_rng(0), 0, n)[0], length)
         for depth in spec.depths:
             rng = np.random.default_rng([seed, 2, length, int(depth * 1000)])
-            for _ in range(spec.passkey_docs if n >= 0 else 0):
-                before = int(round(depth * n))
-                ids, ans = _encode(tok, *passkey_document(rng, before, n - before))
+            for doc_seed in rng.integers(0, 2 ** 62, spec.passkey_docs):
+                def build(n, doc_seed=doc_seed, depth=depth):
+                    before = int(round(depth * n))
+                    return passkey_document(np.random.default_rng(doc_seed), before, n - before)
+                n = _fit_filler(tok, lambda n: build(n)[0], length)
+                if n < 0:
+                    break
+                ids, ans = _encode(tok, *build(n))
                 items.append(Item("passkey", (length, depth), ids, ans))
     return items
 

@@ -104,6 +104,9 @@ def execute(run_dir: str, device: str, threads: int, eval_path: str) -> dict:
     with open(log_path, "a") as logf, contextlib.redirect_stdout(logf), _train_log_to(logf):
         tr = Trainer(tc)
         summary = tr.train()
+        if summary["step"] != spec["steps"]:
+            raise RuntimeError(f"training stopped at step {summary['step']} of {spec['steps']} (its checkpoint "
+                               "is kept: the next sweep resumes it)")
         val = summary["val_loss_end"] if summary["val_loss_end"] is not None else tr.evaluate()
         retrieval = evaluate_model(tr.model, items, tr.autocast) if items is not None else None
     res = {"spec": spec, "id": spec["id"], "val_loss": val, "train_loss": _train_loss(
@@ -117,6 +120,8 @@ def execute(run_dir: str, device: str, threads: int, eval_path: str) -> dict:
         res["peak_gib"] = torch.cuda.max_memory_allocated(tr.env.device) / 2 ** 30
     write_json(os.path.join(run_dir, RESULT), res)
     shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
+    if os.path.exists(os.path.join(run_dir, ERROR)):  # from an earlier, failed attempt
+        os.remove(os.path.join(run_dir, ERROR))
     return res
 
 
