@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from .fit import MIN_POINTS, fit_power_law
+from .fit import fit_power_law
 
 TIE = 0.01        # nats: loss differences below this are called ties (one seed per run)
 ACC_MARGIN = 0.05  # accuracy differences below this are called equal

@@ -15,7 +15,7 @@ log = logging.getLogger("ringlinear.sweep")
 # The recipe: every run of a sweep shares it, and a sweep directory keeps it (OUT/sweep.json). The grid (ratios,
 # sizes, budgets) may grow between invocations; the recipe may not.
 DEFAULTS = dict(ratios="softmax,1,3,7,linear", sizes="5M,20M,60M", budgets="1e15,3e15,1e16", seq_len=1024,
-                batch_size=32, grad_accum=1, lr=2e-3, vocab_size=4096, bpe_sample_mb=16.0, eval_rows=64,
+                batch_size=32, grad_accum=1, lr=2e-3, vocab_size=4096, bpe_sample_mb=8.0, eval_rows=64,
                 min_steps=20, retrieval_fraction=0.1, corpus_mb=0.0, seed=0, depth=0)
 QUICK = dict(DEFAULTS, ratios="softmax,3", sizes="0.2M,0.5M", budgets="6e10,1.5e11", seq_len=128, batch_size=8,
              lr=3e-3, vocab_size=512, bpe_sample_mb=1.0, eval_rows=16, min_steps=10)
@@ -47,8 +47,9 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/sweep", help="sweep directory (default runs/sweep)")
     p.add_argument("--quick", action="store_true", help="CPU smoke sweep: " + ", ".join(
         f"{k} {QUICK[k]}" for k in ("ratios", "sizes", "budgets", "seq_len")))
-    p.add_argument("--data", nargs="*", metavar="PATH", help="corpus files, directories or globs (default: this "
-                                                             "Python's standard-library sources)")
+    p.add_argument("--data", nargs="*", action="extend", metavar="PATH",
+                   help="corpus files, directories or globs, repeatable (default: this Python's standard-library "
+                        "sources)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--jobs", type=int, default=None, help="runs at a time, one process each; on CUDA spread over "
                                                           "the visible GPUs, several per GPU when N exceeds them "

@@ -28,8 +28,8 @@ def plan(s: dict, ratios, sizes, budgets, vocab: int, mean_keys: float | None) -
                     "budget_flops": c, "steps": steps, "tokens_per_step": tokens_per_step,
                     "flops_per_token": fpt.per_token, "flops": fpt.total * steps * tokens_per_step,
                     "layout": m.layout, "active_params": m.active, "total_params": m.total,
-                    "moe_intermediate": cfg.moe_intermediate_size, "dense_intermediate": cfg.intermediate_size, "hidden": shape.hidden,
-                    "layers": shape.layers, "heads": shape.heads, "head_dim": shape.head_dim,
+                    "moe_intermediate": cfg.moe_intermediate_size, "dense_intermediate": cfg.intermediate_size,
+                    "hidden": shape.hidden, "layers": shape.layers, "heads": shape.heads, "head_dim": shape.head_dim,
                     "kv_heads": shape.kv_heads, "retrieval": c == budgets[-1][1], "model": cfg.to_dict(),
                     "train": _train_fields(s, steps)})
     order = {r.label: i for i, r in enumerate(ratios)}

@@ -193,9 +193,11 @@ def markdown(res: dict) -> str:
         L += [f"Left out (fewer than {st['min_steps']} steps at that budget): {', '.join(res['skipped'])}.", ""]
     corpus = "the embedded standard-library corpus" if data.get("default_corpus") else \
         f"{data.get('files')} files of {', '.join(st['data'])}"
+    synth = data["synthetic_chars"] / max(1, data["synthetic_chars"] + data["natural_chars"])
     L += ["## Setup", "",
-          f"- Data: {corpus}; {data['train_tokens'] / 1e6:.2f}M training tokens ({data['synthetic_chars'] / max(1, data['synthetic_chars'] + data['natural_chars']):.1%} of the characters synthetic retrieval documents), "
-          f"{data['val_tokens'] / 1e3:.0f}k held-out; byte-level BPE of {data['vocab']} tokens learnt once.",
+          f"- Data: {corpus}; {data['train_tokens'] / 1e6:.2f}M training tokens ({synth:.1%} of the characters "
+          f"synthetic retrieval documents), {data['val_tokens'] / 1e3:.0f}k held-out; byte-level BPE of "
+          f"{data['vocab']} tokens learnt once.",
           f"- Every run: rows of {st['seq_len']} tokens, {st['batch_size'] * st['grad_accum']} rows per step, AdamW "
           f"lr {st['lr']} (warmup {st['warmup_frac']:.0%} of the steps, cosine to {st['min_lr_ratio']}x), weight "
           f"decay {st['weight_decay']}, seed {st['seed']}; steps = budget / (FLOPs per token x tokens per step).",
