@@ -204,6 +204,17 @@ def markdown(res: dict) -> str:
           f"- FLOPs: 6 x active non-embedding matmul weights + 6 h V (LM head) + 3 x attention forward per token "
           f"(docs/sweep.md); softmax queries see {data['mean_keys']:.0f} keys on average on these rows.",
           f"- Loss: validation loss on the same {st['eval_rows']} held-out rows for every run.", ""]
+    big = st["sizes"][-1]
+    terms = ("matmul", "lm_head", "softmax_attention", "linear_attention")
+    L += [f"FLOPs per token by term at size {big} (share of the total):", "",
+          "| ratio | FLOPs/token | " + " | ".join(terms) + " |", "|---|---|" + "---|" * len(terms)]
+    for ratio in ratios:
+        r = next((x for x in runs if (x["ratio"], x["size"]) == (ratio, big)), None)
+        if r:
+            f = r["flops_per_token"]
+            L.append(f"| {_lab(ratio)} | {f['total'] / 1e6:.1f}M | "
+                     + " | ".join(f"{f[t] / f['total']:.0%}" for t in terms) + " |")
+    L.append("")
     L += ["## Parameter matching (active non-embedding parameters)", "",
           "| size | ratio | layout | expert width | layer-0 MLP | active | vs target | total (all experts) |",
           "|---|---|---|---|---|---|---|---|"]
@@ -246,8 +257,10 @@ def markdown(res: dict) -> str:
     L += ["", "## The paper's claims", "", "| claim | reproduced? | evidence |", "|---|---|---|"]
     for c in res["claims"]:
         L.append(f"| {c['claim']} | **{_VERDICT_MARK[c['verdict']]}** | {c['detail']} |")
+    toks = [r["tokens"] for r in runs] or [0]
     L += ["", "Scale caveat: these are models of " + ", ".join(st["sizes"]) + " active parameters trained on "
-          "a few million tokens each, one seed per run, with budgets far below the paper's; differences under "
+          f"{min(toks) / 1e6:.2g}M to {max(toks) / 1e6:.2g}M tokens each, one seed per run, with budgets far below "
+          "those of the paper's billion-parameter models; differences under "
           f"{A.TIE} nats are called ties. A claim that does not reproduce here says little about the paper's "
           "scale, and one that does is a consistency check, not a confirmation.", "",
           "![loss vs FLOPs](loss_vs_flops.png)", ""]
