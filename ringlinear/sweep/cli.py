@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -168,6 +169,10 @@ def cmd_sweep(args) -> int:
     return _report(out, s, data, specs, skipped, failed=failed)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # so that `timeout` or a kill ends the worker processes too (runs.run_all's finally)
+
+
 def _execute(out, specs, args, eval_path, deadline) -> dict:
     from .runs import run_all, status
     todo = [x for x in specs if status(os.path.join(out, "runs", x["id"]), x) != "done"]
@@ -193,10 +198,12 @@ def _execute(out, specs, args, eval_path, deadline) -> dict:
             bar.update(1)
         else:
             print(msg, file=sys.stderr, flush=True)
+    old = signal.signal(signal.SIGTERM, _interrupt)
     try:
         left = run_all([(os.path.join(out, "runs", x["id"]), x) for x in todo], args.device, args.jobs,
                        args.threads, eval_path, deadline, on_result)
     finally:
+        signal.signal(signal.SIGTERM, old)
         if bar is not None:
             bar.close()
     if left:

@@ -37,13 +37,18 @@ def read_json(path: str):
         return json.load(f)
 
 
+def identity(spec: dict) -> dict:
+    """What makes two specs the same run: all but whether retrieval is scored (a grid that grows a budget moves it)."""
+    return {k: v for k, v in spec.items() if k != "retrieval"}
+
+
 def status(run_dir: str, spec: dict) -> str:
     """'done', 'eval' (trained, retrieval missing), 'partial' (has a checkpoint) or 'new'."""
     from ..train.checkpoint import list_checkpoints
     rp = os.path.join(run_dir, RESULT)
     if os.path.exists(rp):
         res = read_json(rp)
-        if res.get("spec") == spec:
+        if identity(res.get("spec", {})) == identity(spec):
             return "eval" if spec["retrieval"] and res.get("retrieval") is None else "done"
     return "partial" if list_checkpoints(os.path.join(run_dir, "checkpoints")) else "new"
 
@@ -52,7 +57,7 @@ def prepare_dir(run_dir: str, spec: dict) -> None:
     """Write the run's spec; a stale result of another spec (the grid's recipe changed) is removed."""
     os.makedirs(run_dir, exist_ok=True)
     sp = os.path.join(run_dir, SPEC)
-    if os.path.exists(sp) and read_json(sp) != spec:
+    if os.path.exists(sp) and identity(read_json(sp)) != identity(spec):
         for name in (RESULT, "checkpoints", "final", "metrics.jsonl"):
             p = os.path.join(run_dir, name)
             shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
@@ -95,6 +100,7 @@ def execute(run_dir: str, device: str, threads: int, eval_path: str) -> dict:
         model = RingLinearForCausalLM.from_pretrained(os.path.join(run_dir, "final"), dtype=torch.float32).to(dev)
         amp = dev.type == "cuda"
         res["retrieval"] = evaluate_model(model, items, lambda: torch.autocast(dev.type, torch.bfloat16, enabled=amp))
+        res["spec"] = spec
         write_json(os.path.join(run_dir, RESULT), res)
         return res
     tc = train_config(os.path.dirname(os.path.dirname(run_dir)), spec).replace(device=device, threads=threads)

@@ -116,3 +116,18 @@ def test_changed_recipe_is_refused(tmp_path, capsys):
     assert main(["sweep", "--quick", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "another recipe" in err and "seq_len: 256 -> 128" in err
+
+
+def test_run_status_when_the_grid_grows_or_shrinks(tmp_path):
+    from ringlinear.sweep.runs import RESULT, prepare_dir, status
+    spec = {"id": "m3-5M-1e15", "steps": 10, "retrieval": True, "model": {"hidden_size": 64}}
+    run = str(tmp_path / "run")
+    prepare_dir(run, spec)
+    assert status(run, spec) == "new"
+    (tmp_path / "run" / RESULT).write_text(json.dumps({"spec": spec, "retrieval": {"mqar": {}}}))
+    assert status(run, spec) == "done"
+    assert status(run, {**spec, "retrieval": False}) == "done"  # a larger budget was added: still finished
+    (tmp_path / "run" / RESULT).write_text(json.dumps({"spec": {**spec, "retrieval": False}, "retrieval": None}))
+    assert status(run, spec) == "eval"  # now the largest budget: score the saved model, do not retrain
+    prepare_dir(run, {**spec, "steps": 11})  # another recipe: the stale result goes
+    assert status(run, {**spec, "steps": 11}) == "new" and not (tmp_path / "run" / RESULT).exists()
