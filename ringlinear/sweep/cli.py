@@ -127,7 +127,7 @@ def cmd_sweep(args) -> int:
     from .runs import prepare_dir, write_json
     out = os.path.abspath(args.out)
     if args.report_only:
-        return _report(out, *_saved_plan(out), progress_note="--report-only")
+        return _report(out, *_saved_plan(out))
     s = resolve_settings(args)
     ratios, sizes, budgets = parse_ratios(s["ratios"]), parse_sizes(s["sizes"]), parse_budgets(s["budgets"])
     s.update(ratios=[r.label for r in ratios], sizes=[x for x, _ in sizes], budgets=[b for b, _ in budgets])
@@ -224,7 +224,7 @@ def _saved_plan(out: str):
     return s, data, specs, skipped
 
 
-def _report(out, s, data, specs, skipped, failed=None, progress_note=None) -> int:
+def _report(out, s, data, specs, skipped, failed=None) -> int:
     from .report import build_results, write_all
     from .runs import RESULT, read_json, status
     results = []
