@@ -2,6 +2,7 @@
 
 - generate, info, demo: ringlinear/cli_model.py
 - train, convert:       ringlinear/train/cli.py   (function `register(subparsers)`)
+- sweep:                ringlinear/sweep/cli.py
 - serve:                ringlinear/server/cli.py  (function `register(subparsers)`)
 - rl:                   ringlinear/rl/cli.py
 
@@ -15,7 +16,8 @@ import importlib
 import logging
 import sys
 
-_PLUGINS = ("ringlinear.cli_model", "ringlinear.train.cli", "ringlinear.server.cli", "ringlinear.rl.cli")
+_PLUGINS = ("ringlinear.cli_model", "ringlinear.train.cli", "ringlinear.sweep.cli", "ringlinear.server.cli",
+            "ringlinear.rl.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -291,6 +291,8 @@ def save_pretrained(model, path, max_shard_bytes: int = 4 << 30, tokenizer_dir=N
 def copy_tokenizer_files(src: str, dst: str) -> None:
     """Whatever tokenizer files (tokenizer.json, its configs, the chat template) `src` has."""
     os.makedirs(dst, exist_ok=True)
+    if os.path.samefile(src, dst):  # e.g. --tokenizer OUT/tokenizer --out OUT: already in place
+        return
     for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(src, name)):
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))

@@ -89,6 +89,9 @@ class RingLinearConfig:
     # "hf": f(l) = 1 - (l-1)/(L-1) + 1e-5 (official remote code, transformers bailing_hybrid);
     # "sglang": f(l) = 1 - l/(L-1) + 1e-5 (SGLang and vLLM ports). See docs/decay.md.
     decay_layer_formula: str = "hf"
+    # None: the HF predicate (`is_softmax_layer`); a list: exactly these layers are softmax, [] = pure linear
+    # (layouts the HF rule cannot express, e.g. for `ringlinear sweep`).
+    softmax_layer_indices: list | None = None
     # Unknown keys of the source config.json, kept so a round trip loses nothing.
     extra: dict = field(default_factory=dict, repr=False)
 
@@ -99,6 +102,11 @@ class RingLinearConfig:
             raise ValueError(f"unsupported model_type {self.model_type!r}: ringlinear supports {SUPPORTED_MODEL_TYPES}")
         if self.decay_layer_formula not in DECAY_FORMULAS:
             raise ValueError(f"decay_layer_formula must be 'hf' or 'sglang', got {self.decay_layer_formula!r}")
+        idx = self.softmax_layer_indices
+        if idx is not None and (not isinstance(idx, list) or len(set(idx)) != len(idx) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_hidden_layers for i in idx)):
+            raise ValueError(f"softmax_layer_indices must be a list of distinct layer indices in "
+                             f"[0, {self.num_hidden_layers}), got {idx!r}")
         if self.score_function != "sigmoid":
             raise ValueError(f"unsupported score_function {self.score_function!r} (only 'sigmoid')")
         if self.hidden_act != "silu":
@@ -149,7 +157,10 @@ class RingLinearConfig:
         return int(self.head_dim_ * self.partial_rotary_factor)
 
     def is_softmax_layer(self, i: int) -> bool:
-        """HF predicate: every layer_group_size-th layer, plus a tail that does not fill a whole group."""
+        """HF predicate: every layer_group_size-th layer, plus a tail that does not fill a whole group (unless
+        softmax_layer_indices lists the softmax layers explicitly)."""
+        if self.softmax_layer_indices is not None:
+            return i in self.softmax_layer_indices
         G, L = self.layer_group_size, self.num_hidden_layers
         return (i + 1) % G == 0 or i >= (L // G) * G
 

@@ -33,6 +33,8 @@ class TrainConfig:
                                   "the loss on assistant tokens only); auto = chat when the first record has "
                                   "'messages'", choices=["auto", "text", "chat"])
     out: str = _f("runs/train", "output directory: checkpoints/, final/, metrics.jsonl, loss.png, data cache")
+    data_cache: str = _f("", "directory of the tokenised-corpus cache (default OUT/data); runs on the same corpus, "
+                             "split and tokenizer can share one")
     init_from: str = _f("", "continue from this checkpoint directory (its weights and tokenizer), e.g. the "
                             "output of `ringlinear convert`; empty = random init")
     model_preset: str = _f("tiny-code", "model shape for random init: a model preset (tiny-code, tiny-test, tiny, "

@@ -66,7 +66,8 @@ def convert_softmax_to_hybrid(src: str, layer_group_size: int, out: str, group_n
     L, G = cfg.num_hidden_layers, layer_group_size
     if G < 2:
         raise ValueError(f"--layer-group-size must be >= 2 (G-1 linear layers per softmax layer), got {G}")
-    new = cfg.replace(layer_group_size=G, num_nextn_predict_layers=0)  # re-validates; MTP blocks are dropped
+    # re-validates; MTP blocks are dropped; the layout is the group rule's, whatever the source listed
+    new = cfg.replace(layer_group_size=G, num_nextn_predict_layers=0, softmax_layer_indices=None)
     linear = new.linear_layers
     if not linear:
         raise ValueError(f"--layer-group-size {G} with {L} layers leaves no linear layer")

@@ -1,7 +1,8 @@
 """Run preparation on the main process: tokenizer (reuse or learn), document split, tokenised-stream cache.
 
-The cache `OUT/data/<key>-{train,val}.{tokens,starts}.npy` is keyed by the input files (path, size, mtime), the split settings and
-the tokenizer, so a resumed or repeated run skips reading and tokenising, and any change re-tokenises.
+The cache `OUT/data/<key>-{train,val}.{tokens,starts}.npy` (or `--data-cache`) is keyed by the input files (path,
+size, mtime), the split settings and the tokenizer, so a resumed or repeated run skips reading and tokenising, and
+any change re-tokenises.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def prepare(cfg, tokenizer_src: str | None) -> Prepared:
     key_src = "|".join(map(str, (fp, cfg.seed, cfg.val_fraction, cfg.max_corpus_mb, sep,
                                  sha256_file(os.path.join(tok_dir, "tokenizer.json")))))
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    data_dir = os.path.join(out, "data")
+    data_dir = cfg.data_cache or os.path.join(out, "data")
     os.makedirs(data_dir, exist_ok=True)
     train_path, val_path = (os.path.join(data_dir, f"{key}-{s}") for s in ("train", "val"))
     if TokenStream.exists(train_path) and TokenStream.exists(val_path):
@@ -69,9 +70,10 @@ def prepare(cfg, tokenizer_src: str | None) -> Prepared:
         n_docs = (len(split[0]), len(split[1]))
         for docs_, path in ((split[0], train_path), (split[1], val_path)):
             tokenize_documents(tok.tokenizer, docs_, sep).save(path)
-        for name in os.listdir(data_dir):  # caches of earlier settings
-            if not name.startswith(key) and name.endswith(".npy"):
-                os.remove(os.path.join(data_dir, name))
+        if not cfg.data_cache:  # caches of earlier settings; a shared --data-cache keeps other runs' keys
+            for name in os.listdir(data_dir):
+                if not name.startswith(key) and name.endswith(".npy"):
+                    os.remove(os.path.join(data_dir, name))
     info = {"files": len(files), "default_corpus": not cfg.data, "docs": n_docs, "vocab": tok.vocab_size,
             "sep_id": sep}
     return Prepared(tok_dir, train_path, val_path, info)

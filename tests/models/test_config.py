@@ -100,3 +100,29 @@ def test_slopes_and_decay_formulas():
     assert layer_log_decay(16, 0, L, "hf")[0] < -s[0]  # HF's layer 0 factor exceeds 1
     with pytest.raises(ValueError, match="decay_layer_formula"):
         hf.replace(decay_layer_formula="mlx")
+
+
+def test_softmax_layer_indices(tmp_path):
+    tiny = get_preset("tiny")  # 5 layers, groups of 3: HF predicate gives linear, linear, softmax, softmax, softmax
+    assert tiny.softmax_layer_indices is None and tiny.layer_types == ["linear", "linear"] + ["softmax"] * 3
+    linear = tiny.replace(softmax_layer_indices=[])
+    assert linear.layer_types == ["linear"] * 5
+    one = tiny.replace(softmax_layer_indices=[3])
+    assert one.layer_types == ["linear"] * 3 + ["softmax", "linear"]  # no softmax tail: the list is exact
+    one.to_json(tmp_path / "config.json")
+    back = RingLinearConfig.from_json(tmp_path)
+    assert json.load(open(tmp_path / "config.json"))["softmax_layer_indices"] == [3] and back == one
+    for bad in ([5], [-1], [1, 1], [True], "0,1", [0.0]):
+        with pytest.raises(ValueError, match="softmax_layer_indices"):
+            tiny.replace(softmax_layer_indices=bad)
+
+
+def test_pure_linear_model_runs():
+    import torch
+
+    from ringlinear.models.modeling import RingLinearForCausalLM
+    cfg = get_preset("tiny").replace(softmax_layer_indices=[], torch_dtype="float32")
+    m = RingLinearForCausalLM.from_config(cfg, dtype=torch.float32)
+    assert not any(layer.is_softmax for layer in m.model.layers)
+    out = m(torch.randint(0, cfg.vocab_size, (2, 7)))
+    assert out.logits.shape == (2, 7, cfg.vocab_size) and torch.isfinite(out.logits).all()
