@@ -20,6 +20,7 @@ What each figure is:
 Each (mode, length) is one RLTrainer step after one short warm-up step (Triton compilation, autotuning) in the
 same process. Prints a table and a final JSON line.
 Run: PYTHONPATH=. python benchmarks/rl.py [--lengths 4096,16384] [--modes default,aligned] [--quick]
+(`--device cpu --shape small --quick` is a seconds-scale smoke run of the script itself, fp32.)
 """
 from __future__ import annotations
 
@@ -43,33 +44,39 @@ def reward(prompt: str, completion: str, record: dict) -> float:
     return float(sum(map(ord, completion[:64])) % 2)
 
 
-def build_checkpoint(path: str, shape: str, layers: int, experts: int, max_len: int) -> str:
+def build_checkpoint(path: str, shape: str, layers: int, experts: int, max_len: int, dtype) -> str:
+    name = str(dtype).replace("torch.", "")
     if shape == "small":
-        over = dict(max_position_embeddings=max(8192, max_len))
-        return make_tiny_checkpoint(path, preset="small", dtype=torch.bfloat16, torch_dtype="bfloat16", **over)
-    over = dict(num_hidden_layers=layers, num_experts=experts, max_position_embeddings=max(32768, max_len),
-                torch_dtype="bfloat16")
-    return make_tiny_checkpoint(path, preset="ring-mini-linear-2.0", dtype=torch.bfloat16, **over)
+        return make_tiny_checkpoint(path, preset="small", dtype=dtype, torch_dtype=name,
+                                    max_position_embeddings=max(8192, max_len))
+    return make_tiny_checkpoint(path, preset="ring-mini-linear-2.0", dtype=dtype, torch_dtype=name,
+                                num_hidden_layers=layers, num_experts=experts,
+                                max_position_embeddings=max(32768, max_len))
 
 
 def one_step(model_dir, data, out, mode, length, args) -> dict:
+    cuda = args.device == "cuda"
     cfg = RLConfig(model=model_dir, task="jsonl", data=data, reward=f"{os.path.abspath(__file__)}:reward", out=out,
                    steps=1, numerics=mode, temperature=1.0, max_new_tokens=length, ignore_eos=True,
                    prompts_per_step=args.prompts, group_size=args.group_size, max_num_seqs=args.prompts * args.group_size,
-                   micro_batch_tokens=args.micro_batch_tokens, grad_checkpointing=True, dtype="bfloat16", lr=1e-6,
-                   progress=False, plot=False, save_every=0, overwrite=True)
+                   micro_batch_tokens=args.micro_batch_tokens, grad_checkpointing=True, lr=1e-6, device=args.device,
+                   dtype="bfloat16" if cuda else "float32", progress=False, plot=False, save_every=0, overwrite=True)
     tr = RLTrainer(cfg)
     try:
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         rec = tr.run_step()
-        torch.cuda.synchronize()
-        rec["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        rec["peak_gib"] = 0.0
+        if cuda:
+            torch.cuda.synchronize()
+            rec["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     finally:
         tr.close()
         del tr
         gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
     return rec
 
 
@@ -84,15 +91,19 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=4)
     ap.add_argument("--micro-batch-tokens", type=int, default=32768)
     ap.add_argument("--quick", action="store_true", help="lengths 1024 only (a smoke run)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/rl.py needs a CUDA GPU")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmarks/rl.py needs a CUDA GPU (--device cpu for a smoke run)")
     lengths = [1024] if args.quick else [int(x) for x in args.lengths.split(",")]
+    if args.quick and args.device == "cpu":
+        lengths = [32]
     modes = args.modes.split(",")
-    card = torch.cuda.get_device_name()
+    card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     work = tempfile.mkdtemp(prefix="ringlinear-bench-rl-")
     t0 = time.perf_counter()
-    model_dir = build_checkpoint(os.path.join(work, "model"), args.shape, args.layers, args.experts, max(lengths) + 512)
+    model_dir = build_checkpoint(os.path.join(work, "model"), args.shape, args.layers, args.experts, max(lengths) + 512,
+                                 torch.bfloat16 if args.device == "cuda" else torch.float32)
     data = os.path.join(work, "prompts.jsonl")
     with open(data, "w") as f:
         for i in range(args.prompts):
@@ -108,8 +119,8 @@ def main() -> None:
                                               "time_reward_s", "time_train_s", "clip_frac", "ratio_max", "ratio_min",
                                               "peak_gib", *MISMATCH_KEYS)}})
             print(f"  {mode} L={L}: done in {r['time_rollout_s'] + r['time_train_s']:.0f}s", flush=True)
-    print(f"\nGRPO step, {card}, {args.shape} ({args.layers} layers, {args.experts} experts) bf16, "
-          f"{args.prompts} prompts x {args.group_size} samples")
+    shape = args.shape + (f" ({args.layers} layers, {args.experts} experts)" if args.shape == "mini-slice" else "")
+    print(f"\nGRPO step, {card}, {shape}, {args.prompts} prompts x {args.group_size} samples")
     hdr = (f"{'mode':<8}{'L':>6}{'rollout tok/s':>14}{'train tok/s':>12}{'rollout s':>10}{'engine mem s':>13}"
            f"{'train s':>9}{'max|dlogp|':>11}{'mean|dlogp|':>12}{'KL':>10}{'dp>0.8':>8}{'ratio max':>10}{'GiB':>6}")
     print(hdr)

@@ -67,10 +67,14 @@ def plot_mismatch(metrics_path: str, png_path: str, title: str) -> str | None:
     for ax, key in zip(axes.flat, MISMATCH_KEYS):
         ys = [r[key] for r in recs]
         ax.plot(xs, ys, color="#54278f", lw=1.2)
-        # symlog: exact zeros (aligned numerics) stay on the plot next to values of 1e-7
         pos = [y for y in ys if y > 0]
-        ax.set_yscale("symlog", linthresh=min(pos) if pos else 1e-12)
-        ax.set_title(key, fontsize=9)
+        if len(pos) == len(ys):
+            ax.set_yscale("log")
+        elif pos:  # some exact zeros (aligned numerics): symlog keeps them on the plot next to values of 1e-7
+            ax.set_yscale("symlog", linthresh=min(pos))
+        else:
+            ax.set_ylim(-0.05, 1.0)
+        ax.set_title(key + ("  (0 at every step)" if not pos else ""), fontsize=9)
         ax.grid(alpha=0.3)
     for ax in axes[1]:
         ax.set_xlabel("step")

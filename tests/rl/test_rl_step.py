@@ -126,3 +126,30 @@ def test_aligned_engine_logprobs_equal_sequence_logprobs_bitwise(cfg):
     finally:
         tr.close()
     assert all(torch.equal(a, b) for a, b in zip(batch.logprobs, train_lp))
+
+
+def test_malformed_rewards_are_counted_and_the_step_goes_on(cfg, reward_module, caplog):
+    spec = reward_module("import math\n"
+                         "def reward(prompt, completion, record):\n"
+                         "    n = len(completion)\n"
+                         "    if n % 3 == 0:\n        raise RuntimeError('bad sample')\n"
+                         "    return math.nan if n % 3 == 1 else 1.0\n")
+    tr = RLTrainer(cfg(reward=spec, steps=1))
+    try:
+        with caplog.at_level("WARNING", logger="ringlinear.rl"):
+            rec = tr.run_step()
+    finally:
+        tr.close()
+    assert rec["reward_errors"] > 0 and math.isfinite(rec["loss"])
+    assert "malformed reward" in caplog.text and ("bad sample" in caplog.text or "returned nan" in caplog.text)
+
+
+def test_a_step_where_every_reward_is_malformed(cfg, reward_module):
+    tr = RLTrainer(cfg(reward=reward_module("def reward(prompt, completion, record):\n    return 'x'\n")))
+    try:
+        before = {n: p.detach().clone() for n, p in tr.policy.named_parameters()}
+        rec = tr.run_step()
+    finally:
+        tr.close()
+    assert rec["reward_errors"] == 8 and rec["loss"] == 0.0 and rec["grad_norm"] == 0.0
+    assert all(torch.equal(before[n], p) for n, p in tr.policy.named_parameters())  # nothing to learn from

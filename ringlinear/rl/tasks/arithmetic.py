@@ -92,6 +92,8 @@ def write_sft(path: str, n: int, difficulty: int = 1, seed: int = 1) -> str:
     """n worked examples "Q: a + b = ?\\nA: c" as a `ringlinear train --data` .jsonl (field "text"): a short SFT on
     these teaches a base model the task format before RL (docs/rl.md)."""
     import json
+    import os
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     rng = step_rng(seed, 0, "arithmetic-sft")
     with open(path, "w") as f:
         for _ in range(n):
