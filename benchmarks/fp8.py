@@ -316,7 +316,7 @@ def gemm(args):
             t_cub = attempt("gemm", tag + "torch blockwise scaled_mm", lambda: (rel(cublas(), ref), bench(cublas)))
             if t_cub:
                 row("gemm", tag + "torch blockwise scaled_mm", t_cub[1], flops=fl, err=t_cub[0], base=("bf16", base))
-            if t_ours and t_cub and t_cub[0] < 1e-3:
+            if t_ours and t_cub and t_cub[0] <= 1.1 * t_ours[0] + 1e-6:   # cuBLAS as accurate as ours
                 wins[kind][name] = "torch" if t_cub[1] < 0.97 * t_ours[1] else "triton"
         if "triton_tt_fp8_gemm" in LG:   # linghe has no 1x128 x 128x128 GEMM: its 1x128 x 1x128 one, W per row
             (wr, wrs), _ = TQ.quantize(w, R.E4M3, False, cnt())
@@ -412,7 +412,7 @@ def mini_layer(fp8):
     if fp8:
         holder = torch.nn.Module()
         holder.layers = torch.nn.ModuleList([layer])
-        convert_to_fp8(holder, F8.Fp8Recipe())
+        convert_to_fp8(holder, F8.Fp8Recipe(experts=True))
     return layer, rope
 
 

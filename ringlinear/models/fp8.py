@@ -1,7 +1,7 @@
 """The FP8 precision switch of RingLinearForCausalLM (docs/fp8.md).
 
 `convert_to_fp8(model, recipe)` turns, in every decoder layer, the dense projections (query_key_value, g_proj,
-dense), the dense MLP, the shared expert and the routed experts into FP8 layers, and the two RMSNorms that feed
+dense), the dense MLP and, with `recipe.experts`, the shared and routed experts into FP8 layers, and the two RMSNorms that feed
 them into RMSNorm -> FP8 producers (their FP8 copies travel with the normed tensor to the FP8 consumers). The
 router, the embeddings, the final norm, the LM head and everything inside attention keep their precision.
 
@@ -71,17 +71,20 @@ def _swap(mod, recipe):
     raise TypeError(f"convert_to_fp8: no FP8 version of {type(mod).__name__}")
 
 
-def fp8_modules(layer):
-    """The modules of one decoder layer that run FP8 (the rest keeps its precision)."""
+def fp8_modules(layer, experts=True):
+    """The modules of one decoder layer that run FP8 (the rest keeps its precision). Without `experts` a MoE
+    layer's MLP and the norm feeding it (whose FP8 copies only the MLP would read) stay as they are."""
     att = layer.attention
-    mods = [layer.input_layernorm, layer.post_attention_layernorm, att.query_key_value, att.dense, layer.mlp]
+    mods = [layer.input_layernorm, att.query_key_value, att.dense]
+    if experts or not isinstance(layer.mlp, SparseMoeBlock):
+        mods += [layer.post_attention_layernorm, layer.mlp]
     if isinstance(att, LinearAttention):
         mods.append(att.g_proj)
     return mods
 
 
-def _check_layer(i, layer):
-    for m in fp8_modules(layer):
+def _check_layer(i, layer, experts):
+    for m in fp8_modules(layer, experts):
         if isinstance(m, nn.Linear):
             check_dims(**{f"layers.{i} in_features": m.in_features, f"layers.{i} out_features": m.out_features})
         elif isinstance(m, MLP):
@@ -100,9 +103,9 @@ def convert_to_fp8(model, recipe=None, optimizer=None):
     recipe = recipe if recipe is not None else F8.Fp8Recipe.from_env()
     layers = model.model.layers if hasattr(model, "model") else model.layers
     for i, layer in enumerate(layers):
-        _check_layer(i, layer)
+        _check_layer(i, layer, recipe.experts)
     for layer in layers:
-        for m in fp8_modules(layer):
+        for m in fp8_modules(layer, recipe.experts):
             _swap(m, recipe)
     if optimizer is not None:
         F8.track_optimizer(optimizer)

@@ -92,7 +92,8 @@ class Trainer:
         if self.fp8:
             from ..models.fp8 import convert_to_fp8
             from ..ops.fp8 import Fp8Recipe
-            convert_to_fp8(self.model, Fp8Recipe(emulate=cfg.fp8_emulate), optimizer=self.opt)
+            recipe = Fp8Recipe(emulate=cfg.fp8_emulate, experts=cfg.fp8_experts)
+            convert_to_fp8(self.model, recipe, optimizer=self.opt)
         self.step = 0
         self.tokens_seen = 0
         self.elapsed = 0.0

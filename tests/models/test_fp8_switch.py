@@ -41,7 +41,7 @@ def test_conversion_keeps_parameters_and_disabled_output(monkeypatch):
     m = model(layers=2)
     before = {k: v.data_ptr() for k, v in m.state_dict().items()}
     _, ref_logits = loss_of(m)
-    M8.convert_to_fp8(m, F8.Fp8Recipe(emulate=True))
+    M8.convert_to_fp8(m, F8.Fp8Recipe(emulate=True, experts=True))
     assert {k: v.data_ptr() for k, v in m.state_dict().items()} == before
     layer = m.model.layers[1]
     assert isinstance(layer.attention.query_key_value, M8.Fp8Linear)
@@ -57,7 +57,7 @@ def test_conversion_keeps_parameters_and_disabled_output(monkeypatch):
 def test_emulated_fp8_loss_tracks_fp32(monkeypatch):
     monkeypatch.setenv("RINGLINEAR_BACKEND", "torch")
     ref, _ = loss_of(model())
-    m = M8.convert_to_fp8(model(), F8.Fp8Recipe(emulate=True))
+    m = M8.convert_to_fp8(model(), F8.Fp8Recipe(emulate=True, experts=True))
     loss, _ = loss_of(m)
     assert abs(loss.item() - ref.item()) < 1e-2 * ref.item()
     grads = [p.grad for p in m.parameters() if p.grad is not None]
@@ -69,10 +69,10 @@ def test_triton_path_tracks_emulation(monkeypatch):
     pytest.importorskip("triton")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     monkeypatch.setenv("RINGLINEAR_BACKEND", "triton" if dev == "cpu" else "auto")
-    m = M8.convert_to_fp8(model(layers=2).to(dev), F8.Fp8Recipe())
+    m = M8.convert_to_fp8(model(layers=2).to(dev), F8.Fp8Recipe(experts=True))
     tri, _ = loss_of(m, seq=24)
     monkeypatch.setenv("RINGLINEAR_BACKEND", "torch")
-    emu, _ = loss_of(M8.convert_to_fp8(model(layers=2), F8.Fp8Recipe(emulate=True)), seq=24)
+    emu, _ = loss_of(M8.convert_to_fp8(model(layers=2), F8.Fp8Recipe(emulate=True, experts=True)), seq=24)
     assert abs(tri.item() - emu.item()) < 2e-3 * emu.item()
     assert F8.read_nonfinite(dev) == 0
 
@@ -80,5 +80,16 @@ def test_triton_path_tracks_emulation(monkeypatch):
 def test_untileable_dims_are_refused_before_any_change():
     m = RingLinearForCausalLM.from_config(get_preset("tiny"), dtype=torch.float32)
     with pytest.raises(ValueError, match="is not a multiple of 128"):
-        M8.convert_to_fp8(m, F8.Fp8Recipe(emulate=True))
+        M8.convert_to_fp8(m, F8.Fp8Recipe(emulate=True, experts=True))
     assert not any(isinstance(mod, (M8.Fp8Linear, M8.Fp8RMSNorm)) for mod in m.modules())
+
+
+def test_default_recipe_keeps_the_moe_in_its_precision(monkeypatch):
+    monkeypatch.setenv("RINGLINEAR_BACKEND", "torch")
+    m = M8.convert_to_fp8(model(layers=2), F8.Fp8Recipe(emulate=True))
+    dense, moe = m.model.layers
+    assert isinstance(dense.mlp, M8.Fp8MLP) and isinstance(dense.post_attention_layernorm, M8.Fp8RMSNorm)
+    assert type(moe.mlp) is not M8.Fp8SparseMoeBlock and type(moe.post_attention_layernorm) is not M8.Fp8RMSNorm
+    assert isinstance(moe.attention.query_key_value, M8.Fp8Linear) and isinstance(moe.input_layernorm, M8.Fp8RMSNorm)
+    loss, _ = loss_of(m)
+    assert torch.isfinite(loss)

@@ -28,9 +28,14 @@ def test_fp8_on_cpu_needs_the_explicit_emulation(tiny_cfg, tmp_path, model_confi
         train(cfg)
 
 
+def test_fp8_flags_need_fp8_precision(tiny_cfg, tmp_path):
+    with pytest.raises(ValueError, match="need --precision fp8"):
+        tiny_cfg(tmp_path / "c", precision="bf16", fp8_experts=True).validate()
+
+
 def test_fp8_emulated_run_trains(tiny_cfg, tmp_path, model_config):
-    cfg = tiny_cfg(tmp_path / "b", precision="fp8", fp8_emulate=True, model_config=model_config, steps=6,
-                   eval_every=0, save_every=3, seq_len=64, batch_size=2, lr=3e-3, warmup_steps=1)
+    cfg = tiny_cfg(tmp_path / "b", precision="fp8", fp8_emulate=True, fp8_experts=True, model_config=model_config,
+                   steps=6, eval_every=0, save_every=3, seq_len=64, batch_size=2, lr=3e-3, warmup_steps=1)
     s = train(cfg)
     recs = [m for m in read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss" in m]
     assert s["step"] == 6 and len(recs) == 6 and all(r["fp8_nonfinite"] == 0 for r in recs)

@@ -23,16 +23,20 @@ from .reference import E4M3
 from .triton_quant import quantize, quantize_sorted_cols, rms_norm_quant
 from .weights import fp8_gateup, fp8_weight
 
-# Dense GEMM implementation per kind. Triton is the default: fixed tiles and K order (deterministic and batch
-# invariant by construction) and no layout constraints; set an entry (or RINGLINEAR_FP8_GEMM=torch) to "torch"
-# where benchmarks/fp8.py measures cuBLAS's blockwise GEMM faster on the card.
-GEMM_BACKEND = {"fprop": "triton", "dgrad": "triton", "wgrad": "triton"}
+# Dense GEMM implementation per kind. "auto": cuBLAS's blockwise FP8 GEMM (torch scaled_mm) on Hopper where the
+# shapes meet its constraints, our Triton kernel elsewhere. H200, benchmarks/fp8.py (2026-12-01): cuBLAS ran
+# 1.2-1.7x bf16 torch.matmul at every Ring-mini / Ring-flash projection shape (fprop, dgrad and wgrad), our Triton
+# kernel 0.4-0.96x. Both are deterministic at a fixed shape; only Triton is batch invariant by construction.
+# RINGLINEAR_FP8_GEMM=triton|torch|auto overrides every kind.
+GEMM_BACKEND = {"fprop": "auto", "dgrad": "auto", "wgrad": "auto"}
 
 
-def _gemm_backend(kind):
+def _gemm_backend(kind, device, fits):
     b = os.environ.get("RINGLINEAR_FP8_GEMM", "").strip().lower() or GEMM_BACKEND[kind]
-    if b not in ("triton", "torch"):
-        raise ValueError(f"RINGLINEAR_FP8_GEMM={b!r}: expected triton or torch")
+    if b not in ("auto", "triton", "torch"):
+        raise ValueError(f"RINGLINEAR_FP8_GEMM={b!r}: expected auto, triton or torch")
+    if b == "auto":
+        return "torch" if fits and torch_mm.available(device) else "triton"
     return b
 
 
@@ -96,7 +100,7 @@ def rms_norm_fp8(x2, weight, eps, recipe):
 
 def _dense_rows(aq, as_, b, bs, out_dtype, kind, torch_fn):
     """[T, NOUT] = A rows x B^T for a dense layer (b [NOUT, K]), on Triton or cuBLAS (GEMM_BACKEND)."""
-    if _gemm_backend(kind) == "torch":
+    if _gemm_backend(kind, aq.device, torch_mm.fits(kind, bs)) == "torch":
         return torch_fn()
     pair, eoff = G.identity_plan(aq.shape[0], aq.device)
     out = torch.empty(aq.shape[0], b.shape[0], dtype=out_dtype, device=aq.device)
@@ -105,7 +109,7 @@ def _dense_rows(aq, as_, b, bs, out_dtype, kind, torch_fn):
 
 def _dense_wgrad(at, ats, bt, bts, T):
     """dW [MO, NO] fp32 from FP8 cols over T tokens (at [MO, Tp], bt [NO, Tp], zero past T)."""
-    if _gemm_backend("wgrad") == "torch":
+    if _gemm_backend("wgrad", at.device, torch_mm.fits("wgrad", at)) == "torch":
         return torch_mm.wgrad(at, ats, bt, bts, torch.float32)
     out = torch.empty(1, at.shape[0], bt.shape[0], dtype=torch.float32, device=at.device)
     return G.wgrad(at, ats, bt, bts, G.dense_eoff(T, at.device), out)[0]

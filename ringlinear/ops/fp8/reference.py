@@ -53,7 +53,10 @@ def check_fp8_dtype(dtype):
 
 def scale_from_amax(amax, fmax: float, pow2: bool):
     """fp32 tile scales from fp32 tile amax: amax / fmax, at least FLT_MIN, optionally rounded up to 2^e."""
-    s = torch.clamp_min(amax.float() / fmax, FLT_MIN)
+    # a tensor divisor: CUDA divides by a Python scalar as a multiply by its rounded reciprocal (amax = 672 gives
+    # 1.5000001, not 1.5), which is not the IEEE quotient the kernels compute (H200, 2026-12-01)
+    amax = amax.float()
+    s = torch.clamp_min(amax / torch.full_like(amax, fmax), FLT_MIN)
     if pow2:
         bits = s.view(torch.int32)
         e = (bits & 0x7F800000) + ((bits & 0x7FFFFF) != 0).to(torch.int32) * 0x800000
@@ -68,7 +71,7 @@ def quantize_rows(x, dtype=E4M3, pow2=False):
     nkb = -(-C // TILE)
     xf = F.pad(x.float(), (0, nkb * TILE - C)).view(R, nkb, TILE)
     s = scale_from_amax(xf.abs().amax(-1), FP8_MAX[dtype], pow2)             # [R, nkb]
-    q = (xf * (1.0 / s)[..., None]).to(dtype).view(R, nkb * TILE)[:, :C]
+    q = (xf * (torch.ones_like(s) / s)[..., None]).to(dtype).view(R, nkb * TILE)[:, :C]
     return q.contiguous(), s.t().contiguous()
 
 
@@ -84,7 +87,7 @@ def quantize_weight(w, pow2=False):
     check_dims(weight_rows=N, weight_cols=K)
     wf = w.float().reshape(*lead, N // TILE, TILE, K // TILE, TILE)
     s = scale_from_amax(wf.abs().amax(dim=(-3, -1)), FP8_MAX[E4M3], pow2)     # [..., N/128, K/128]
-    q = (wf * (1.0 / s)[..., :, None, :, None]).to(E4M3).reshape(*lead, N, K)
+    q = (wf * (torch.ones_like(s) / s)[..., :, None, :, None]).to(E4M3).reshape(*lead, N, K)
     return q, s, q.transpose(-1, -2).contiguous(), s.transpose(-1, -2).contiguous()
 
 

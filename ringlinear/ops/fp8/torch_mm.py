@@ -5,7 +5,8 @@ strides (1, M)), 128x128 scales of W [N, K] as [N/128, K/128] (seen transposed).
 (explicit recipes) is used where the installed torch has it, `torch._scaled_mm` (recipe inferred from the scale
 shapes) otherwise. Constraints (else a ValueError; the dispatcher then uses the Triton kernels): K/128 and N/128 a
 multiple of 4 where they index 128x128 scales; the weight gradient's K is the token count padded to whole tiles
-(the cols copies are zero past the last token).
+(the cols copies are zero past the last token). `fits` checks them, and the "auto" dispatch (autograd.py) takes
+the Triton kernels where they do not hold; a forced `torch` backend raises the ValueError instead.
 """
 from __future__ import annotations
 
@@ -13,8 +14,17 @@ import torch
 import torch.nn.functional as F
 
 
-def available() -> bool:
-    return hasattr(F, "scaled_mm") or hasattr(torch, "_scaled_mm")
+def available(device=None) -> bool:
+    """torch has a scaled matmul and (given a device) it is a Hopper GPU, where cuBLAS has the blockwise recipes."""
+    if not (hasattr(F, "scaled_mm") or hasattr(torch, "_scaled_mm")):
+        return False
+    return device is None or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9)
+
+
+def fits(kind, t) -> bool:
+    """Whether a GEMM meets the layout constraints below: t is the weight's 128x128 scales (fprop: ws, dgrad: wst)
+    or, for wgrad, the cols copy of dY."""
+    return t.shape[1] % 128 == 0 if kind == "wgrad" else t.shape[1] % 4 == 0
 
 
 def _mm(a, b, sa, sb, kinds, out_dtype):
