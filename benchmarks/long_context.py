@@ -1,7 +1,12 @@
 """Long-context prefill and decode: Ring-mini-linear-2.0 vs its all-softmax twin, through the serving engine.
 
 Both models have the Ring-mini-linear-2.0 shape with random bf16 weights; the twin makes every layer softmax
-(layer_group_size = 1: the Ring-mini-2.0 shape). Same process, same engine, same card.
+(layer_group_size = 1: the Ring-mini-2.0 shape). Same process, same engine, same card. `--models` adds the dense
+baselines the paper compares against: `qwen3-8b` (Qwen3-8B's shape, paper Fig. 7) and `qwen3-32b` (Fig. 8), every
+layer softmax GQA with a dense SwiGLU MLP in this architecture (presets `qwen3-*-shape`: a cost comparison, not a
+quality one; they differ from real Qwen3 layers in the QK-norm/RoPE code path only), and `flash` (Ring-flash-linear-
+2.0's shape; 208 GB in bf16, so it needs more than one H200 there). Every model also reports GPU-seconds per million
+tokens (1e6 / tok/s on this one GPU).
 
 - prefill: one request of T tokens (batch 1), time to its first token, tokens/s.
 - decode: B requests at context C, output tokens/s over steps where every request decodes (CUDA graphs as the
@@ -13,7 +18,7 @@ Both models have the Ring-mini-linear-2.0 shape with random bf16 weights; the tw
   plus per-request state read+write and KV read) / measured copy bandwidth.
 
 Prints a table and a final JSON line; writes JSON (and a PNG when matplotlib is present) to --out.
-Run: PYTHONPATH=. python benchmarks/long_context.py [--quick]
+Run: PYTHONPATH=. python benchmarks/long_context.py [--quick] [--models hybrid,softmax_twin,qwen3-8b]
 """
 from __future__ import annotations
 
@@ -33,6 +38,13 @@ from ringlinear.models.context import StatelessContext
 from ringlinear.models.modeling import RingLinearForCausalLM
 
 GiB = 1 << 30
+MODELS = {  # name -> config; the hybrid first, the baselines after
+    "hybrid": lambda: get_preset("ring-mini-linear-2.0"),
+    "softmax_twin": lambda: get_preset("ring-mini-linear-2.0").replace(layer_group_size=1),
+    "qwen3-8b": lambda: get_preset("qwen3-8b-shape"),
+    "flash": lambda: get_preset("ring-flash-linear-2.0"),
+    "qwen3-32b": lambda: get_preset("qwen3-32b-shape"),
+}
 
 
 def copy_bandwidth(dev) -> float:
@@ -181,6 +193,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--plot-from", help="only draw the PNG from an earlier JSON result")
     ap.add_argument("--only", choices=["prefill", "decode"], help="run one half")
+    ap.add_argument("--models", default="hybrid,softmax_twin",
+                    help=f"comma list of {', '.join(MODELS)}; ratios are against the first")
     args = ap.parse_args()
     if args.plot_from:
         plot(json.load(open(args.plot_from)), os.path.dirname(os.path.abspath(args.plot_from)))
@@ -192,15 +206,27 @@ def main():
     prefill_T = [4096, 16384] if args.quick else [4096, 16384, 32768, 65536, 131008]
     decode_C = [4096] if args.quick else [4096, 16384, 32768, 65536]
     steps = 8 if args.quick else 24
-    hybrid = get_preset("ring-mini-linear-2.0")
-    models = {"hybrid": hybrid, "softmax_twin": hybrid.replace(layer_group_size=1)}
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in names if m not in MODELS]
+    if bad or not names:
+        raise SystemExit(f"--models: unknown {bad or 'empty list'}; choose from {', '.join(MODELS)}")
+    models = {n: MODELS[n]() for n in names}
     res = {"card": card, "copy_bw_TBps": bw / 1e12, "date": time.strftime("%Y-%m-%d"), "prefill": {}, "decode": {}}
     for name, cfg in models.items():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        model = random_model(cfg, dev)
+        try:
+            model = random_model(cfg, dev)
+        except torch.OutOfMemoryError:  # e.g. flash in bf16 on one GPU: say so, run the rest
+            res["prefill"][name] = res["decode"][name] = {}
+            res.setdefault("errors", {})[name] = "weights do not fit this GPU"
+            print(f"[{name}] weights do not fit this GPU: skipped", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         print(f"[{name}] {weights / GiB:.1f} GiB of weights", flush=True)
+        res.setdefault("weights_gib", {})[name] = weights / GiB
         res["prefill"][name] = {}
         for T in (prefill_T if args.only != "decode" else []):
             torch.cuda.reset_peak_memory_stats()
@@ -240,18 +266,24 @@ def main():
         del model
         gc.collect()
         torch.cuda.empty_cache()
-    print(f"\ncard: {card}, copy bandwidth {bw / 1e12:.2f} TB/s")
-    print(f"{'point':<22}{'hybrid':>12}{'twin':>12}{'ratio':>8}")
-    nan = {"tok_s": float("nan"), "batch": "-"}
-    for T in prefill_T:
-        h = res["prefill"]["hybrid"].get(T, nan).get("tok_s", float("nan"))
-        s = res["prefill"]["softmax_twin"].get(T, nan).get("tok_s", float("nan"))
-        print(f"{'prefill tok/s T=' + str(T):<22}{h:>12.0f}{s:>12.0f}{h / s:>8.2f}")
-    for C in decode_C:
-        h, s = res["decode"]["hybrid"].get(C, nan), res["decode"]["softmax_twin"].get(C, nan)
-        ht, st = h.get("tok_s", float("nan")), s.get("tok_s", float("nan"))
-        print(f"{'decode tok/s C=' + str(C):<22}{ht:>12.0f}{st:>12.0f}{ht / st:>8.2f}"
-              f"   (batch {h.get('batch')} vs {s.get('batch')})")
+    print(f"\ncard: {card}, copy bandwidth {bw / 1e12:.2f} TB/s; ratio = tok/s over the first model's; "
+          "GPU-s/Mtok = 1e6 / tok/s")
+    first, nan = names[0], {"tok_s": float("nan"), "batch": "-"}
+    print(f"{'point':<22}" + "".join(f"{n:>14}" for n in names) + "".join(f"{'x ' + n:>16}" for n in names[1:])
+          + "".join(f"{'GPU-s/Mtok ' + n:>24}" for n in names))
+    for part, key, label in (("prefill", prefill_T, "prefill T="), ("decode", decode_C, "decode C=")):
+        for x in key:
+            tps = [res[part].get(n, {}).get(x, nan).get("tok_s", float("nan")) for n in names]
+            print(f"{label + str(x):<22}" + "".join(f"{t:>14.0f}" for t in tps)
+                  + "".join(f"{tps[0] / t:>16.2f}" for t in tps[1:]) + "".join(f"{1e6 / t:>24.1f}" for t in tps)
+                  + ("   (batch " + " / ".join(str(res[part].get(n, {}).get(x, nan).get("batch")) for n in names)
+                     + ")" if part == "decode" else ""))
+    for part in ("prefill", "decode"):
+        for n in names:
+            for r in res[part].get(n, {}).values():
+                if "tok_s" in r:
+                    r["gpu_s_per_mtok"] = 1e6 / r["tok_s"]
+    res["ratios_vs"] = first
     save(res, args.out)
     plot(res, args.out)
     print(json.dumps(res))
@@ -272,7 +304,7 @@ def plot(res, out_dir):
         print("(matplotlib missing: no plot; rerun with --plot-from JSON elsewhere)")
         return
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    for name, style in (("hybrid", "o-"), ("softmax_twin", "s--")):
+    for name, style in zip(res["prefill"], ("o-", "s--", "^:", "d-.", "v-")):
         for a, part in zip(ax, ("prefill", "decode")):
             pts = {int(k): v for k, v in res[part].get(name, {}).items() if "tok_s" in v}
             xs = sorted(pts)
@@ -283,7 +315,7 @@ def plot(res, out_dir):
         a.set_title(t)
         a.legend()
         a.grid(alpha=0.3)
-    fig.suptitle(f"Ring-mini-linear-2.0 shape vs softmax twin — {res['card']} ({res['date']})")
+    fig.suptitle(f"{' vs '.join(res['prefill'])}: random weights, one engine — {res['card']} ({res['date']})")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "long_context.png"), dpi=110)
 

@@ -27,6 +27,17 @@ PRESETS: dict[str, tuple[str, dict]] = {
         hidden_size=4096, intermediate_size=9216, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=4, head_dim=128, moe_intermediate_size=1024, moe_shared_expert_intermediate_size=1024,
         layer_group_size=8, group_norm_size=8)),
+    # cost baselines (benchmarks/long_context.py): the dense models the paper compares against (Figs. 7, 8), in this
+    # architecture: every layer softmax GQA with a dense SwiGLU MLP. Shapes from the Qwen3 configs; what differs
+    # from real Qwen3 layers: Ring's QK-norm + RoPE code path, full rotary here; costs, not quality.
+    "qwen3-8b-shape": ("dense baseline for Ring-mini: Qwen3-8B's shape, every layer softmax + dense MLP", dict(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, num_experts=None, first_k_dense_replace=36, layer_group_size=1,
+        partial_rotary_factor=1.0, rope_theta=1000000.0)),
+    "qwen3-32b-shape": ("dense baseline for Ring-flash: Qwen3-32B's shape, every layer softmax + dense MLP", dict(
+        vocab_size=151936, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
+        num_key_value_heads=8, head_dim=128, num_experts=None, first_k_dense_replace=64, layer_group_size=1,
+        partial_rotary_factor=1.0, rope_theta=1000000.0)),
     # debug
     "tiny": ("tests: every feature on (dense layer 0, grouped MoE, linear + softmax layers, a softmax tail)",
              _TINY),

@@ -85,6 +85,15 @@ def test_published_parameter_counts():
     assert round(flash["active"] / 1e9, 1) == 7.4
 
 
+def test_dense_baseline_shapes_match_qwen3_sizes():
+    """Qwen3-8B has 8.19B parameters and Qwen3-32B 32.8B (untied embeddings); the baselines must cost the same."""
+    for name, billions in (("qwen3-8b-shape", 8.19), ("qwen3-32b-shape", 32.76)):
+        cfg = get_preset(name)
+        n = count_parameters(cfg)
+        assert round(n["total"] / 1e9, 2) == billions and n["active"] == n["total"]
+        assert len(cfg.softmax_layers) == cfg.num_hidden_layers and not cfg.moe_layers
+
+
 def test_slopes_and_decay_formulas():
     s = alibi_slopes(16)
     assert abs(s[0] - 2 ** -0.5) < 1e-12 and abs(s[-1] - 2 ** -8) < 1e-12
