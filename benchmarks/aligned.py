@@ -8,7 +8,8 @@ independent of the batch; (4) fixed-order log-prob rows independent of the batch
 Price (same run): aligned vs default for training attention fwd+bwd, paged decode attention at batch 64, lightning
 decode at batch 64, projections at decode and prefill sizes.
 
-Run: PYTHONPATH=. python benchmarks/aligned.py; prints a table and a final JSON line.
+Run: PYTHONPATH=. python benchmarks/aligned.py [attention,lightning,rows,price,model | model-quick]; prints a table
+and a final JSON line.
 """
 from __future__ import annotations
 
@@ -158,7 +159,6 @@ def price():
             "default": ms(lambda: paged_decode_attention(qd, K, V, bt, lens, BS, D ** -0.5)),
             "aligned": ms(lambda: aligned_forward(qd, K, V, torch.arange(B + 1, device="cuda"),
                                                   (lens - 1).long(), D ** -0.5, 1, block_tables=bt, block_size=BS))}
-        del K, V
     B = 64
     st = torch.randn(B + 1, H, D, D, device="cuda")
     ok, ov = (rand(B + 1, 64, H, D, seed=s) for s in (8, 9))
@@ -178,7 +178,8 @@ def price():
 def model_level(quick=False):
     """The tiny model and a 5-layer Ring-mini slice, bf16 weights, engine with CUDA graphs: align-check figures in
     both modes (aligned must be all zeros), and the price of aligned mode: prefill and decode through the engine,
-    and the training step."""
+    and the training step. quick: the tiny model's align-check only (the mini slice's kernels take minutes to
+    compile in both modes)."""
     import time
 
     from ringlinear.engine import EngineConfig, LLMEngine, SamplingParams
@@ -186,8 +187,10 @@ def model_level(quick=False):
     from ringlinear.models.modeling import RingLinearForCausalLM
     from ringlinear.rl.align_check import align_check
     out = {}
-    for name, cfg in (("tiny", get_preset("tiny")),
-                      ("mini-5L", get_preset("ring-mini-linear-2.0").replace(num_hidden_layers=5))):
+    shapes = [("tiny", get_preset("tiny"))]
+    if not quick:
+        shapes.append(("mini-5L", get_preset("ring-mini-linear-2.0").replace(num_hidden_layers=5)))
+    for name, cfg in shapes:
         m = RingLinearForCausalLM.from_config(cfg.replace(torch_dtype="bfloat16"), dtype=torch.bfloat16,
                                               device="cuda", seed=0).eval()
         r = {}
@@ -240,7 +243,7 @@ def main():
         sys.exit("benchmarks/aligned.py needs a CUDA GPU")
     out = {"card": torch.cuda.get_device_name(), "torch": torch.__version__}
     sections = [("attention", check_attention), ("lightning", check_lightning), ("rows", check_rows),
-                ("price", price), ("model", model_level)]
+                ("price", price), ("model", model_level), ("model-quick", lambda: model_level(quick=True))]
     only = sys.argv[1].split(",") if len(sys.argv) > 1 else None
     for name, fn in sections:
         if only and name not in only:
