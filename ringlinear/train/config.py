@@ -127,6 +127,9 @@ class TrainConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if (self.fp8_experts or self.fp8_emulate) and self.precision != "fp8":
             raise ValueError("--fp8-experts and --fp8-emulate need --precision fp8")
+        if self.precision == "fp8" and self.numerics == "aligned":
+            raise ValueError("--numerics aligned runs the serving engine's bf16 arithmetic; it cannot be combined "
+                             "with --precision fp8")
         if self.stop_at > self.steps:
             raise ValueError(f"--stop-at {self.stop_at} is past --steps {self.steps}")
         # Refused rather than warned: with warmup past the end the LR never reaches --lr and the schedule the

@@ -31,6 +31,8 @@ def test_fp8_on_cpu_needs_the_explicit_emulation(tiny_cfg, tmp_path, model_confi
 def test_fp8_flags_need_fp8_precision(tiny_cfg, tmp_path):
     with pytest.raises(ValueError, match="need --precision fp8"):
         tiny_cfg(tmp_path / "c", precision="bf16", fp8_experts=True).validate()
+    with pytest.raises(ValueError, match="cannot be combined"):
+        tiny_cfg(tmp_path / "d", precision="fp8", numerics="aligned").validate()
 
 
 def test_fp8_emulated_run_trains(tiny_cfg, tmp_path, model_config):
