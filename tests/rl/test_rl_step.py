@@ -126,5 +126,5 @@ def test_aligned_engine_logprobs_equal_sequence_logprobs_bitwise(cfg):
         forked = tr.rollout.engine.stats()["forked_requests"]
     finally:
         tr.close()
-    assert all(torch.equal(a, b) for a, b in zip(batch.logprobs, train_lp))
     assert forked > 0  # samples forked from their group's prefill (those without a free slot queued): bitwise too
+    assert all(torch.equal(a, b) for a, b in zip(batch.logprobs, train_lp))
