@@ -69,6 +69,8 @@ def test_serve_errors_before_the_model_loads(ckpt, tmp_path, capsys, caplog):
                             "in use")
     assert not [r for r in caplog.records if "serving" in r.getMessage()]  # no banner before the bind error
     _one_line_error(capsys, ["serve", "--model", str(tmp_path / "nope")], "does not exist")
+    _one_line_error(capsys, ["serve", "--model", ckpt, "--port", "0", "--state-snapshot-interval", "100"],
+                    "state_snapshot_interval must be a positive multiple of 512")
 
 
 def test_a_training_run_directory_points_at_its_model(ckpt, tmp_path, capsys):

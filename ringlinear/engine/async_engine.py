@@ -67,14 +67,23 @@ class AsyncEngine:
         outputs; call its `abort()` (or let a `finally` do it) when no longer interested. Event-loop thread only.
         `prepared`: prompt is the id list `prepare` returned (otherwise it is tokenised here, on the caller's
         thread)."""
+        return self.submit_group(prompt, [params], None if request_id is None else [request_id], prepared)[0]
+
+    def submit_group(self, prompt: str | list[int], params: list[SamplingParams],
+                     request_ids: list[str] | None = None, prepared: bool = False) -> list["RequestStream"]:
+        """`submit` for len(params) samples of one prompt that share its prefill (`LLMEngine.add_group`)."""
         if not self.accepting or not self.alive:
             raise EngineDeadError("the server is shutting down" if self.alive else f"the engine failed: {self.error}")
-        ids = list(prompt) if prepared else self.engine.prepare(prompt, params)
-        rid = request_id or self.new_request_id()
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[rid] = (asyncio.get_running_loop(), q)
-        self._cmds.put(("add", rid, ids, params))
-        return RequestStream(self, rid, q, len(ids))
+        ids = list(prompt) if prepared else self.engine.prepare(prompt, params[0])
+        rids = request_ids or [self.new_request_id() for _ in params]
+        loop = asyncio.get_running_loop()
+        streams = []
+        for rid in rids:
+            q: asyncio.Queue = asyncio.Queue()
+            self._streams[rid] = (loop, q)
+            streams.append(RequestStream(self, rid, q, len(ids)))
+        self._cmds.put(("add", rids, ids, params))
+        return streams
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -132,13 +141,15 @@ class AsyncEngine:
     def _handle(self, cmd) -> None:
         kind = cmd[0]
         if kind == "add":
-            _, rid, ids, params = cmd
-            if rid not in self._streams:  # cancelled before it reached the engine
+            _, rids, ids, params = cmd
+            live = [(r, p) for r, p in zip(rids, params) if r in self._streams]  # others: cancelled before
+            if not live:
                 return
             try:
-                self.engine.add_request(ids, params, request_id=rid, prepared=True)
-            except Exception as e:  # noqa: BLE001  (reported to the request, the engine carries on)
-                self._deliver(rid, e)
+                self.engine.add_group(ids, [p for _, p in live], [r for r, _ in live], prepared=True)
+            except Exception as e:  # noqa: BLE001  (reported to the requests, the engine carries on)
+                for r, _ in live:
+                    self._deliver(r, e)
         elif kind == "abort":
             self.engine.abort_request(cmd[1])
         elif kind == "call":

@@ -1,6 +1,7 @@
 """Engine settings. Defaults suit a single GPU; tests pass small values to exercise preemption and chunking."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..models.context import check_numerics
@@ -29,6 +30,12 @@ class EngineConfig:
     # "aligned": every position computed with the arithmetic of the training forward in aligned mode, whatever the
     # batch, chunking or decode step (docs/numerics.md); implies batch invariance. "default": the fastest kernels.
     numerics: str = "default"
+    # Prefix caching (docs/serving.md): KV blocks shared by content, linear states snapshotted where a prefill
+    # piece ends on a multiple of state_snapshot_interval (None: lcm(prefill_chunk, block_size)), in a pool of
+    # state_snapshot_bytes (None: a tenth of the cache memory); n > 1 samples of a prompt share its prefill.
+    enable_prefix_caching: bool = True
+    state_snapshot_interval: int | None = None
+    state_snapshot_bytes: int | None = None
 
     def __post_init__(self):
         if self.prefill_chunk < 1 or self.prefill_chunk % LIGHTNING_CHUNK:
@@ -43,5 +50,14 @@ class EngineConfig:
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be >= 1")
         check_numerics(self.numerics)
+        step = math.lcm(self.prefill_chunk, self.block_size)
+        if self.state_snapshot_interval is None:
+            self.state_snapshot_interval = step
+        elif self.state_snapshot_interval < 1 or self.state_snapshot_interval % step:
+            raise ValueError(f"state_snapshot_interval must be a positive multiple of {step} (snapshots are taken "
+                             f"where a prefill piece of {self.prefill_chunk} tokens ends, keyed by whole KV blocks "
+                             f"of {self.block_size}), got {self.state_snapshot_interval}")
+        if self.state_snapshot_bytes is not None and self.state_snapshot_bytes < 0:
+            raise ValueError(f"state_snapshot_bytes must be >= 0, got {self.state_snapshot_bytes}")
         if self.numerics == "aligned" and self.batch_invariant is False:
             raise ValueError("numerics='aligned' is batch invariant by construction: batch_invariant=False contradicts it")

@@ -18,6 +18,7 @@ from ..ops.lightning_attn import open_chunk_rows
 from .config import EngineConfig
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner
+from .prefix_cache import PrefixCache, SnapshotPool
 from .sampler import sample_rows
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -105,38 +106,58 @@ class LLMEngine:
             open_chunk = (open_chunk_rows(torch.empty(0, H, D, dtype=dtype, device=device)), dtype)
         self.states = StatePool(linear, config.max_num_seqs, H, D, device, open_chunk=open_chunk)
         max_pos = cfg.max_position_embeddings
+        caching = config.enable_prefix_caching
+        snapshot_bytes = config.state_snapshot_bytes
         if config.num_kv_blocks:
             num_blocks = config.num_kv_blocks
-        elif softmax:
-            num_blocks = self._auto_blocks(softmax, KV, D, dtype, device)
-        else:  # no softmax layer: blocks are bookkeeping only, enough for every slot at full length
-            num_blocks = config.max_num_seqs * -(-max_pos // config.block_size)
+        else:
+            budget = self._cache_budget(device)
+            if caching and snapshot_bytes is None:
+                snapshot_bytes = budget // 10  # out of the KV cache's budget
+            if softmax:
+                per_block = PagedKVCache.bytes_per_block(len(softmax), config.block_size, KV, D, dtype)
+                num_blocks = max(1, (budget - (snapshot_bytes if caching else 0)) // per_block)
+            else:  # no softmax layer: blocks are bookkeeping only, enough for every slot at full length
+                num_blocks = config.max_num_seqs * -(-max_pos // config.block_size)
         self.kv = PagedKVCache(softmax, num_blocks, config.block_size, KV, D, dtype, device)
+        self.prefix_cache = None
+        if caching:
+            if snapshot_bytes is None:  # explicit KV blocks: a tenth of the cache memory
+                snapshot_bytes = (self.kv.memory_bytes() + self.states.memory_bytes()) // 10
+            each = SnapshotPool.bytes_per_snapshot(len(linear), H, D)
+            num_snapshots = snapshot_bytes // each if each else num_blocks  # all-softmax: snapshots are markers
+            snapshots = SnapshotPool(linear, num_snapshots, H, D, device)
+            self.prefix_cache = PrefixCache(self.kv.allocator, snapshots, self.states, config.block_size,
+                                            config.state_snapshot_interval, config.prefill_chunk,
+                                            config.numerics == "aligned")
+            if num_snapshots == 0:
+                log.warning("prefix caching: %d bytes hold no state snapshot (%d bytes each): no prefix hits",
+                            snapshot_bytes, each)
         self.max_model_len = min(config.max_model_len or max_pos, max_pos, num_blocks * config.block_size)
         if config.max_model_len and self.max_model_len < config.max_model_len:
             log.warning("max_model_len %d capped to %d (position limit %d, KV cache %d tokens)", config.max_model_len,
                         self.max_model_len, max_pos, num_blocks * config.block_size)
-        self.scheduler = Scheduler(config, self.kv, self.states)
+        self.scheduler = Scheduler(config, self.kv, self.states, self.prefix_cache)
         self.runner = ModelRunner(model, config, self.kv, self.states, self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
         self.num_aborted = 0
         self.asleep = False
         self._ids = itertools.count()
         log.info("engine: %s %s, %d state slots (%.1f MiB), %d KV blocks x %d tokens (%.1f MiB), max_model_len %d, "
-                 "batch_invariant=%s, cuda_graphs=%s", device, dtype, config.max_num_seqs,
+                 "batch_invariant=%s, cuda_graphs=%s, prefix caching %s", device, dtype, config.max_num_seqs,
                  self.states.memory_bytes() / 2**20, num_blocks, config.block_size, self.kv.memory_bytes() / 2**20,
-                 self.max_model_len, self.runner.batch_invariant, self.runner.graphs is not None)
+                 self.max_model_len, self.runner.batch_invariant, self.runner.graphs is not None,
+                 "off" if not caching else f"on ({self.prefix_cache.snapshots.num} snapshots every "
+                 f"{config.state_snapshot_interval} tokens, {self.prefix_cache.snapshots.memory_bytes() / 2**20:.1f} MiB)")
 
-    def _auto_blocks(self, softmax, KV, D, dtype, device) -> int:
-        per_block = PagedKVCache.bytes_per_block(len(softmax), self.config.block_size, KV, D, dtype)
-        budget = self.config.kv_cache_bytes
-        if budget is None:
-            if device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(device)
-                budget = int(free * 0.8)  # the rest: activations, CUDA-graph pools, allocator slack
-            else:
-                budget = 1 << 30
-        return max(1, budget // per_block)
+    def _cache_budget(self, device) -> int:
+        """Bytes for the KV cache (and the state snapshots) when --num-kv-blocks is not given."""
+        if self.config.kv_cache_bytes is not None:
+            return self.config.kv_cache_bytes
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free * 0.8)  # the rest: activations, CUDA-graph pools, allocator slack
+        return 1 << 30
 
     # ------------------------------------------------------------------ requests
     def prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
@@ -203,17 +224,44 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, prepared: bool = False) -> str:
         """Queue a request; returns its id. `prepared`: prompt is the id list `prepare` returned."""
-        params = params or SamplingParams()
+        return self.add_group(prompt, [params or SamplingParams()], None if request_id is None else [request_id],
+                              prepared)[0]
+
+    def add_group(self, prompt: str | list[int], params: list[SamplingParams], request_ids: list[str] | None = None,
+                  prepared: bool = False) -> list[str]:
+        """Queue len(params) samples of one prompt (a request's n choices, GRPO's group); returns their ids. With
+        prefix caching on they share one prefill: the first prefills the prompt, the others fork from it when it
+        is done (its KV blocks shared, its state slot copied) and sample their first token from the same logits.
+        Each sample equals the same request run alone (bitwise on CPU)."""
         if self.asleep:
             raise RuntimeError("the engine is asleep (its caches are freed): call wake() first")
-        ids = list(prompt) if prepared else self.prepare(prompt, params)
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if rid in self.seqs:
-            raise RequestError(f"duplicate request id {rid!r}")
-        seq = Sequence(rid, ids, params, self.tokenizer, self.max_model_len)
-        self.seqs[rid] = seq
-        self.scheduler.add(seq)
-        return rid
+        if not params:
+            raise RequestError("a group needs at least one SamplingParams")
+        if prepared:
+            ids = list(prompt)
+        else:
+            ids = self.prepare(prompt, params[0])
+            for p in params[1:]:
+                self.prepare(ids, p)  # the checks that depend on the params (max_tokens, stop ids)
+        rids = request_ids if request_ids is not None else [f"req-{next(self._ids)}" for _ in params]
+        if len(rids) != len(params):
+            raise RequestError(f"{len(rids)} request ids for {len(params)} samples")
+        for rid in rids:
+            if rid in self.seqs or rids.count(rid) > 1:
+                raise RequestError(f"duplicate request id {rid!r}")
+        group = [Sequence(rid, ids, p, self.tokenizer, self.max_model_len) for rid, p in zip(rids, params)]
+        for seq in group:
+            self.seqs[seq.request_id] = seq
+        lead, rest = group[0], group[1:]
+        self.scheduler.add(lead)
+        if self.prefix_cache is None:
+            for seq in rest:
+                self.scheduler.add(seq)
+        else:
+            lead.forks = rest
+            for seq in rest:
+                seq.fork_of = lead
+        return rids
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Cancel a request and free its slot and blocks now. Unknown or finished ids are ignored."""
@@ -236,7 +284,14 @@ class LLMEngine:
             return []
         logits = self.runner.execute(batch)
         self.scheduler.commit(batch)
-        sampling = [s.seq for s in batch.seqs if s.sample]
+        sampling, rows = [], []
+        for i, seq in enumerate(s.seq for s in batch.seqs if s.sample):
+            # samples waiting on seq's prompt fork now and sample their first token from its logits row
+            for member in [seq, *self.scheduler.fork(seq)] if seq.forks else [seq]:
+                sampling.append(member)
+                rows.append(i)
+        if len(rows) > logits.shape[0]:
+            logits = logits[rows]
         outputs = []
         for seq, (token, lp, top) in zip(sampling, sample_rows(logits, sampling, aligned=self.runner.aligned)):
             seq.append_token(token, lp, top)
@@ -255,6 +310,9 @@ class LLMEngine:
         if self.asleep:
             return
         self.runner.drop_graphs()
+        if self.prefix_cache is not None:
+            self.prefix_cache.reset()
+            self.prefix_cache.snapshots.free_storage()
         self.kv.free_storage()
         self.states.free_storage()
         if self.runner.device.type == "cuda":
@@ -267,14 +325,31 @@ class LLMEngine:
             return
         self.kv.make_storage()
         self.states.make_storage()
+        if self.prefix_cache is not None:
+            self.prefix_cache.snapshots.make_storage()
         self.runner.capture_graphs()
         self.asleep = False
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix and snapshot. Call it after changing the weights in place (sleep() does it):
+        the cache holds what the old weights computed. Running requests keep their own blocks."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.reset()
+
     # ------------------------------------------------------------------ introspection
     def stats(self) -> dict:
+        """Counters (all numeric). free_kv_blocks counts cached blocks nobody holds (they are evicted on demand)."""
+        pc, pool = self.prefix_cache, self.kv.allocator
+        snaps = pc.snapshots if pc is not None else None
         return {
-            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-            "free_kv_blocks": self.kv.allocator.num_free, "total_kv_blocks": self.kv.num_blocks,
+            "running": len(self.scheduler.running), "waiting": self.scheduler.num_waiting,
+            "free_kv_blocks": pool.num_free, "total_kv_blocks": self.kv.num_blocks,
             "free_state_slots": self.states.num_free, "total_state_slots": self.states.num_slots,
             "preemptions": self.scheduler.num_preemptions, "aborted": self.num_aborted,
+            "prefix_cache_queries": pc.num_queries if pc else 0, "prefix_cache_hits": pc.num_hits if pc else 0,
+            "prefix_cache_hit_tokens": pc.num_hit_tokens if pc else 0,
+            "cached_blocks": pool.num_cached, "evicted_blocks": pool.num_evicted,
+            "snapshots": len(snaps) if snaps else 0, "total_snapshots": snaps.num if snaps else 0,
+            "snapshot_bytes": len(snaps) * snaps.bytes_each if snaps else 0,
+            "evicted_snapshots": snaps.num_evicted if snaps else 0, "forked_requests": self.scheduler.num_forked,
         }

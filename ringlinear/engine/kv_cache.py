@@ -2,14 +2,15 @@
 
 Every softmax layer owns K and V tensors [num_blocks + 1, block_size, KV, D] in the model dtype. A request's
 block table (a list of block ids) maps its token position p to row `table[p // bs] * bs + p % bs` of the
-flattened [.., KV, D] view; all softmax layers share the request's table. The extra last block is a scratch
-target for padded CUDA-graph rows and is never handed out.
+flattened [.., KV, D] view; all softmax layers share the request's table. Block ids come from a `BlockPool`
+(reference counts: requests may share blocks, block_pool.py). The extra last block is a scratch target for padded
+CUDA-graph rows and is never handed out.
 """
 from __future__ import annotations
 
 import torch
 
-from .free_list import FreeList
+from .block_pool import BlockPool
 
 
 class PagedKVCache:
@@ -23,7 +24,7 @@ class PagedKVCache:
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
         self.make_storage()
-        self.allocator = FreeList(num_blocks, "KV block")
+        self.allocator = BlockPool(num_blocks)
 
     def make_storage(self) -> None:
         """(Re-)create the zeroed K/V tensors (after `free_storage`)."""
@@ -32,8 +33,8 @@ class PagedKVCache:
         self.v = {i: torch.zeros(self._shape, **kw) for i in self._layers}
 
     def free_storage(self) -> None:
-        """Drop the K/V tensors (RL's training phase); every block must be free."""
-        if self.allocator.num_free != self.num_blocks:
+        """Drop the K/V tensors (RL's training phase); every block must be free and none cached."""
+        if self.allocator.num_free != self.num_blocks or self.allocator.num_cached:
             raise RuntimeError("free_storage with KV blocks still in use")
         self.k, self.v = {}, {}
 
@@ -55,6 +56,12 @@ class PagedKVCache:
         pos = torch.arange(start, end)
         table = torch.tensor(block_table, dtype=torch.long)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Block dst gets block src's K/V in every layer (a forked request's own copy of a partial block)."""
+        for d in (self.k, self.v):
+            for t in d.values():
+                t[dst].copy_(t[src])
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.k, self.v) for t in d.values())

@@ -13,6 +13,10 @@ free slot and the blocks of the first piece plus one spare block per decoding re
 an immediate preemption). When a running request needs a block and none is free, the most recently arrived
 running request is preempted: its slot and blocks are freed and it goes back to the front of the queue, to be
 recomputed from token 0 (prompt plus the tokens it already produced).
+
+Sharing (prefix_cache.py, with prefix caching on): an admitted request first looks up the longest cached prefix of
+its tokens that ends on a state snapshot; it shares those blocks, gets the snapshot copied into its slot and starts
+there. Samples of one prompt (`LLMEngine.add_group`) wait on their leader and fork from it when its prompt is done.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 
 from .config import EngineConfig
 from .kv_cache import PagedKVCache
+from .prefix_cache import PrefixCache
 from .sequence import Sequence, Status
 from .state_pool import StatePool
 
@@ -51,13 +56,21 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, kv: PagedKVCache, states: StatePool):
+    def __init__(self, config: EngineConfig, kv: PagedKVCache, states: StatePool,
+                 prefix: PrefixCache | None = None):
         self.config = config
         self.kv = kv
         self.states = states
+        self.prefix = prefix
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # arrival order: the tail is the first to be preempted
         self.num_preemptions = 0
+        self.num_forked = 0
+
+    @property
+    def num_waiting(self) -> int:
+        """Queued requests plus the samples waiting on their leader."""
+        return len(self.waiting) + sum(len(s.forks) for s in (*self.waiting, *self.running))
 
     # ------------------------------------------------------------------ queue
     def add(self, seq: Sequence) -> None:
@@ -71,15 +84,25 @@ class Scheduler:
         if seq.slot is not None:
             self.states.free(seq.slot)
             seq.slot = None
-        seq.num_computed = 0
+        seq.num_computed = seq.num_registered = 0
 
     def finish(self, seq: Sequence) -> None:
-        """Drop a finished or aborted request from whichever queue holds it and free its memory now."""
-        if seq in self.running:
+        """Drop a finished or aborted request from whichever queue holds it and free its memory now. Samples
+        still waiting on it (it was aborted before its prompt was done) get the first of them as their leader."""
+        if seq.fork_of is not None:
+            seq.fork_of.forks.remove(seq)
+            seq.fork_of = None
+        elif seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.release(seq)
+        if seq.forks:
+            lead, *rest = seq.forks
+            seq.forks, lead.fork_of, lead.forks = [], None, rest
+            for s in rest:
+                s.fork_of = lead
+            self.waiting.appendleft(lead)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -126,23 +149,60 @@ class Scheduler:
             (decodes if n == 1 else prefills).append(item)
 
         n_decoding = sum(1 for s in self.running if s.num_uncomputed == 1)
+        pool = self.kv.allocator
         while self.waiting and self.states.num_free > 0:
             seq = self.waiting[0]
+            hit, start = self.prefix.lookup(seq) if self.prefix else ([], 0)
+            seq.num_computed = start
             n = self._piece(seq)
-            need = self.kv.blocks_needed(n)
-            if n > budget or need + n_decoding > self.kv.allocator.num_free:
+            need = self.kv.blocks_needed(start + n) - len(hit)
+            if n > budget or need + pool.num_idle(hit) + n_decoding > pool.num_free:
+                seq.num_computed = 0
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             seq.slot = self.states.allocate()
-            seq.block_table = self.kv.allocator.allocate(need)
+            seq.block_table = pool.share(hit) + pool.allocate(need)  # shared first: allocating may evict idle ones
+            if self.prefix:
+                self.prefix.admitted(seq, start)
             seq.status = Status.RUNNING
             self.running.append(seq)
             budget -= n
-            item = ScheduledSeq(seq, 0, n, n == seq.num_tokens)
+            item = ScheduledSeq(seq, start, n, start + n == seq.num_tokens)
             (decodes if n == 1 else prefills).append(item)
         return Batch(decodes + prefills)
 
     def commit(self, batch: Batch) -> None:
-        """The step ran: its tokens are now in the cache."""
+        """The step ran: its tokens are now in the cache (and in the prefix cache where they may be)."""
         for s in batch.seqs:
             s.seq.num_computed = s.start + s.num_tokens
+            if self.prefix:
+                self.prefix.record(s.seq, s.start, s.num_tokens)
+
+    def fork(self, leader: Sequence) -> list[Sequence]:
+        """leader's prompt is computed: each sample waiting on it takes its full blocks (shared), a copy of its
+        partial last block and of its state slot, and decodes on its own from there. A copy rather than a shared
+        partial block: each sample writes its own tokens into it, and block tables then only ever grow (the CUDA
+        graph step relies on that). Samples that find no free slot or block now wait as ordinary requests.
+        Returns the forked ones (running, their first token still to be sampled from the leader's logits)."""
+        pending, leader.forks = leader.forks, []
+        pool, P = self.kv.allocator, leader.num_computed
+        full, partial = divmod(P, self.kv.block_size)
+        forked, queued = [], []
+        for seq in pending:
+            seq.fork_of = None
+            if self.states.num_free == 0 or (partial and pool.num_free == 0):
+                queued.append(seq)
+                continue
+            seq.slot = self.states.fork(leader.slot)
+            seq.block_table = pool.share(leader.block_table[:full])
+            if partial:
+                seq.block_table += pool.allocate(1)
+                self.kv.copy_block(leader.block_table[full], seq.block_table[-1])
+            seq.num_computed, seq.num_registered = P, leader.num_registered
+            seq.block_keys = leader.block_keys[:full]
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            forked.append(seq)
+        self.waiting.extendleft(reversed(queued))
+        self.num_forked += len(forked)
+        return forked

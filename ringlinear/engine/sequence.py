@@ -10,7 +10,7 @@ from .sampling_params import SamplingParams
 
 
 class Status(enum.Enum):
-    WAITING = "waiting"    # queued, or preempted (its cache freed; it recomputes from token 0)
+    WAITING = "waiting"    # queued, preempted (its cache freed; it recomputes from token 0), or a pending fork
     RUNNING = "running"    # holds a state slot and KV blocks
     FINISHED = "finished"
 
@@ -28,6 +28,13 @@ class Sequence:
         self.block_table: list[int] = []
         self.slot: int | None = None
         self.num_preemptions = 0
+        # Prefix caching: chain keys of the token blocks (prefix_cache.py), blocks of the table registered so far.
+        self.block_keys: list[bytes] = []
+        self.num_registered = 0
+        # Samples of one prompt sharing its prefill: the leader holds the others until its prompt is computed,
+        # then they fork from it (Scheduler.fork).
+        self.forks: list[Sequence] = []
+        self.fork_of: Sequence | None = None
         # Seeded once; keeps its position across preemption, so a recomputed request samples what it would have.
         self.generator = None if params.greedy else make_generator(params.seed)
         self.logprobs: list[float] = []

@@ -55,6 +55,14 @@ class StatePool:
             t[slot].zero_()
         return slot
 
+    def fork(self, src: int) -> int:
+        """A new slot holding a copy of slot src's state (and open chunk): a forked request continues from it."""
+        slot = self.slots.allocate(1)[0]
+        for d in (self.states, self.open_k, self.open_v):
+            for t in d.values():
+                t[slot].copy_(t[src])
+        return slot
+
     def free(self, slot: int) -> None:
         self.slots.free([slot])
 

@@ -5,9 +5,10 @@ sleeps (KV cache, state slots and CUDA graphs freed, so the training phase has t
 them and recaptures the graphs against the weights as they are. With `keep_engine_cache` it stays awake and its
 graphs stay valid because the optimizer updates every parameter in place (`check_in_place` verifies that).
 
-GRPO's G samples of a prompt are G requests with the same prompt and seeds derived from (run seed, step, prompt,
-sample). The engine has no prefix sharing or request forking yet, so each request prefills the prompt itself;
-when it gets them, `generate` submits one request with n = G instead (the only change needed here).
+GRPO's G samples of a prompt are one engine group (`LLMEngine.add_group`) with seeds derived from (run seed, step,
+prompt, sample): the prompt is prefilled once and the other G - 1 samples fork from it, each equal to the same
+request run alone. The prefix cache is reset at every rollout: what it holds was computed by earlier weights
+(sleep() resets it anyway; with `keep_cache` the engine stays awake across the optimizer step).
 """
 from __future__ import annotations
 
@@ -67,16 +68,16 @@ class Rollout:
         eng.model.eval()  # before wake(): graph capture must see the inference forward (no activation checkpoints)
         t0 = time.perf_counter()
         eng.wake()
+        eng.reset_prefix_cache()
         t_mem = time.perf_counter() - t0
         rids, owner = [], []
         try:
             for i, ids in enumerate(prompt_ids):
-                for g in range(group_size):
-                    sp = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        seed=seeds[i][g], stop=list(stop), ignore_eos=ignore_eos, logprobs=True,
-                                        tempered_logprobs=True)
-                    rids.append(eng.add_request(ids, sp))
-                    owner.append(i)
+                params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                         seed=seeds[i][g], stop=list(stop), ignore_eos=ignore_eos, logprobs=True,
+                                         tempered_logprobs=True) for g in range(group_size)]
+                rids += eng.add_group(ids, params)
+                owner += [i] * group_size
             done = {}
             while len(done) < len(rids):
                 for out in eng.step():

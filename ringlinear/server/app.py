@@ -172,13 +172,14 @@ async def _accept(request: Request, cls):
 
 
 async def _submit_all(srv: ServerState, prompts, params, prefix: str) -> list[RequestStream]:
-    """One engine request per (prompt, choice), tokenised on the worker pool; all or none are queued."""
+    """One engine request per (prompt, choice), tokenised on the worker pool; all or none are queued. A prompt's
+    choices are one group: they share its prefill (`LLMEngine.add_group`)."""
     ids = [await srv.engine.prepare(p, params[0]) for p in prompts]  # the checks do not depend on the choice
     streams: list[RequestStream] = []
     try:
         for p in ids:
-            for sp in params:
-                streams.append(srv.engine.submit(p, sp, f"{prefix}-{len(streams)}", prepared=True))
+            rids = [f"{prefix}-{len(streams) + j}" for j in range(len(params))]
+            streams += srv.engine.submit_group(p, params, rids, prepared=True)
     except BaseException:
         for s in streams:
             s.abort()

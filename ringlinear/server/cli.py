@@ -29,6 +29,14 @@ def register(sub) -> None:
     s.add_argument("--kv-cache-gib", type=float, default=None,
                    help="memory for the KV cache (default: 80%% of free GPU memory, 1 GiB on CPU)")
     s.add_argument("--max-model-len", type=int, default=None, help="context limit (prompt + output)")
+    s.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="no sharing of computed prefixes (KV blocks, state snapshots) or of a prompt's prefill "
+                        "between its n choices")
+    s.add_argument("--state-snapshot-interval", type=int, default=None,
+                   help="tokens between linear-state snapshots, a multiple of --prefill-chunk and --block-size "
+                        "(default: their lcm)")
+    s.add_argument("--state-snapshot-gib", type=float, default=None,
+                   help="memory for state snapshots (default: a tenth of the KV cache's budget, taken from it)")
     s.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     s.add_argument("--batch-invariant", choices=("auto", "on", "off"), default="auto",
                    help="fixed-block GEMMs so results do not depend on the batch (auto: on for CPU)")
@@ -49,7 +57,9 @@ def build_engine(args):
         kv_cache_bytes=None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30),
         max_model_len=args.max_model_len, device=args.device, dtype=args.dtype,
         batch_invariant={"auto": None, "on": True, "off": False}[args.batch_invariant],
-        cuda_graphs=not args.enforce_eager, cpu_threads=args.threads)
+        cuda_graphs=not args.enforce_eager, cpu_threads=args.threads, enable_prefix_caching=args.prefix_caching,
+        state_snapshot_interval=args.state_snapshot_interval,
+        state_snapshot_bytes=None if args.state_snapshot_gib is None else int(args.state_snapshot_gib * 2**30))
     return LLMEngine(args.model, cfg)
 
 

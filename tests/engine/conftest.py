@@ -41,3 +41,35 @@ def random_prompts():
         lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
         return [torch.randint(3, vocab, (L,), generator=g).tolist() for L in lens]
     return make
+
+
+@pytest.fixture(scope="session")
+def run_engine():
+    """run_engine(engine, check=None) -> {request id: final output} for every queued request, stepping until
+    none is left; check(engine) runs after every step."""
+    def run(eng, check=None):
+        done = {}
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.finished:
+                    done[o.request_id] = o
+            if check is not None:
+                check(eng)
+        return done
+    return run
+
+
+@pytest.fixture(scope="session")
+def check_blocks():
+    """check_blocks(engine): every KV block's reference count is the number of running requests whose table
+    lists it, nothing else holds one, and the free count is every block no request holds."""
+    from collections import Counter
+
+    def check(eng):
+        pool = eng.kv.allocator
+        held = Counter(b for s in eng.scheduler.running for b in s.block_table)
+        assert all(not s.block_table and s.slot is None for s in eng.scheduler.waiting)
+        assert [pool.ref[b] for b in range(pool.n)] == [held.get(b, 0) for b in range(pool.n)]
+        assert pool.num_free == pool.n - len(held)
+        assert len(pool.key_of) == len(pool.block_of)
+    return check

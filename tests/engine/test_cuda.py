@@ -26,3 +26,32 @@ def test_graph_decode_matches_eager_and_generate(make_llm, random_prompts):
         assert x.token_ids == ref.sequences[0]
     s = graphed.engine.stats()
     assert s["free_kv_blocks"] == s["total_kv_blocks"] and s["free_state_slots"] == s["total_state_slots"]
+
+
+@pytest.mark.parametrize("numerics", ["default", "aligned"])
+def test_prefix_hits_and_forks_equal_cold_runs_on_cuda(make_llm, random_prompts, numerics):
+    """Each request alone, so the cached part was computed with the same shapes as the cold run's: aligned numerics
+    claims bitwise; default numerics is compared with a tolerance (the claim there is batch variance at most)."""
+    system = random_prompts(1, 200, 200, seed=61)[0]
+    prompts = [system + u for u in random_prompts(3, 5, 60, seed=62)]
+    params = [SamplingParams(max_tokens=16, temperature=1.0, seed=i, logprobs=True, ignore_eos=True) for i in range(3)]
+    cold = make_llm(device="cuda", numerics=numerics, enable_prefix_caching=False)
+    want = [cold.generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    want_group = [cold.generate([prompts[0]], sp)[0] for sp in params]
+    llm = make_llm(device="cuda", numerics=numerics, cuda_graph_max_batch=8)
+    got = [llm.generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    eng = llm.engine
+    assert eng.stats()["prefix_cache_hits"] == 2
+    rids = eng.add_group(prompts[0], params)  # hits the cache and forks (decode steps replay CUDA graphs)
+    done = {}
+    while eng.has_unfinished():
+        done.update((o.request_id, o) for o in eng.step() if o.finished)
+    got_group = [done[r] for r in rids]
+    assert eng.stats()["forked_requests"] == 2
+    for a, b in zip(got + got_group, want + want_group):
+        assert a.token_ids == b.token_ids
+        diff = max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs))
+        print(numerics, "max |dlogprob| hit/fork vs cold:", diff)
+        assert diff == 0.0 if numerics == "aligned" else diff < 1e-4
+    s = eng.stats()
+    assert s["free_kv_blocks"] == s["total_kv_blocks"] and s["free_state_slots"] == s["total_state_slots"]

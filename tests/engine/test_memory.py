@@ -41,3 +41,52 @@ def test_state_slot_is_zeroed_when_handed_out():
     pool.allocate()
     with pytest.raises(RuntimeError, match="out of linear-state slots"):
         pool.allocate()
+
+
+def test_block_pool_refcounts_cache_and_lru_eviction():
+    from ringlinear.engine.block_pool import BlockPool
+    pool = BlockPool(6)
+    a = pool.allocate(3)                           # [0, 1, 2]
+    pool.register(a[0], b"k0")
+    pool.register(a[1], b"k1")
+    pool.register(a[2], b"k0")                     # a key already cached keeps its block; a[2] stays private
+    assert pool.cached(b"k0") == a[0] and pool.num_cached == 2
+    assert pool.share(a[:2]) == a[:2] and pool.ref[:3] == [2, 2, 1]
+    pool.free(a)
+    assert pool.ref[:3] == [1, 1, 0] and pool.num_free == 4
+    pool.free(a[:2])                               # idle now: cached, counted free, not yet reused
+    assert pool.num_free == 6 and pool.num_cached == 2
+    assert pool.share([a[1]]) == [a[1]] and pool.num_idle(a[:2]) == 1
+    b = pool.allocate(4)                           # never-cached blocks go first ...
+    assert a[0] not in b and pool.num_evicted == 0
+    c = pool.allocate(1)                           # ... then the least recently used idle one
+    assert c == [a[0]] and pool.num_evicted == 1 and pool.cached(b"k0") is None
+    with pytest.raises(RuntimeError, match="out of KV blocks"):
+        pool.allocate(1)                           # a[1] is held: never evicted
+    pool.free(c)                                   # no key any more: straight back to the free list
+    with pytest.raises(RuntimeError, match="cannot be shared"):
+        pool.share(c)
+    pool.free([a[1]] + b)
+    with pytest.raises(RuntimeError, match="freed twice"):
+        pool.free([b[0]])
+    pool.reset()
+    assert pool.num_cached == 0 and pool.num_free == 6 and all(r == 0 for r in pool.ref)
+
+
+def test_snapshot_pool_keeps_at_most_its_budget_lru():
+    from ringlinear.engine.prefix_cache import SnapshotPool
+    states = StatePool([0, 3], num_slots=2, num_heads=2, head_dim=3, device="cpu")
+    snaps = SnapshotPool([0, 3], num=2, num_heads=2, head_dim=3, device="cpu")
+    s = states.allocate()
+    for value, key in ((1.0, b"a"), (2.0, b"b")):
+        for t in states.states.values():
+            t[s].fill_(value)
+        snaps.save(key, states, s)
+    snaps.save(b"a", states, s)                    # known key: only marked recently used (keeps 1.0)
+    for t in states.states.values():
+        t[s].fill_(3.0)
+    snaps.save(b"c", states, s)                    # full: evicts b, the least recently used
+    assert len(snaps) == 2 and b"b" not in snaps and snaps.num_evicted == 1
+    snaps.restore(b"a", states, s)
+    assert all(bool((t[s] == 1.0).all()) for t in states.states.values())
+    assert snaps.memory_bytes() == 2 * snaps.bytes_each == 2 * 2 * 2 * 3 * 3 * 4

@@ -1,20 +1,29 @@
 """The CUDA-graph decode step (static buffers, padded batch, masked paged attention) run eagerly on CPU must give
 the same logits as the eager paged context: this checks its logic without a GPU."""
+import pytest
 import torch
 
 from ringlinear.engine import SamplingParams
 from ringlinear.engine.cuda_graph import StaticDecodeStep, graph_batch_sizes
 
 
-def test_static_decode_step_matches_paged_context(make_llm, random_prompts):
+@pytest.mark.parametrize("forked", [False, True])
+def test_static_decode_step_matches_paged_context(make_llm, random_prompts, forked):
+    """forked: three samples of one prompt, whose block tables share the prompt's full blocks."""
     llm = make_llm(block_size=8)
     eng = llm.engine
-    for i, p in enumerate(random_prompts(3, 5, 40, seed=40)):
+    if forked:
+        eng.add_group(random_prompts(1, 37, 37, seed=41)[0],
+                      [SamplingParams(max_tokens=50, temperature=1.0, seed=i, ignore_eos=True) for i in range(3)],
+                      [f"r{i}" for i in range(3)])
+    for i, p in enumerate(random_prompts(3, 5, 40, seed=40) if not forked else []):
         eng.add_request(p, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True), f"r{i}")
     while not all(s.num_uncomputed == 1 for s in eng.scheduler.running) or len(eng.scheduler.running) < 3:
         eng.step()
     batch = eng.scheduler.schedule()
     assert batch.all_decode and len(batch.seqs) == 3
+    tables = [s.seq.block_table for s in batch.seqs]
+    assert (tables[0][:4] == tables[1][:4] == tables[2][:4]) == forked  # 37 tokens: 4 full blocks shared
     snapshot = {i: (eng.kv.k[i].clone(), eng.kv.v[i].clone()) for i in eng.kv.k}
     states = {i: t.clone() for i, t in eng.states.states.items()}
     eager = eng.runner.execute(batch)

@@ -123,8 +123,10 @@ def test_aligned_engine_logprobs_equal_sequence_logprobs_bitwise(cfg):
         batch, *_ = tr.collect(0)
         with torch.no_grad():
             train_lp = sequence_logprobs(tr.policy, batch.prompt_ids, batch.completion_ids, numerics="aligned")
+        forked = tr.rollout.engine.stats()["forked_requests"]
     finally:
         tr.close()
+    assert forked > 0  # samples forked from their group's prefill (those without a free slot queued): bitwise too
     assert all(torch.equal(a, b) for a, b in zip(batch.logprobs, train_lp))
 
 
