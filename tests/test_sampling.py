@@ -148,3 +148,14 @@ def test_masked_tokens_are_never_drawn():
     x = _row(seed=3)
     x[torch.arange(200) % 3 != 0] = -math.inf
     assert all(sample(x, Sampling(temperature=1.5), make_generator(s)) % 3 == 0 for s in range(30))
+
+
+def test_generate_flags_reach_sampling(tmp_path, capsys):
+    from ringlinear.cli import main
+    from ringlinear.models.tokenizer import load_tokenizer
+    from ringlinear.testing import make_tiny_checkpoint
+    d = make_tiny_checkpoint(str(tmp_path / "tiny"))
+    token = load_tokenizer(d).decode([77])
+    assert main(["generate", "--model", d, "--prompt", "P:", "--max-new-tokens", "4", "--device", "cpu",
+                 "--logit-bias", "77=100", "--repetition-penalty", "1.2", "--min-p", "0.1"]) == 0
+    assert capsys.readouterr().out == "P:" + token * 4 + "\n"  # +100 outweighs the penalty on a repeat

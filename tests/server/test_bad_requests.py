@@ -49,8 +49,24 @@ BAD_VALUES = [
     ({"prompt": []}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": [10**7]}, "prompt"),
-    ({"echo": True}, "echo"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 150}}, "logit_bias"),
+    ({"logit_bias": {"99999": 1}}, "logit_bias"),         # past the tiny vocabulary
+    ({"logit_bias": {"5": "high"}}, "logit_bias.5"),
+    ({"max_tokens": 0, "echo": False}, "max_tokens"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"best_of": 3}, "best_of"),
+    ({"suffix": "tail"}, "suffix"),
+    # options this server does not implement are refused by name, never ignored
+    ({"min_tokens": 3}, "min_tokens"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"stream_options": {"include_usage": True, "continuous_usage_stats": True}, "stream": True},
+     "stream_options.continuous_usage_stats"),
 ]
 
 
