@@ -3,8 +3,8 @@ the grammar of a forced call, and `<tool_call>{"name": ..., "arguments": {...}}<
 the generated text, whole or as it streams, into OpenAI `tool_calls`; the text outside the blocks stays `content`.
 
 A block whose JSON does not parse (or lacks a string `name` and an object `arguments`) is not a call: it stays in
-the content as the model wrote it. Whitespace-only content next to tool calls is dropped (`content` is null when
-the model only called tools). With `parallel_tool_calls=false` only the first block becomes a call; later ones stay
+the content as the model wrote it. When the text outside the calls is only whitespace, it is dropped (`content` is null when the
+model only called tools). With `parallel_tool_calls=false` only the first block becomes a call; later ones stay
 content text. The streamed content, concatenated, equals the non-streamed content: both come from `ToolCallParser`.
 """
 from __future__ import annotations
@@ -119,17 +119,18 @@ class ToolCallParser:
         self.parallel = parallel
         self.buf = ""
         self.inside = False
-        self.held = ""         # whitespace-only content, emitted once non-whitespace content follows
+        self.held = ""         # whitespace before any other content: dropped if the content stays blank
+        self.spoke = False     # non-whitespace content was emitted (whitespace then passes straight through)
         self.num_calls = 0
 
     def _content(self, text: str, out: list) -> None:
         if not text:
             return
-        if not text.strip():
+        if not self.spoke and not text.strip():
             self.held += text
             return
         out.append(("content", self.held + text))
-        self.held = ""
+        self.held, self.spoke = "", True
 
     def push(self, text: str) -> list:
         out: list = []
