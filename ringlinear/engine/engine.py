@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -126,7 +127,8 @@ class LLMEngine:
         self.num_aborted = 0
         self.asleep = False
         self._ids = itertools.count()
-        self._grammars = None
+        self._grammars = None                # structured.GrammarCompiler, made on first use
+        self._grammars_lock = threading.Lock()  # prepare() runs on several worker threads
         log.info("engine: %s %s, %d state slots (%.1f MiB), %d KV blocks x %d tokens (%.1f MiB), max_model_len %d, "
                  "batch_invariant=%s, cuda_graphs=%s", device, dtype, config.max_num_seqs,
                  self.states.memory_bytes() / 2**20, num_blocks, config.block_size, self.kv.memory_bytes() / 2**20,
@@ -184,10 +186,11 @@ class LLMEngine:
         """A fresh matcher of a `structured` spec, or RequestError(param="structured") with the reason."""
         from .structured import GrammarCompiler, GrammarError
         try:
-            if self._grammars is None:
-                if self.tokenizer is None:
-                    raise GrammarError("structured output needs the model's tokenizer")
-                self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
+            with self._grammars_lock:
+                if self._grammars is None:
+                    if self.tokenizer is None:
+                        raise GrammarError("structured output needs the model's tokenizer")
+                    self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
             return self._grammars.matcher(spec)
         except GrammarError as e:
             raise RequestError(str(e), param="structured") from None

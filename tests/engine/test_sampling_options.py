@@ -80,3 +80,18 @@ def test_logit_bias_ids_checked_against_the_vocabulary(make_llm):
     assert e.value.param == "logit_bias"
     with pytest.raises(ValueError, match="logit_bias"):
         generate(llm.engine.model, [[5, 6]], sampling=Sampling(logit_bias={"400": 1.0}))
+
+
+def test_aligned_logprobs_stay_the_models_under_penalties(tiny_dir, random_prompts):
+    from ringlinear.engine import LLM
+    from ringlinear.rl import sequence_logprobs
+    llm = LLM(tiny_dir, device="cpu", numerics="aligned", max_num_seqs=4, num_kv_blocks=256, prefill_chunk=64,
+              max_num_batched_tokens=256)
+    prompts = random_prompts(3, 5, 120, seed=25)
+    sp = [SamplingParams(max_tokens=16, temperature=1.0, seed=i, logprobs=True, ignore_eos=True, **kw)
+          for i, kw in enumerate(OPTIONS[:3])]
+    outs = llm.generate(prompts, sp)
+    with torch.no_grad():
+        train = sequence_logprobs(llm.engine.model, prompts, [o.token_ids for o in outs], numerics="aligned")
+    for o, t in zip(outs, train):
+        assert torch.equal(torch.tensor(o.logprobs, dtype=torch.float32), t)  # raw log-probs, bitwise
