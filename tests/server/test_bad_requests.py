@@ -215,3 +215,14 @@ def test_bearer_scheme_is_case_insensitive(server, header):
     r = httpx.post(server.url + "/v1/completions", headers={"Authorization": "Basic test-key"}, timeout=30,
                    json={"model": "tiny", "prompt": "ok", "max_tokens": 1})
     assert r.status_code == 401
+
+
+def test_metadata_fields_are_accepted_and_change_nothing(server):
+    from ringlinear.server.protocol import IGNORED_METADATA
+    values = {"user": "u-1", "metadata": {"k": "v"}, "store": True, "service_tier": "auto",
+              "prompt_cache_key": "c", "safety_identifier": "s"}
+    assert set(values) == set(IGNORED_METADATA)
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+    base = _post(server, "/v1/completions", json=body).json()["choices"][0]["text"]
+    r = _post(server, "/v1/completions", json={**body, **values})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == base
