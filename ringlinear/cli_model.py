@@ -18,6 +18,14 @@ def register(sub) -> None:
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1.0)")
     g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default 0 = off)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default 1.0 = off)")
+    g.add_argument("--min-p", type=float, default=None,
+                   help="keep tokens with probability >= MIN_P x the largest (default 0 = off)")
+    g.add_argument("--presence-penalty", type=float, default=None, help="OpenAI's, in [-2, 2] (default 0)")
+    g.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI's, in [-2, 2] (default 0)")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help="HF/vLLM multiplicative rule over prompt + output, in (0, 10] (default 1 = off)")
+    g.add_argument("--logit-bias", action="append", default=None, metavar="TOKEN_ID=BIAS",
+                   help="add BIAS in [-100, 100] to a token's logit (repeatable)")
     g.add_argument("--seed", type=int, default=0, help="default 0: the same output every run")
     g.add_argument("--dtype", default="auto", help="auto (config torch_dtype), bfloat16, float16, float32")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -43,7 +51,9 @@ def cmd_generate(args) -> int:
     from .models.tokenizer import StreamDecoder, load_tokenizer
     from .sampling import Sampling
     # Every flag is checked before the model loads (and before the prompt is echoed).
-    given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+             "presence_penalty": args.presence_penalty, "frequency_penalty": args.frequency_penalty,
+             "repetition_penalty": args.repetition_penalty, "logit_bias": _logit_bias(args.logit_bias)}
     sampling = Sampling(max_tokens=args.max_new_tokens, seed=args.seed,
                         **{k: v for k, v in given.items() if v is not None})
     device = resolve_device(args.device)
@@ -79,6 +89,22 @@ def cmd_generate(args) -> int:
     dt = time.perf_counter() - t0
     print(f"[{n} tokens in {dt:.2f}s, {n / dt:.1f} tok/s, finish: {out.finish_reasons[0]}]", file=sys.stderr)
     return 0
+
+
+def _logit_bias(items: list[str] | None) -> dict[str, float] | None:
+    """--logit-bias TOKEN_ID=BIAS, repeated -> {id: bias}; the ranges are Sampling's checks."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        tok, sep, bias = item.partition("=")
+        try:
+            out[tok.strip()] = float(bias)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"--logit-bias {item!r}: expected TOKEN_ID=BIAS, e.g. 42=-100")
+    return out
 
 
 def _fmt_bytes(n: float) -> str:

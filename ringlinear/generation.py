@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import Sampling, log_softmax_fp32, make_generator, sample
+from .sampling import Sampling, TokenHistory, log_softmax_fp32, make_generator, process_logits, sample
 
 
 @dataclass
@@ -26,11 +26,13 @@ def generate(model, input_ids, max_new_tokens: int = 64, temperature: float = 1.
     """input_ids: [B, T] tensor (padding marked by attention_mask, left or right) or a list of id lists.
 
     `sampling` (a `Sampling`, built and checked by the caller) replaces max_new_tokens, temperature, top_k, top_p
-    and seed. Row i samples with a generator seeded `seed + i`. `streamer(row, token_id)` is called for every new
-    token.
+    and seed, and is the way to ask for min_p, penalties and logit_bias (applied as the serving engine applies
+    them: `ringlinear.sampling`). Row i samples with a generator seeded `seed + i`. `streamer(row, token_id)` is
+    called for every new token. Log-probs are those of the raw logits.
     """
     if sampling is None:
         sampling = Sampling(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    sampling.check_vocab(model.config.vocab_size)
     max_new_tokens, seed = sampling.max_tokens, sampling.seed
     device = next(model.parameters()).device
     if isinstance(input_ids, (list, tuple)):
@@ -63,6 +65,8 @@ def generate(model, input_ids, max_new_tokens: int = 64, temperature: float = 1.
     logits = out.logits[torch.arange(B, device=device), last]  # [B, V] fp32
     seqs = [[] for _ in range(B)]
     lps = [[] for _ in range(B)]
+    history = [TokenHistory(input_ids[i][attention_mask[i].bool()].tolist(), seqs[i]) for i in range(B)] \
+        if sampling.processes_logits else [None] * B
     reasons = ["length"] * B
     done = [False] * B
     for step in range(max_new_tokens):
@@ -71,7 +75,8 @@ def generate(model, input_ids, max_new_tokens: int = 64, temperature: float = 1.
         for i in range(B):
             if done[i]:
                 continue
-            t = sample(logits[i], sampling, gens[i])
+            row = process_logits(logits[i], sampling, history[i]) if sampling.processes_logits else logits[i]
+            t = sample(row, sampling, gens[i])
             seqs[i].append(t)
             lps[i].append(float(lp[i, t]))
             nxt[i, 0] = t

@@ -33,7 +33,11 @@ def test_generate_errors(ckpt, capsys):
         _one_line_error(capsys, ["generate", "--model", ckpt, "--prompt", "x", "--device", "cuda"],
                         "CUDA is not available")
     for flag, value, name in (("--temperature", "nan", "temperature"), ("--top-p", "0", "top_p"),
-                              ("--seed", "-1", "seed"), ("--dtype", "int4", "dtype")):
+                              ("--seed", "-1", "seed"), ("--dtype", "int4", "dtype"), ("--min-p", "2", "min_p"),
+                              ("--repetition-penalty", "0", "repetition_penalty"),
+                              ("--presence-penalty", "9", "presence_penalty"),
+                              ("--logit-bias", "5", "TOKEN_ID=BIAS"), ("--logit-bias", "x=1", "logit_bias"),
+                              ("--logit-bias", "5=300", "logit_bias")):
         out, _ = _one_line_error(capsys, ["generate", "--model", ckpt, "--prompt", "echoed?", flag, value], name)
         assert out == ""  # refused before the prompt is echoed (and before the model loads)
 
@@ -71,6 +75,16 @@ def test_serve_errors_before_the_model_loads(ckpt, tmp_path, capsys, caplog):
     _one_line_error(capsys, ["serve", "--model", str(tmp_path / "nope")], "does not exist")
     _one_line_error(capsys, ["serve", "--model", ckpt, "--port", "0", "--state-snapshot-interval", "100"],
                     "state_snapshot_interval must be a positive multiple of 512")
+    _one_line_error(capsys, ["serve", "--model", ckpt, "--chat-template", str(tmp_path / "none.jinja")],
+                    "--chat-template", "no such file")
+    for name, text, needle in (("syntax.jinja", "{% for m in messages %}{{ m['content'] }}", "line 1"),
+                               ("raises.jinja", "{{ raise_exception('no system role') }}", "no system role"),
+                               ("undefined.jinja", "{{ messages[0]['content'].nope() }}", "not a usable")):
+        (tmp_path / name).write_text(text)
+        with caplog.at_level(logging.INFO):
+            _one_line_error(capsys, ["serve", "--model", ckpt, "--chat-template", str(tmp_path / name)],
+                            f"--chat-template {tmp_path / name}", needle)
+    assert not [r for r in caplog.records if "engine:" in r.getMessage()]  # refused before the model loaded
 
 
 def test_a_training_run_directory_points_at_its_model(ckpt, tmp_path, capsys):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,7 @@ from ..models.checkpoint import resolve_device
 from ..models.modeling import RingLinearForCausalLM
 from ..models.tokenizer import load_tokenizer
 from ..ops.lightning_attn import open_chunk_rows
+from ..sampling import SamplingParamError
 from .config import EngineConfig
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner
@@ -50,6 +52,8 @@ class RequestOutput:
     delta_text: str = ""
     logprobs: list[float] | None = None        # one per generated token, when requested
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[float | None] | None = None  # one per prompt token (the first None), when requested
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
     new_logprobs: list[float] | None = None
     new_top_logprobs: list[list[tuple[int, float]]] | None = None
     finished: bool = False
@@ -69,6 +73,7 @@ def _output(seq: Sequence) -> RequestOutput:
         top_logprobs=seq.top_logprobs if p.top_logprobs else None,
         new_logprobs=seq.logprobs[first:] if p.logprobs else None,
         new_top_logprobs=seq.top_logprobs[first:] if p.top_logprobs else None,
+        prompt_logprobs=seq.prompt_logprobs, prompt_top_logprobs=seq.prompt_top_logprobs,
         finished=seq.finished, finish_reason=seq.finish_reason, num_preemptions=seq.num_preemptions,
         ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time)
 
@@ -143,6 +148,8 @@ class LLMEngine:
         self.num_aborted = 0
         self.asleep = False
         self._ids = itertools.count()
+        self._grammars = None                # structured.GrammarCompiler, made on first use
+        self._grammars_lock = threading.Lock()  # prepare() runs on several worker threads
         log.info("engine: %s %s, %d state slots (%.1f MiB), %d KV blocks x %d tokens (%.1f MiB), max_model_len %d, "
                  "batch_invariant=%s, cuda_graphs=%s, prefix caching %s", device, dtype, config.max_num_seqs,
                  self.states.memory_bytes() / 2**20, num_blocks, config.block_size, self.kv.memory_bytes() / 2**20,
@@ -187,8 +194,27 @@ class LLMEngine:
             raise RequestError(f"prompt token ids must be in [0, {V})", param="prompt")
         if any(t < 0 or t >= V for t in params.stop_token_ids):
             raise RequestError(f"stop_token_ids must be in [0, {V})", param="stop_token_ids")
+        try:
+            params.check_vocab(V)
+        except SamplingParamError as e:
+            raise RequestError(str(e), param=e.param) from None
         self._check_length(len(ids), params, f"{len(ids)} tokens")
+        if params.structured is not None:
+            self._matcher(params.structured)  # compiled here, off the engine thread; add_request hits the cache
         return ids
+
+    def _matcher(self, spec: dict):
+        """A fresh matcher of a `structured` spec, or RequestError(param="structured") with the reason."""
+        from .structured import GrammarCompiler, GrammarError
+        try:
+            with self._grammars_lock:
+                if self._grammars is None:
+                    if self.tokenizer is None:
+                        raise GrammarError("structured output needs the model's tokenizer")
+                    self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
+            return self._grammars.matcher(spec)
+        except GrammarError as e:
+            raise RequestError(str(e), param="structured") from None
 
     def _check_length(self, n: int, params: SamplingParams, what: str) -> None:
         """n: the prompt's token count (or a lower bound of it, described by `what`)."""
@@ -249,12 +275,15 @@ class LLMEngine:
         for rid in rids:
             if rid in self.seqs or rids.count(rid) > 1:
                 raise RequestError(f"duplicate request id {rid!r}")
-        group = [Sequence(rid, ids, p, self.tokenizer, self.max_model_len) for rid, p in zip(rids, params)]
+        group = [Sequence(rid, ids, p, self.tokenizer, self.max_model_len,
+                          self._matcher(p.structured) if p.structured is not None else None)
+                 for rid, p in zip(rids, params)]
         for seq in group:
             self.seqs[seq.request_id] = seq
         lead, rest = group[0], group[1:]
         self.scheduler.add(lead)
-        if self.prefix_cache is None:
+        # prompt log-probs are scored in the prefill, so a sample that asks for them computes its own
+        if self.prefix_cache is None or any(p.prompt_logprobs is not None for p in params):
             for seq in rest:
                 self.scheduler.add(seq)
         else:
@@ -294,7 +323,10 @@ class LLMEngine:
             logits = logits[rows]
         outputs = []
         for seq, (token, lp, top) in zip(sampling, sample_rows(logits, sampling, aligned=self.runner.aligned)):
-            seq.append_token(token, lp, top)
+            if seq.params.max_tokens == 0:  # the prompt is scored (prompt_logprobs) and nothing is generated
+                seq.finish("length")
+            else:
+                seq.append_token(token, lp, top)
             if seq.finished:
                 self.scheduler.finish(seq)
                 del self.seqs[seq.request_id]

@@ -1,4 +1,5 @@
-"""Runs one scheduled step through the model and returns fp32 logits for the rows that sample.
+"""Runs one scheduled step through the model and returns fp32 logits for the rows that sample; requests that ask
+for prompt log-probs also get every prompt position of their piece scored (only theirs: others pay nothing).
 
 CPU: eager, with `RowBlockMode` (batch-invariant GEMMs) on by default. CUDA: eager for steps with prefill pieces;
 all-decode steps replay a CUDA graph when `config.cuda_graphs` (cuda_graph.py).
@@ -15,6 +16,7 @@ from .config import EngineConfig
 from .context import PagedContext
 from .cuda_graph import DecodeGraphs, StaticDecodeStep, graph_batch_sizes
 from .kv_cache import PagedKVCache
+from .sampler import prompt_positions, score_prompt
 from .scheduler import Batch
 from .state_pool import StatePool
 
@@ -66,7 +68,9 @@ class ModelRunner:
     def execute(self, batch: Batch) -> torch.Tensor:
         """-> logits [n_sampling, V] fp32, in the order of the sampling entries of `batch.seqs`."""
         entries = batch.seqs
-        if self.graphs is not None and batch.all_decode and self.graphs.fits(len(entries)):
+        scored = [prompt_positions(s.seq, s.start, s.num_tokens) for s in entries]
+        if self.graphs is not None and batch.all_decode and self.graphs.fits(len(entries)) and \
+                all(lo >= hi for lo, hi in scored):
             with self._mode():
                 logits = self.graphs.run(entries)
             return logits[[i for i, s in enumerate(entries) if s.sample]]
@@ -79,6 +83,10 @@ class ModelRunner:
         last_rows = [ctx.cu[i + 1] - 1 for i, s in enumerate(entries) if s.sample]
         with self._mode():
             hidden = self.model.forward_packed(torch.tensor(ids, device=self.device), ctx)
+            for i, (s, (lo, hi)) in enumerate(zip(entries, scored)):
+                if lo < hi:
+                    row = ctx.cu[i] - s.start  # hidden row of position j is row + j
+                    score_prompt(s.seq, self.model.compute_logits(hidden[row + lo:row + hi]), self.aligned)
             if not last_rows:  # a step of prefill pieces only: nothing to sample, but keep the [n, V] shape
                 return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)
             return self.model.compute_logits(hidden[last_rows])

@@ -152,7 +152,9 @@ class Scheduler:
         pool = self.kv.allocator
         while self.waiting and self.states.num_free > 0:
             seq = self.waiting[0]
-            hit, start = self.prefix.lookup(seq) if self.prefix else ([], 0)
+            # a request scoring its prompt (prompt_logprobs) computes every position itself
+            cached = self.prefix is not None and seq.params.prompt_logprobs is None
+            hit, start = self.prefix.lookup(seq) if cached else ([], 0)
             seq.num_computed = start
             n = self._piece(seq)
             need = self.kv.blocks_needed(start + n) - len(hit)

@@ -1,11 +1,12 @@
-"""One request's state: tokens, cache bookkeeping, sampling stream, incremental text and stop detection."""
+"""One request's state: tokens, cache bookkeeping, sampling stream (generator, penalty history, grammar matcher),
+prompt log-probs, incremental text and stop detection."""
 from __future__ import annotations
 
 import enum
 import time
 
 from ..models.tokenizer import StreamDecoder
-from ..sampling import make_generator
+from ..sampling import TokenHistory, make_generator
 from .sampling_params import SamplingParams
 
 
@@ -17,7 +18,7 @@ class Status(enum.Enum):
 
 class Sequence:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, tokenizer,
-                 max_model_len: int):
+                 max_model_len: int, matcher=None):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -37,8 +38,14 @@ class Sequence:
         self.fork_of: Sequence | None = None
         # Seeded once; keeps its position across preemption, so a recomputed request samples what it would have.
         self.generator = None if params.greedy else make_generator(params.seed)
+        self.history = TokenHistory(self.prompt_token_ids, self.output_token_ids) if params.processes_logits else None
+        self.matcher = matcher             # structured output (engine/structured.py), or None
         self.logprobs: list[float] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []
+        # Prompt token j's log-prob given tokens < j (j = 0 has none), filled piece by piece during prefill.
+        want = params.prompt_logprobs is not None
+        self.prompt_logprobs: list[float | None] | None = [None] if want else None
+        self.prompt_top_logprobs: list | None = [None] if want and params.prompt_logprobs else None
         self.finish_reason: str | None = None
         self.stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos and tokenizer is not None:
@@ -81,7 +88,9 @@ class Sequence:
             self.logprobs.append(logprob)
         if top is not None:
             self.top_logprobs.append(top)
-        if token in self.stop_ids:
+        if self.matcher is not None:
+            self.matcher.accept(token)
+        if token in self.stop_ids or (self.matcher is not None and self.matcher.terminated):
             self.finish("stop")
             return
         if self._decoder is not None:

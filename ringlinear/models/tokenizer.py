@@ -21,12 +21,26 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from .config import training_run_hint
 
 SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|role_end|>"]  # ids 0, 1, 2 of the tokenizers made here
-# Ring-2.0 style turns: <role>HUMAN</role>...<|role_end|>; the generation prompt is <role>ASSISTANT</role>.
+# Ring-2.0 style turns: <role>HUMAN</role>...<|role_end|>; the generation prompt is <role>ASSISTANT</role>. With
+# `tools`, a system turn lists them (the conversation's own system message first); an assistant turn's tool calls
+# follow its text as <tool_call>{"name": ..., "arguments": {...}}</tool_call> (the format the server parses back);
+# a tool result is an OBSERVATION turn wrapped in <tool_response>. Without tools the text is what it always was.
 CHAT_TEMPLATE = (
+    "{% if tools %}<role>SYSTEM</role>"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
+    "# Tools\nTo call a function, answer <tool_call>{\"name\": NAME, \"arguments\": {ARGUMENTS}}</tool_call>. "
+    "Functions:\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|role_end|>{% endif %}"
     "{% for m in messages %}"
+    "{% if not (tools and loop.first and m['role'] == 'system') %}"
     "{% set role = {'system': 'SYSTEM', 'user': 'HUMAN', 'assistant': 'ASSISTANT', 'tool': 'OBSERVATION'}"
     "[m['role']] %}"
-    "<role>{{ role }}</role>{{ m['content'] }}<|role_end|>"
+    "<role>{{ role }}</role>"
+    "{% if m['role'] == 'tool' %}<tool_response>{{ m['content'] }}</tool_response>{% else %}{{ m['content'] }}"
+    "{% endif %}"
+    "{% for c in m.get('tool_calls') or [] %}<tool_call>{\"name\": {{ c['function']['name'] | tojson }}, "
+    "\"arguments\": {% if c['function']['arguments'] is string %}{{ c['function']['arguments'] }}"
+    "{% else %}{{ c['function']['arguments'] | tojson }}{% endif %}}</tool_call>{% endfor %}"
+    "<|role_end|>{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<role>ASSISTANT</role>{% endif %}"
 )
@@ -112,9 +126,15 @@ class RingTokenizer:
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
         variables = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "", **kwargs,
-                     "messages": messages, "add_generation_prompt": add_generation_prompt, "tools": tools}
-        text = _compiled(self.chat_template).render(**variables)
+                     "add_generation_prompt": add_generation_prompt, "tools": tools}
+        text = render_chat_template(self.chat_template, messages, **variables)
         return self.encode(text) if tokenize else text
+
+
+def render_chat_template(src: str, messages: list[dict], **variables) -> str:
+    """A chat template's text rendered the way transformers renders it (module docstring); jinja2's errors
+    (TemplateSyntaxError, TemplateError from `raise_exception`, ...) propagate."""
+    return _compiled(src).render(**variables, messages=messages)
 
 
 def _max_chars_per_token(tk) -> int | None:

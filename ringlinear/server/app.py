@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP app (FastAPI): /v1/models, /v1/completions, /v1/chat/completions, /health, /stats.
+"""The OpenAI-compatible HTTP app (FastAPI): /v1/models, /v1/completions, /v1/chat/completions, /health, /stats;
+/tokenize, /detokenize, /version and /metrics live in extras.py.
 
 Routes live at module level and find what they serve in `request.app.state.server` (a `ServerState`), so
 `create_app` only wires them up. Every error is an OpenAI-style body {"error": {message, type, param, code}} with a
@@ -13,6 +14,7 @@ import ctypes
 import functools
 import hmac
 import logging
+import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from ..engine.engine import RequestError
+from . import tools
+from .metrics import CountRequests, Metrics, observed
 from .openai_format import SSE_DONE, Formatter, sse
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request, pydantic_error_message
 from .streaming import SSEResponse, collect, merged, unless_disconnected
@@ -49,6 +53,7 @@ class ServerState:
     model_name: str
     max_request_bytes: int
     drain_timeout: float | None = None
+    metrics: Metrics | None = None
 
     @property
     def tokenizer(self):
@@ -94,6 +99,9 @@ def _bearer_token(header: bytes) -> bytes | None:
     return token.strip() if scheme.lower() == b"bearer" else None
 
 
+PROTECTED = ("/tokenize", "/detokenize")  # besides /v1: they use the model's tokenizer, like the API
+
+
 class AuthMiddleware:
     """Pure ASGI (not BaseHTTPMiddleware, which interferes with streaming and disconnect detection)."""
 
@@ -102,7 +110,7 @@ class AuthMiddleware:
         self.expected = api_key.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and (scope["path"].startswith("/v1") or scope["path"] in PROTECTED):
             token = _bearer_token(dict(scope["headers"]).get(b"authorization", b""))
             if token is None or not hmac.compare_digest(token, self.expected):
                 resp = _error(401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>'.",
@@ -161,20 +169,28 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _accept(request: Request, cls):
+async def _accept(request: Request, cls, check_model: bool = True):
     """(server state, request): the body read and size-checked, parsed on the worker pool, validated, the model
     name checked."""
     srv = _server(request)
     req = await srv.engine.offload(parse_request, cls, await read_body(request, srv.max_request_bytes))
     req.validate_request()
-    srv.check_model(req.model)
+    if check_model:
+        srv.check_model(req.model)
     return srv, req
 
 
-async def _submit_all(srv: ServerState, prompts, params, prefix: str) -> list[RequestStream]:
+async def _submit_all(srv: ServerState, prompts, params, prefix: str,
+                      structured_param: str = "response_format") -> list[RequestStream]:
     """One engine request per (prompt, choice), tokenised on the worker pool; all or none are queued. A prompt's
-    choices are one group: they share its prefill (`LLMEngine.add_group`)."""
-    ids = [await srv.engine.prepare(p, params[0]) for p in prompts]  # the checks do not depend on the choice
+    choices are one group: they share its prefill (`LLMEngine.add_group`). A grammar the engine refuses is a 400
+    naming `structured_param` (the request field it came from)."""
+    try:  # the checks do not depend on the choice
+        ids = [await srv.engine.prepare(p, params[0]) for p in prompts]
+    except RequestError as e:
+        if e.param != "structured":
+            raise
+        raise APIError(400, f"{structured_param}: {e}", param=structured_param) from None
     streams: list[RequestStream] = []
     try:
         for p in ids:
@@ -187,16 +203,18 @@ async def _submit_all(srv: ServerState, prompts, params, prefix: str) -> list[Re
     return streams
 
 
-async def _respond(request, req, streams, prompt_tokens, chunk_object, head, chunks, final, fmt):
+async def _respond(request, req, streams, prompt_tokens, chunk_object, head, chunks, final, fmt, t0):
     """Non-streaming: wait for every choice (abort on disconnect) and build the body with `final(outs)`.
-    Streaming: SSE of `head` chunks, then `chunks(i, output)` per engine output, optional usage, [DONE]."""
+    Streaming: SSE of `head` chunks, then `chunks(i, output)` per engine output, optional usage, [DONE]. Either
+    way the outputs pass the metrics (t0: when the route started)."""
     def abort_all():
         for s in streams:
             s.abort()
 
+    outputs = observed(merged(streams), _server(request).metrics, t0)
     if not req.stream:
         try:
-            outs = await unless_disconnected(request, collect(streams))
+            outs = await unless_disconnected(request, collect(streams, outputs))
         finally:
             abort_all()  # no-op for finished requests; frees the rest if the client left
         # building the body detokenises every log-prob entry: on the worker pool too
@@ -206,7 +224,7 @@ async def _respond(request, req, streams, prompt_tokens, chunk_object, head, chu
         try:
             for c in head:
                 yield sse(c)
-            async for i, o in merged(streams):
+            async for i, o in outputs:
                 for c in chunks(i, o):
                     yield sse(c)
             if req.stream_options and req.stream_options.include_usage:
@@ -253,27 +271,40 @@ async def stats(request: Request):
 
 @router.post("/v1/completions")
 async def completions(request: Request):
+    t0 = time.monotonic()
     srv, req = await _accept(request, CompletionRequest)
     prompts = req.prompts()
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     want_lp = req.logprobs is not None
     rid = f"cmpl-{uuid.uuid4().hex}"
-    params = req.sampling_params(max_tokens, want_lp, req.logprobs or 0)
+    extra = {"structured": req.structured()}
+    if req.echo and (want_lp or max_tokens == 0):  # max_tokens=0 is a prompt-only request: the engine scores it
+        extra["prompt_logprobs"] = req.logprobs or 0
+    params = req.sampling_params(max_tokens, want_lp, req.logprobs or 0, **extra)
     streams = await _submit_all(srv, prompts, params, rid)
     fmt = Formatter(srv.tokenizer, srv.model_name, rid)
     prompt_tokens = sum(s.num_prompt_tokens for s in streams[::req.n])
+    # echo: each choice starts with its prompt (a token-id prompt as its text)
+    echo = [p if isinstance(p, str) else None for p in prompts for _ in range(req.n)] if req.echo else None
     offsets = [0] * len(streams)
+    started = [False] * len(streams)
 
     def chunks(i, o):
+        if echo is not None and not started[i]:
+            c = fmt.echo_chunk(i, o, echo[i], want_lp)
+            offsets[i] += len(c["choices"][0]["text"])
+            yield c
+        started[i] = True
         yield fmt.completion_chunk(i, o, want_lp, offsets[i])
         offsets[i] += len(o.delta_text)
 
     return await _respond(request, req, streams, prompt_tokens, "text_completion", [], chunks,
-                          lambda outs: fmt.completion(outs, prompt_tokens, want_lp), fmt)
+                          lambda outs: fmt.completion(outs, prompt_tokens, want_lp, echo), fmt, t0)
 
 
 @router.post("/v1/chat/completions")
 async def chat(request: Request):
+    t0 = time.monotonic()
     srv, req = await _accept(request, ChatCompletionRequest)
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
     text = await srv.engine.offload(functools.partial(srv.engine.engine.chat_prompt, messages,
@@ -286,21 +317,31 @@ async def chat(request: Request):
         ids = text
     want_lp = req.logprobs
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    params = req.sampling_params(max_tokens, want_lp, req.top_logprobs or 0)
-    streams = await _submit_all(srv, [ids], params, rid)
+    mode = req.tool_mode
+    structured, structured_param = req.structured_spec()
+    extra = {"structured": structured}
+    if mode.parse and tools.tags_are_special(srv.tokenizer):
+        extra["skip_special_tokens"] = False  # the tags must reach the text to be parsed
+    params = req.sampling_params(max_tokens, want_lp, req.top_logprobs or 0, **extra)
+    streams = await _submit_all(srv, [ids], params, rid, structured_param)
     fmt = Formatter(srv.tokenizer, srv.model_name, rid)
     prompt_tokens = streams[0].num_prompt_tokens
+    parsers = [tools.ToolCallParser(mode.parallel) for _ in streams] if mode.parse else None
 
     def chunks(i, o):
         lp = fmt.chat_delta_logprobs(o) if want_lp else None
-        if o.delta_text or lp:
-            yield fmt.chat_chunk(i, {"content": o.delta_text}, logprobs=lp)
+        if parsers is None:
+            events = [("content", o.delta_text)] if o.delta_text else []
+        else:
+            events = parsers[i].push(o.delta_text) + (parsers[i].finish() if o.finished else [])
+        yield from fmt.chat_delta_chunks(i, events, lp)
         if o.finished:
-            yield fmt.chat_chunk(i, {}, o.finish_reason)
+            calls = parsers is not None and parsers[i].num_calls > 0
+            yield fmt.chat_chunk(i, {}, "tool_calls" if calls and o.finish_reason == "stop" else o.finish_reason)
 
     head = [fmt.chat_chunk(i, {"role": "assistant", "content": ""}) for i in range(len(streams))]
     return await _respond(request, req, streams, prompt_tokens, "chat.completion.chunk", head, chunks,
-                          lambda outs: fmt.chat(outs, prompt_tokens, want_lp), fmt)
+                          lambda outs: fmt.chat(outs, prompt_tokens, want_lp, mode), fmt, t0)
 
 
 # ---------------------------------------------------------------------- errors and the app
@@ -345,15 +386,20 @@ async def _lifespan(app):
 
 def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                drain_timeout: float | None = None, max_request_bytes: int | None = None) -> FastAPI:
+    from .extras import router as extras_router  # it imports this module's helpers
     app = FastAPI(title="ringlinear", lifespan=_lifespan)
+    metrics = Metrics.create(engine)
     app.state.server = ServerState(engine, model_name,
                                    max_request_bytes or default_max_request_bytes(engine.engine.max_model_len),
-                                   drain_timeout)
+                                   drain_timeout, metrics)
     app.add_middleware(TrimAfterLargeRequests)
     if api_key:
         app.add_middleware(AuthMiddleware, api_key=api_key)
+    if metrics is not None:  # outermost: 401s count too
+        app.add_middleware(CountRequests, metrics=metrics)
     for exc, handler in ((APIError, _api_error), (RequestValidationError, _validation), (RequestError, _request_error),
                          (EngineDeadError, _dead), (StarletteHTTPException, _http), (Exception, _internal)):
         app.add_exception_handler(exc, handler)
     app.include_router(router)
+    app.include_router(extras_router)
     return app

@@ -5,6 +5,7 @@ import json
 import time
 
 from ..engine.engine import RequestOutput
+from . import tools
 
 
 def sse(obj) -> str:
@@ -22,6 +23,7 @@ class Formatter:
         self.model = model_name
         self.id = request_id
         self.created = int(time.time())
+        self._calls_sent: dict[int, int] = {}  # tool calls streamed so far, per choice
 
     def token_str(self, token_id: int) -> str:
         return self.tok.decode([token_id], skip_special_tokens=False) if self.tok is not None else str(token_id)
@@ -37,7 +39,8 @@ class Formatter:
 
     # ------------------------------------------------------------------ logprobs
     def completion_logprobs(self, token_ids, logprobs, tops, text_offset0: int = 0) -> dict:
-        """Legacy completions format: tokens, token_logprobs, top_logprobs [{token: lp}], text_offset."""
+        """Legacy completions format: tokens, token_logprobs, top_logprobs [{token: lp}], text_offset. An echoed
+        prompt's first token has no log-prob: None in token_logprobs and top_logprobs."""
         tokens = [self.token_str(t) for t in token_ids]
         offsets, pos = [], text_offset0
         for s in tokens:
@@ -45,7 +48,7 @@ class Formatter:
             pos += len(s)
         top = None
         if tops is not None:
-            top = [{self.token_str(i): lp for i, lp in step} for step in tops]
+            top = [None if step is None else {self.token_str(i): lp for i, lp in step} for step in tops]
         return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": top, "text_offset": offsets}
 
     def _entry(self, token_id: int, lp: float) -> dict:
@@ -61,13 +64,43 @@ class Formatter:
         return {"content": content, "refusal": None}
 
     # ------------------------------------------------------------------ completions
-    def completion(self, outs: list[RequestOutput], prompt_tokens: int, want_logprobs: bool) -> dict:
+    def prompt_text(self, o: RequestOutput, prompt: str | None) -> str:
+        """The prompt as echoed: the client's string, or a token-id prompt decoded (special tokens kept)."""
+        if prompt is not None:
+            return prompt
+        return self.tok.decode(o.prompt_token_ids, skip_special_tokens=False) if self.tok is not None else ""
+
+    def _echo_logprobs(self, o: RequestOutput, gen: bool):
+        """(ids, log-probs, tops) of the prompt, followed by the generated tokens' when `gen`."""
+        ids = list(o.prompt_token_ids) + (list(o.token_ids) if gen else [])
+        lps = list(o.prompt_logprobs) + (list(o.logprobs or []) if gen else [])
+        tops = None
+        if o.prompt_top_logprobs is not None:
+            tops = list(o.prompt_top_logprobs) + (list(o.top_logprobs or []) if gen else [])
+        return ids, lps, tops
+
+    def completion(self, outs: list[RequestOutput], prompt_tokens: int, want_logprobs: bool,
+                   echo: list[str | None] | None = None) -> dict:
+        """echo: per choice, its prompt string (None: a token-id prompt) to put before the text."""
         choices = []
         for i, o in enumerate(outs):
-            lp = self.completion_logprobs(o.token_ids, o.logprobs, o.top_logprobs) if want_logprobs else None
-            choices.append({"index": i, "text": o.text, "logprobs": lp, "finish_reason": o.finish_reason})
+            text, lp = o.text, None
+            if echo is not None:
+                text = self.prompt_text(o, echo[i]) + text
+                if want_logprobs:
+                    lp = self.completion_logprobs(*self._echo_logprobs(o, True))
+            elif want_logprobs:
+                lp = self.completion_logprobs(o.token_ids, o.logprobs, o.top_logprobs)
+            choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": o.finish_reason})
         return {**self._head("text_completion"), "choices": choices,
                 "usage": self.usage(prompt_tokens, sum(len(o.token_ids) for o in outs))}
+
+    def echo_chunk(self, index: int, o: RequestOutput, prompt: str | None, want_logprobs: bool) -> dict:
+        """A stream's first chunk under echo: the prompt text (and its log-probs)."""
+        lp = self.completion_logprobs(*self._echo_logprobs(o, False)) if want_logprobs else None
+        return {**self._head("text_completion"),
+                "choices": [{"index": index, "text": self.prompt_text(o, prompt), "logprobs": lp,
+                             "finish_reason": None}]}
 
     def completion_chunk(self, index: int, o: RequestOutput, want_logprobs: bool, offset: int) -> dict:
         lp = None
@@ -78,18 +111,42 @@ class Formatter:
                              "finish_reason": o.finish_reason if o.finished else None}]}
 
     # ------------------------------------------------------------------ chat
-    def chat(self, outs: list[RequestOutput], prompt_tokens: int, want_logprobs: bool) -> dict:
+    def chat(self, outs: list[RequestOutput], prompt_tokens: int, want_logprobs: bool,
+             mode: tools.ToolMode | None = None) -> dict:
+        """mode: how tool calls are read from the text (none parsed without one, or with `mode.parse` false)."""
         choices = []
         for i, o in enumerate(outs):
             lp = self.chat_logprobs(o.token_ids, o.logprobs, o.top_logprobs) if want_logprobs else None
-            choices.append({"index": i, "message": {"role": "assistant", "content": o.text, "refusal": None},
-                            "logprobs": lp, "finish_reason": o.finish_reason})
+            message = {"role": "assistant", "content": o.text, "refusal": None}
+            reason = o.finish_reason
+            if mode is not None and mode.parse:
+                message["content"], calls = tools.parse(o.text, mode.parallel)
+                if calls:
+                    message["tool_calls"] = calls
+                    reason = "tool_calls" if reason == "stop" else reason
+            choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
         return {**self._head("chat.completion"), "choices": choices,
                 "usage": self.usage(prompt_tokens, sum(len(o.token_ids) for o in outs))}
 
     def chat_chunk(self, index: int, delta: dict, finish_reason: str | None = None, logprobs=None) -> dict:
         return {**self._head("chat.completion.chunk"),
                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+    def chat_delta_chunks(self, index: int, events: list, logprobs=None):
+        """Chunks of a stream's (kind, value) events in order: ("content", text) -> delta.content,
+        ("tool_call", call) -> delta.tool_calls [{index, id, type, function}] (indices count the choice's calls).
+        The step's log-probs go with its first chunk (a content "" chunk when there is none)."""
+        calls = self._calls_sent
+        if not events and logprobs:
+            events = [("content", "")]
+        for kind, value in events:
+            if kind == "content":
+                yield self.chat_chunk(index, {"content": value}, logprobs=logprobs)
+            else:
+                k = calls.get(index, 0)
+                calls[index] = k + 1
+                yield self.chat_chunk(index, {"tool_calls": [{"index": k, **value}]}, logprobs=logprobs)
+            logprobs = None
 
     def chat_delta_logprobs(self, o: RequestOutput) -> dict:
         return self.chat_logprobs(o.new_token_ids, o.new_logprobs or [], o.new_top_logprobs)

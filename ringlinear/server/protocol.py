@@ -1,14 +1,21 @@
-"""OpenAI request schemas (strictly typed: a wrong type is a 400, never a silent coercion) and error bodies."""
+"""OpenAI request schemas (strictly typed: a wrong type is a 400, never a silent coercion) and error bodies.
+
+A field the schemas do not name is a 400 naming it (`extra="forbid"`): an option we do not implement is refused,
+never silently ignored. The few fields accepted and ignored on purpose are metadata that cannot change the output
+(`IGNORED_METADATA`, docs/serving.md).
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, PrivateAttr, ValidationError
 
 from ..engine.sampling_params import SamplingParams
+from ..engine.structured import XGRAMMAR_MISSING, available as structured_available
 from ..sampling import SEED_LIMIT, Sampling, SamplingParamError
+from . import tools as tool_calls
 
 
 class APIError(Exception):
@@ -24,8 +31,12 @@ class APIError(Exception):
 
 
 class _Strict(BaseModel):
-    # Unknown fields are ignored (clients send vendor extras); known ones must have the documented type.
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # Unknown fields are refused (400 naming them); known ones must have the documented type.
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+# Accepted and ignored by design: they tag or route a request in OpenAI's service and never change the tokens.
+IGNORED_METADATA = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier")
 
 
 class StreamOptions(_Strict):
@@ -47,15 +58,41 @@ class _Common(_Strict):
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repetition_penalty: float | None = None    # extension (HF/vLLM rule)
+    min_p: float | None = None                 # extension
     logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    # metadata, ignored (IGNORED_METADATA)
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+
+    def structured(self) -> dict | None:
+        """`response_format` as the engine's `structured` spec (None for text), or a 400 naming it."""
+        rf = self.response_format
+        if rf is None or rf.get("type") == "text":
+            return None
+        kind = rf.get("type")
+        if kind == "json_object":
+            spec = {"type": "json_object"}
+        elif kind == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+                raise APIError(400, "response_format json_schema needs 'json_schema': {'name': ..., 'schema': "
+                                    "{...}}", param="response_format")
+            spec = {"type": "json_schema", "schema": js["schema"]}
+        else:
+            raise APIError(400, f"response_format type must be 'text', 'json_object' or 'json_schema', got "
+                                f"{kind!r}", param="response_format")
+        if not structured_available():
+            raise APIError(400, XGRAMMAR_MISSING.replace("structured output", "response_format"),
+                           param="response_format")
+        return spec
 
     def check_unsupported(self) -> None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise APIError(400, f"{name} is not supported (only 0)", param=name)
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
         if not 1 <= self.n <= 16:
             raise APIError(400, f"n must be in [1, 16], got {self.n}", param="n")
         if self.stream_options is not None and not self.stream:
@@ -64,15 +101,16 @@ class _Common(_Strict):
     # A request parameter whose name differs from the SamplingParams field it sets (errors name the client's).
     _PARAM_NAMES: ClassVar[dict[str, str]] = {}
 
-    def sampling_params(self, max_tokens: int, logprobs: bool, top_logprobs: int) -> list[SamplingParams]:
+    def sampling_params(self, max_tokens: int, logprobs: bool, top_logprobs: int, **extra) -> list[SamplingParams]:
         """One SamplingParams per choice; with a seed, choice j samples with seed + j (a reproducible set). The
-        checks are SamplingParams' own: a failure is a 400 naming the parameter."""
+        checks are SamplingParams' own: a failure is a 400 naming the parameter. `extra`: SamplingParams fields the
+        route sets (structured, prompt_logprobs, skip_special_tokens)."""
         given = {f.name: getattr(self, f.name) for f in dataclasses.fields(Sampling)
                  if f.name != "max_tokens" and getattr(self, f.name, None) is not None}
         try:
             sp = SamplingParams(max_tokens=max_tokens, **given, stop=self.stop or [],
                                 stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
-                                logprobs=logprobs, top_logprobs=top_logprobs)
+                                logprobs=logprobs, top_logprobs=top_logprobs, **extra)
         except SamplingParamError as e:
             raise APIError(400, str(e), param=self._PARAM_NAMES.get(e.param, e.param)) from None
         if sp.seed is None:
@@ -117,8 +155,9 @@ class CompletionRequest(_Common):
 
     def validate_request(self) -> None:
         self.check_unsupported()
-        if self.echo:
-            raise APIError(400, "echo is not supported", param="echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens must be >= 1 (0 only with echo=true: score the prompt)",
+                           param="max_tokens")
         if self.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if self.best_of not in (None, 1, self.n):
@@ -144,7 +183,14 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
     chat_template_kwargs: dict[str, Any] | None = None  # extension, e.g. {"enable_thinking": false}
+    _tools: Any = PrivateAttr(None)  # tools.ToolMode, set by validate_request
+
+    @property
+    def tool_mode(self) -> "tool_calls.ToolMode":
+        return self._tools
 
     def template_variables(self) -> dict[str, Any]:
         """Keyword arguments of the chat template: the defaults, then `chat_template_kwargs`, which may override
@@ -159,6 +205,22 @@ class ChatCompletionRequest(_Common):
         self.check_unsupported()
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        try:
+            self._tools = tool_calls.check(self.tools, self.tool_choice, self.parallel_tool_calls)
+        except tool_calls.ToolError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        if self.tool_mode.forced and self.structured() is not None:
+            raise APIError(400, "response_format cannot be combined with a tool_choice that forces a call",
+                           param="response_format")
+        if self.tool_mode.forced and not structured_available():
+            raise APIError(400, XGRAMMAR_MISSING.replace("structured output", f"tool_choice {self.tool_choice!r}"),
+                           param="tool_choice")
+
+    def structured_spec(self) -> tuple[dict | None, str]:
+        """(the engine's `structured` spec, the parameter it comes from): a forced tool call or response_format."""
+        if self.tool_mode.forced:
+            return tool_calls.forced_spec(self.tool_mode), "tool_choice"
+        return self.structured(), "response_format"
 
 
 def parse_request(cls, body: bytes):
@@ -232,4 +294,32 @@ def pydantic_error_message(errors: list[dict]) -> tuple[str, str | None]:
         return f"the request body must be a JSON object ({e.get('msg')})", None
     if e.get("type") == "missing":
         return f"missing required parameter: '{param}'", param
+    if e.get("type") == "extra_forbidden":
+        return f"'{param}' is not supported by this server (docs/serving.md lists the parameters it takes)", param
     return f"invalid type or value for '{param}': {e.get('msg')}", param
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize body: a `prompt`, or chat `messages` rendered by the chat template first."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None   # default: true for a prompt, false for messages (the template has them)
+    add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+    def validate_request(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
+        if self.chat_template_kwargs and "messages" in self.chat_template_kwargs:
+            raise APIError(400, "chat_template_kwargs cannot set 'messages'", param="chat_template_kwargs")
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+    def validate_request(self) -> None:
+        pass

@@ -100,8 +100,8 @@ async def merged(streams: list[RequestStream]):
             t.cancel()
 
 
-async def collect(streams: list[RequestStream]):
-    """Wait for every stream to finish; their last outputs."""
-    async for _ in merged(streams):
+async def collect(streams: list[RequestStream], pairs=None):
+    """Wait for every stream to finish (consuming `pairs`, default `merged(streams)`); their last outputs."""
+    async for _ in (merged(streams) if pairs is None else pairs):
         pass
     return [s.last for s in streams]

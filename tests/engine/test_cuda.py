@@ -55,3 +55,26 @@ def test_prefix_hits_and_forks_equal_cold_runs_on_cuda(make_llm, random_prompts,
         assert diff == 0.0 if numerics == "aligned" else diff < 1e-4
     s = eng.stats()
     assert s["free_kv_blocks"] == s["total_kv_blocks"] and s["free_state_slots"] == s["total_state_slots"]
+
+
+def test_sampling_options_and_prompt_logprobs_on_the_gpu(make_llm, random_prompts):
+    """Bias and penalties processed on the device (the batched-argmax path included), prompt log-probs scored
+    from the GPU prefill. Tolerances: fp32 on a GPU (TF32 may be on for the plain forward)."""
+    from ringlinear.sampling import Sampling
+    llm = make_llm(device="cuda", cuda_graphs=True, cuda_graph_max_batch=8)
+    prompts = random_prompts(4, 5, 140, seed=61)
+    kw = dict(repetition_penalty=1.5, presence_penalty=0.5, frequency_penalty=0.5, logit_bias={"9": -100})
+    outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, **kw))
+    for p, o in zip(prompts, outs):
+        ref = generate(llm.engine.model, [p], stop_token_ids=[], sampling=Sampling(max_tokens=16, temperature=0,
+                                                                                   **kw))
+        assert o.token_ids == ref.sequences[0] and 9 not in o.token_ids
+    forced = llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True,
+                                                  logit_bias={"77": 100}))
+    assert all(o.token_ids == [77] * 4 for o in forced)
+    scored = llm.generate(prompts, SamplingParams(max_tokens=0, prompt_logprobs=2))
+    for p, o in zip(prompts, scored):
+        with torch.no_grad():
+            lp = torch.log_softmax(llm.engine.model(torch.tensor([p], device="cuda")).logits[0].float(), -1)
+        want = lp[torch.arange(len(p) - 1), torch.tensor(p[1:], device="cuda")].cpu()
+        torch.testing.assert_close(torch.tensor(o.prompt_logprobs[1:]), want, atol=2e-3, rtol=0)

@@ -49,8 +49,24 @@ BAD_VALUES = [
     ({"prompt": []}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": [10**7]}, "prompt"),
-    ({"echo": True}, "echo"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 150}}, "logit_bias"),
+    ({"logit_bias": {"99999": 1}}, "logit_bias"),         # past the tiny vocabulary
+    ({"logit_bias": {"5": "high"}}, "logit_bias.5"),
+    ({"max_tokens": 0, "echo": False}, "max_tokens"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"best_of": 3}, "best_of"),
+    ({"suffix": "tail"}, "suffix"),
+    # options this server does not implement are refused by name, never ignored
+    ({"min_tokens": 3}, "min_tokens"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"stream_options": {"include_usage": True, "continuous_usage_stats": True}, "stream": True},
+     "stream_options.continuous_usage_stats"),
 ]
 
 
@@ -199,3 +215,14 @@ def test_bearer_scheme_is_case_insensitive(server, header):
     r = httpx.post(server.url + "/v1/completions", headers={"Authorization": "Basic test-key"}, timeout=30,
                    json={"model": "tiny", "prompt": "ok", "max_tokens": 1})
     assert r.status_code == 401
+
+
+def test_metadata_fields_are_accepted_and_change_nothing(server):
+    from ringlinear.server.protocol import IGNORED_METADATA
+    values = {"user": "u-1", "metadata": {"k": "v"}, "store": True, "service_tier": "auto",
+              "prompt_cache_key": "c", "safety_identifier": "s"}
+    assert set(values) == set(IGNORED_METADATA)
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+    base = _post(server, "/v1/completions", json=body).json()["choices"][0]["text"]
+    r = _post(server, "/v1/completions", json={**body, **values})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == base
