@@ -4,6 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..models.context import check_numerics
+from ..models.fp8_serve import check_quantization
+
+FP8_ALIGNED = ("numerics='aligned' cannot run FP8 weights: aligned serving reproduces the training forward bit for bit, "
+               "and the FP8 GEMMs are not that arithmetic; use numerics='default' with quantization='fp8'")
 
 LIGHTNING_CHUNK = 64  # the chunk of the lightning prefill algorithm; prefill chunks are multiples of it
 
@@ -29,6 +33,9 @@ class EngineConfig:
     # "aligned": every position computed with the arithmetic of the training forward in aligned mode, whatever the
     # batch, chunking or decode step (docs/numerics.md); implies batch invariance. "default": the fastest kernels.
     numerics: str = "default"
+    # Weights: None = as the checkpoint stores them (FP8 when its config.json says so), "fp8" = blockwise e4m3 with
+    # 128x128 scales, quantised at load from a bf16/fp32 checkpoint (models/fp8_serve.py), "none" = the model dtype.
+    quantization: str | None = None
 
     def __post_init__(self):
         if self.prefill_chunk < 1 or self.prefill_chunk % LIGHTNING_CHUNK:
@@ -43,5 +50,8 @@ class EngineConfig:
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be >= 1")
         check_numerics(self.numerics)
+        check_quantization(self.quantization)
+        if self.numerics == "aligned" and self.quantization == "fp8":
+            raise ValueError(FP8_ALIGNED)
         if self.numerics == "aligned" and self.batch_invariant is False:
             raise ValueError("numerics='aligned' is batch invariant by construction: batch_invariant=False contradicts it")

@@ -21,6 +21,10 @@ def register(sub) -> None:
                         "final/ or checkpoints/step-N)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     s.add_argument("--dtype", default="auto", help="auto (checkpoint torch_dtype), bfloat16, float16, float32")
+    s.add_argument("--quantization", choices=("fp8", "none"), default=None,
+                   help="fp8: blockwise e4m3 weights with 128x128 scales, quantised at load (about half the weight "
+                        "memory; docs/serving.md); none: the model dtype (dequantises an FP8 checkpoint); default: "
+                        "as the checkpoint is stored")
     s.add_argument("--max-num-seqs", type=int, default=64, help="running requests at once (= linear-state slots)")
     s.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget per step")
     s.add_argument("--prefill-chunk", type=int, default=512, help="prefill piece size (multiple of 64)")
@@ -49,7 +53,7 @@ def build_engine(args):
         kv_cache_bytes=None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30),
         max_model_len=args.max_model_len, device=args.device, dtype=args.dtype,
         batch_invariant={"auto": None, "on": True, "off": False}[args.batch_invariant],
-        cuda_graphs=not args.enforce_eager, cpu_threads=args.threads)
+        cuda_graphs=not args.enforce_eager, cpu_threads=args.threads, quantization=args.quantization)
     return LLMEngine(args.model, cfg)
 
 
