@@ -153,7 +153,8 @@ def main():
                     "mini_slice": error_section(mini, dev, 64 if toy else 1024)}
     res["error"]["mini_slice"]["layers"] = mini.num_hidden_layers
     for k, v in res["error"].items():
-        print(f"  {k}: fp8 vs bf16 rel RMS {v['fp8_vs_bf16']['rel_rms']:.4f}, top-1 {v['fp8_vs_bf16']['top1_agree']:.3f}"
+        f8 = v["fp8_vs_bf16"]
+        print(f"  {k}: fp8 vs bf16 rel RMS {f8['rel_rms']:.4f}, top-1 {f8['top1_agree']:.3f}"
               f"; bf16 vs fp32 {v['bf16_vs_fp32']['rel_rms']:.4f} / {v['bf16_vs_fp32']['top1_agree']:.3f}", flush=True)
 
     T, B, C, steps = (128, 4, 256, 6) if toy else ((4096, 32, 4096, 12) if args.quick else (4096, 32, 16384, 24))

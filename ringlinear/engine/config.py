@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from ..models.context import check_numerics
 from ..models.fp8_serve import check_quantization
 
-FP8_ALIGNED = ("numerics='aligned' cannot run FP8 weights: aligned serving reproduces the training forward bit for bit, "
-               "and the FP8 GEMMs are not that arithmetic; use numerics='default' with quantization='fp8'")
+FP8_ALIGNED = ("numerics='aligned' cannot run FP8 weights: aligned serving reproduces the training forward bit for "
+               "bit, and the FP8 GEMMs are not that arithmetic; use numerics='default' with quantization='fp8'")
 
 LIGHTNING_CHUNK = 64  # the chunk of the lightning prefill algorithm; prefill chunks are multiples of it
 

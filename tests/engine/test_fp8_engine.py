@@ -1,7 +1,7 @@
 """The engine with FP8 weights (quantization="fp8", CPU emulation): greedy tokens equal the FP8 model's own
 generate(), log-probs within 1e-5 when generate() runs the engine's row-block GEMMs (with plain GEMMs an fp32
-rounding difference can flip an e4m3 code of an activation: measured 2e-4 on one log-prob); the weights exist only as FP8 codes + scales; a model
-handed in must match the quantization asked for."""
+rounding difference can flip an e4m3 code of an activation: measured 2e-4 on one log-prob); the weights exist only
+as FP8 codes + scales; a model handed in must match the quantization asked for."""
 import pytest
 import torch
 
