@@ -91,18 +91,28 @@ def engine_for(model, num_seqs, tokens_per_seq, chunk, cuda_graphs=True, budget=
     return LLMEngine(model=model, config=cfg)
 
 
+def sync(dev):
+    if torch.device(dev).type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def peak_gib(dev) -> float:
+    return torch.cuda.max_memory_allocated(dev) / GiB if torch.device(dev).type == "cuda" else float("nan")
+
+
 def bench_prefill(model, T, chunk):
+    dev = next(model.parameters()).device
     eng = engine_for(model, 1, T + 8, chunk, cuda_graphs=False)
     ids = torch.randint(10, model.config.vocab_size, (T,)).tolist()
     for prompt in (ids, ids):  # the first run compiles/tunes the kernels for these shapes
-        torch.cuda.synchronize()
+        sync(dev)
         t0 = time.perf_counter()
         eng.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
         while eng.has_unfinished():
             eng.step()
-        torch.cuda.synchronize()
+        sync(dev)
         dt = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / GiB
+    peak = peak_gib(dev)
     del eng
     return T / dt, dt, peak
 
@@ -119,31 +129,32 @@ def fits(model, B, C, free_bytes):
 @torch.no_grad()
 def touched_weight_bytes(model, B):
     """Weight bytes one decode step of B tokens reads: everything but the experts, plus each expert that at least
-    one of the B tokens routes to (measured on a random batch), plus the lm_head; embeddings: B rows."""
+    one of the B tokens routes to (measured on a random batch), plus the lm_head; embeddings: B rows. FP8 weights
+    (models/fp8_serve.py: codes + scales, buffers) count at their stored size."""
     cfg = model.config
     dev = next(model.parameters()).device
-    for layer in model.model.layers:
-        if hasattr(layer.mlp, "record_stats"):
-            layer.mlp.record_stats = True
+    moes = [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "record_stats")]
+    for m in moes:
+        m.record_stats = True
     ids = torch.randint(10, cfg.vocab_size, (B,), device=dev)
     ctx = StatelessContext(torch.arange(B + 1, device=dev, dtype=torch.int32))
     model.forward_packed(ids, ctx)
-    total = 0
-    for name, p in model.named_parameters():
-        if name.endswith(("mlp.w13", "mlp.w2")) or "word_embeddings" in name:
-            continue
-        total += p.numel() * p.element_size()
-    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2
-    for layer in model.model.layers:
-        if hasattr(layer.mlp, "record_stats"):
-            total += int(torch.unique(layer.mlp.last_topk_idx).numel()) * per_expert
-            layer.mlp.record_stats = False
-            layer.mlp.last_topk_idx = layer.mlp.last_router_logits = None
+    stack_names = ("w13", "w2", "w13_scale_inv", "w2_scale_inv")
+    routed = {id(getattr(m, k)) for m in moes for k in stack_names if hasattr(m, k)}
+    weights = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers()
+                                                 if b.dtype == torch.float8_e4m3fn or n.endswith("_scale_inv")]
+    total = sum(t.numel() * t.element_size() for n, t in weights if id(t) not in routed and "word_embeddings" not in n)
+    for m in moes:
+        per_expert = sum(getattr(m, k)[0].numel() * getattr(m, k).element_size() for k in stack_names if hasattr(m, k))
+        total += int(torch.unique(m.last_topk_idx).numel()) * per_expert
+        m.record_stats = False
+        m.last_topk_idx = m.last_router_logits = None
     return total + B * cfg.hidden_size * 2
 
 
 def bench_decode(model, B, C, steps, bw):
     cfg = model.config
+    dev = next(model.parameters()).device
     # The whole fake prefill is scheduled in one step (no compute), so every request decodes from step 2 on.
     chunk = -(-C // 64) * 64
     eng = engine_for(model, B, C + steps + 8, chunk, budget=B * chunk)
@@ -158,7 +169,7 @@ def bench_decode(model, B, C, steps, bw):
         if batch.all_decode:
             return real(batch)
         n = sum(1 for s in batch.seqs if s.sample)
-        return torch.zeros(n, cfg.vocab_size, device=next(model.parameters()).device)
+        return torch.zeros(n, cfg.vocab_size, device=dev)
     eng.runner.execute = execute
     for _ in range(B):
         eng.add_request(torch.randint(10, cfg.vocab_size, (C,)).tolist(),
@@ -166,10 +177,10 @@ def bench_decode(model, B, C, steps, bw):
     times = []
     while eng.has_unfinished():
         all_dec = len(eng.scheduler.waiting) == 0 and all(s.num_uncomputed == 1 for s in eng.scheduler.running)
-        torch.cuda.synchronize()
+        sync(dev)
         t0 = time.perf_counter()
         eng.step()
-        torch.cuda.synchronize()
+        sync(dev)
         if all_dec and len(eng.scheduler.running) == B:
             times.append(time.perf_counter() - t0)
     times = times[2:]  # warm-up
@@ -181,7 +192,7 @@ def bench_decode(model, B, C, steps, bw):
     state_b = n_lin * cfg.num_attention_heads * cfg.head_dim_ ** 2 * 4 * 2  # read + write
     kv_b = C * n_sm * 2 * cfg.num_key_value_heads * cfg.head_dim_ * 2
     floor = (touched_weight_bytes(model, B) + B * (state_b + kv_b)) / bw
-    peak = torch.cuda.max_memory_allocated() / GiB
+    peak = peak_gib(dev)
     del eng
     return {"batch": B, "context": C, "step_ms": step * 1e3, "tok_s": B / step, "floor_ms": floor * 1e3,
             "pct_of_floor": 100 * floor / step, "peak_gib": peak}

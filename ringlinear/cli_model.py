@@ -29,6 +29,8 @@ def register(sub) -> None:
     g.add_argument("--seed", type=int, default=0, help="default 0: the same output every run")
     g.add_argument("--dtype", default="auto", help="auto (config torch_dtype), bfloat16, float16, float32")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g.add_argument("--quantization", choices=("fp8", "none"), default=None,
+                   help="fp8: blockwise e4m3 weights (docs/serving.md); default: as the checkpoint is stored")
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("info", help="config summary, parameter counts, layer pattern, state/KV memory")
@@ -47,6 +49,8 @@ def cmd_generate(args) -> int:
 
     from .generation import generate
     from .models.checkpoint import resolve_device, resolve_dtype
+    from .models.config import RingLinearConfig
+    from .models.fp8_serve import check_fp8_dims, check_fp8_runtime, checkpoint_quantization
     from .models.modeling import RingLinearForCausalLM
     from .models.tokenizer import StreamDecoder, load_tokenizer
     from .sampling import Sampling
@@ -61,8 +65,13 @@ def cmd_generate(args) -> int:
         resolve_dtype(args.dtype)
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"model directory {args.model} does not exist")
+    cfg = RingLinearConfig.from_json(args.model)
+    if (args.quantization or checkpoint_quantization(cfg)) == "fp8":
+        check_fp8_dims(cfg)
+        check_fp8_runtime(device)
     tok = load_tokenizer(args.model)
-    model = RingLinearForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=device)
+    model = RingLinearForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=device,
+                                                  quantization=args.quantization)
     if args.chat is not None:
         msgs = ([{"role": "system", "content": args.system}] if args.system else [])
         msgs.append({"role": "user", "content": args.chat})

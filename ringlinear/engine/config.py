@@ -5,6 +5,10 @@ import math
 from dataclasses import dataclass
 
 from ..models.context import check_numerics
+from ..models.fp8_serve import check_quantization
+
+FP8_ALIGNED = ("numerics='aligned' cannot run FP8 weights: aligned serving reproduces the training forward bit for "
+               "bit, and the FP8 GEMMs are not that arithmetic; use numerics='default' with quantization='fp8'")
 
 LIGHTNING_CHUNK = 64  # the chunk of the lightning prefill algorithm; prefill chunks are multiples of it
 
@@ -36,6 +40,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     state_snapshot_interval: int | None = None
     state_snapshot_bytes: int | None = None
+    # Weights: None = as the checkpoint stores them (FP8 when its config.json says so), "fp8" = blockwise e4m3 with
+    # 128x128 scales, quantised at load from a bf16/fp32 checkpoint (models/fp8_serve.py), "none" = the model dtype.
+    quantization: str | None = None
 
     def __post_init__(self):
         if self.prefill_chunk < 1 or self.prefill_chunk % LIGHTNING_CHUNK:
@@ -59,5 +66,8 @@ class EngineConfig:
                              f"of {self.block_size}), got {self.state_snapshot_interval}")
         if self.state_snapshot_bytes is not None and self.state_snapshot_bytes < 0:
             raise ValueError(f"state_snapshot_bytes must be >= 0, got {self.state_snapshot_bytes}")
+        check_quantization(self.quantization)
+        if self.numerics == "aligned" and self.quantization == "fp8":
+            raise ValueError(FP8_ALIGNED)
         if self.numerics == "aligned" and self.batch_invariant is False:
             raise ValueError("numerics='aligned' is batch invariant by construction: batch_invariant=False contradicts it")

@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 
 import torch
 
 from ..models.checkpoint import resolve_device
+from ..models.config import RingLinearConfig
+from ..models.fp8_serve import check_fp8_dims, check_fp8_runtime, checkpoint_quantization, is_fp8
 from ..models.modeling import RingLinearForCausalLM
 from ..models.tokenizer import load_tokenizer
 from ..ops.lightning_attn import open_chunk_rows
 from ..sampling import SamplingParamError
-from .config import EngineConfig
+from .config import FP8_ALIGNED, EngineConfig
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner
 from .prefix_cache import PrefixCache, SnapshotPool
@@ -85,6 +88,20 @@ def _text_of(content) -> str:
     return "" if content is None else content
 
 
+def _check_fp8_before_load(model_dir: str, config: EngineConfig, device) -> None:
+    """Every reason to refuse FP8 weights (dims, numerics, device), from config.json, before the weights are read."""
+    path = os.path.join(model_dir, "config.json")
+    if config.quantization == "none" or not os.path.isfile(path):
+        return  # (a missing config is reported by the loader)
+    cfg = RingLinearConfig.from_json(path)
+    if (config.quantization or checkpoint_quantization(cfg)) != "fp8":
+        return
+    if config.numerics == "aligned":
+        raise ValueError(FP8_ALIGNED)
+    check_fp8_dims(cfg)
+    check_fp8_runtime(device)
+
+
 class LLMEngine:
     def __init__(self, model_dir: str | None = None, config: EngineConfig | None = None, *, model=None,
                  tokenizer=None):
@@ -95,7 +112,15 @@ class LLMEngine:
         if model is None:
             if model_dir is None:
                 raise ValueError("LLMEngine needs model_dir or model")
-            model = RingLinearForCausalLM.from_pretrained(model_dir, dtype=config.dtype, device=device)
+            _check_fp8_before_load(model_dir, config, device)
+            model = RingLinearForCausalLM.from_pretrained(model_dir, dtype=config.dtype, device=device,
+                                                          quantization=config.quantization)
+        elif config.quantization is not None and is_fp8(model) != (config.quantization == "fp8"):
+            raise ValueError(f"quantization={config.quantization!r} but the model given is "
+                             f"{'FP8' if is_fp8(model) else 'not FP8'} (quantise it with "
+                             "ringlinear.models.fp8_serve.quantize_fp8_(model), or pass model_dir)")
+        if is_fp8(model) and config.numerics == "aligned":
+            raise ValueError(FP8_ALIGNED)
         if tokenizer is None and model_dir is not None:
             tokenizer = load_tokenizer(model_dir)
         self.model = model.eval()
@@ -150,8 +175,9 @@ class LLMEngine:
         self._ids = itertools.count()
         self._grammars = None                # structured.GrammarCompiler, made on first use
         self._grammars_lock = threading.Lock()  # prepare() runs on several worker threads
-        log.info("engine: %s %s, %d state slots (%.1f MiB), %d KV blocks x %d tokens (%.1f MiB), max_model_len %d, "
-                 "batch_invariant=%s, cuda_graphs=%s, prefix caching %s", device, dtype, config.max_num_seqs,
+        log.info("engine: %s %s%s, %d state slots (%.1f MiB), %d KV blocks x %d tokens (%.1f MiB), max_model_len %d, "
+                 "batch_invariant=%s, cuda_graphs=%s, prefix caching %s", device, dtype,
+                 " (FP8 weights)" if is_fp8(model) else "", config.max_num_seqs,
                  self.states.memory_bytes() / 2**20, num_blocks, config.block_size, self.kv.memory_bytes() / 2**20,
                  self.max_model_len, self.runner.batch_invariant, self.runner.graphs is not None,
                  "off" if not caching else f"on ({self.prefix_cache.snapshots.num} snapshots every "

@@ -175,9 +175,15 @@ def iter_tensors(path: str, cfg: RingLinearConfig, desc: str = "loading weights"
                  cfg.num_hidden_layers)
 
 
-def load_pretrained(cls, path, dtype=None, device=None, strict: bool = True, **config_overrides):
-    """`config_overrides` replace config.json fields for this load (checked like config.json itself)."""
+def load_pretrained(cls, path, dtype=None, device=None, strict: bool = True, quantization=None, fp8_recipe=None,
+                    **config_overrides):
+    """`config_overrides` replace config.json fields for this load (checked like config.json itself).
+    `quantization`: None = as the checkpoint is (FP8 when config.json has an fp8 quantization_config), "fp8" = FP8
+    weights (quantised at load from bf16/fp32 tensors, models/fp8_serve.py), "none" = the model dtype (an FP8
+    checkpoint is dequantised). `fp8_recipe`: the FP8 layers' Fp8Recipe (default: from the environment)."""
+    from . import fp8_serve
     path = os.fspath(path)
+    quantization = fp8_serve.check_quantization(quantization)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     cfg = RingLinearConfig.from_json(path)
@@ -186,25 +192,29 @@ def load_pretrained(cls, path, dtype=None, device=None, strict: bool = True, **c
         if unknown:
             raise ValueError(f"unknown config field(s) {unknown} in the overrides")
         cfg = cfg.replace(**config_overrides)
+    stored = fp8_serve.checkpoint_quantization(cfg)
+    quant = quantization or stored
+    if quant == "fp8":
+        fp8_serve.check_fp8_dims(cfg)
+    elif stored == "fp8":
+        cfg = cfg.replace(extra={k: v for k, v in cfg.extra.items() if k != "quantization_config"})
     dt = resolve_dtype(dtype, cfg)
     device = resolve_device(device or "cpu")
     with torch.device("meta"):
         model = cls(cfg)
     model.to(dt)
+    if quant == "fp8":
+        fp8_serve.quantize_fp8_(model, fp8_recipe)
     model.to_empty(device=device)
     target = model.state_dict(keep_vars=True)
+    loader = fp8_serve.Fp8Loader(target)
     loaded, unexpected = set(), []
     for t in iter_tensors(path, cfg):
-        if t.name not in target:
+        if not loader.accepts(t.name):
             unexpected.append(t.stored_name)
             continue
-        dst = target[t.name]
-        if t.shape != tuple(dst.shape):
-            raise CheckpointError(f"tensor {t.stored_name!r} in {t.file}: expected shape {tuple(dst.shape)}, "
-                                  f"found {t.shape}")
-        with torch.no_grad():
-            dst.copy_(t.load())
-        loaded.add(t.name)
+        loaded.update(loader.put(t))
+    loader.finish(path)
     optional = {k for k in target if k.endswith("expert_bias")} if not cfg.moe_router_enable_expert_bias else set()
     if cfg.tie_word_embeddings:
         optional.add("lm_head.weight")

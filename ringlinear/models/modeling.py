@@ -145,10 +145,12 @@ class RingLinearForCausalLM(nn.Module):
     # ------------------------------------------------------------------ checkpoint IO
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype=None, device=None, strict: bool = True,
-                        **config_overrides):
+                        quantization: str | None = None, fp8_recipe=None, **config_overrides):
         """Load a checkpoint directory. `config_overrides` replace config.json fields for this load, e.g.
-        `decay_layer_formula="sglang"` or `max_position_embeddings=...` (checked like config.json itself)."""
-        return load_pretrained(cls, path, dtype=dtype, device=device, strict=strict, **config_overrides)
+        `decay_layer_formula="sglang"` or `max_position_embeddings=...` (checked like config.json itself).
+        `quantization="fp8"`: FP8 weights for inference (models/fp8_serve.py); None: as the checkpoint is stored."""
+        return load_pretrained(cls, path, dtype=dtype, device=device, strict=strict, quantization=quantization,
+                               fp8_recipe=fp8_recipe, **config_overrides)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int = 4 << 30, tokenizer_dir=None):
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes, tokenizer_dir=tokenizer_dir)

@@ -41,6 +41,12 @@ PRESETS: dict[str, tuple[str, dict]] = {
     # debug
     "tiny": ("tests: every feature on (dense layer 0, grouped MoE, linear + softmax layers, a softmax tail)",
              _TINY),
+    "tiny-fp8": ("tests and benchmarks of FP8: every feature of tiny with each dimension a multiple of 128 (the "
+                 "128x128 weight blocks)", dict(
+                     _SMALL, vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                     num_attention_heads=2, num_key_value_heads=1, head_dim=64, n_group=4, topk_group=2,
+                     moe_intermediate_size=128, moe_shared_expert_intermediate_size=128, layer_group_size=2,
+                     group_norm_size=2, max_position_embeddings=1024)),
     "small": ("a few-million-parameter hybrid for demos (3 linear + 1 softmax per group)", dict(
         _SMALL, vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=4,
         num_key_value_heads=2, head_dim=64, n_group=2, topk_group=1, moe_intermediate_size=256,

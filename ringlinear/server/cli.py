@@ -21,6 +21,10 @@ def register(sub) -> None:
                         "final/ or checkpoints/step-N)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     s.add_argument("--dtype", default="auto", help="auto (checkpoint torch_dtype), bfloat16, float16, float32")
+    s.add_argument("--quantization", choices=("fp8", "none"), default=None,
+                   help="fp8: blockwise e4m3 weights with 128x128 scales, quantised at load (about half the weight "
+                        "memory; docs/serving.md); none: the model dtype (dequantises an FP8 checkpoint); default: "
+                        "as the checkpoint is stored")
     s.add_argument("--max-num-seqs", type=int, default=64, help="running requests at once (= linear-state slots)")
     s.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget per step")
     s.add_argument("--prefill-chunk", type=int, default=512, help="prefill piece size (multiple of 64)")
@@ -84,7 +88,8 @@ def build_engine(args):
         batch_invariant={"auto": None, "on": True, "off": False}[args.batch_invariant],
         cuda_graphs=not args.enforce_eager, cpu_threads=args.threads, enable_prefix_caching=args.prefix_caching,
         state_snapshot_interval=args.state_snapshot_interval,
-        state_snapshot_bytes=None if args.state_snapshot_gib is None else int(args.state_snapshot_gib * 2**30))
+        state_snapshot_bytes=None if args.state_snapshot_gib is None else int(args.state_snapshot_gib * 2**30),
+        quantization=args.quantization)
     engine = LLMEngine(args.model, cfg)
     if template is not None:
         if engine.tokenizer is None:

@@ -83,7 +83,8 @@ def nonfinite_counter(device) -> torch.Tensor:
         dev = torch.device("cuda", torch.cuda.current_device())
     c = _counters.get(dev)
     if c is None:
-        c = _counters[dev] = torch.zeros(1, dtype=torch.int64, device=dev)
+        with torch.inference_mode(False):  # made first inside the engine's inference mode, reset outside it
+            c = _counters[dev] = torch.zeros(1, dtype=torch.int64, device=dev)
     return c
 
 

@@ -81,13 +81,20 @@ def quantize_cols(x, dtype=E4M3, pow2=False):
     return quantize_rows(F.pad(x.float(), (0, 0, 0, -(-T // TILE) * TILE - T)).t(), dtype, pow2)
 
 
-def quantize_weight(w, pow2=False):
-    """w [..., N, K] -> (q [..., N, K], s [..., N/128, K/128], qT [..., K, N], sT [..., K/128, N/128]), e4m3."""
+def quantize_blocks(w, pow2=False):
+    """w [..., N, K] -> (q [..., N, K] e4m3, s [..., N/128, K/128] fp32): the stored layout of an FP8 checkpoint
+    (`weight`, `weight_scale_inv`; w = q * s blockwise)."""
     *lead, N, K = w.shape
     check_dims(weight_rows=N, weight_cols=K)
     wf = w.float().reshape(*lead, N // TILE, TILE, K // TILE, TILE)
     s = scale_from_amax(wf.abs().amax(dim=(-3, -1)), FP8_MAX[E4M3], pow2)     # [..., N/128, K/128]
     q = (wf * (torch.ones_like(s) / s)[..., :, None, :, None]).to(E4M3).reshape(*lead, N, K)
+    return q, s
+
+
+def quantize_weight(w, pow2=False):
+    """w [..., N, K] -> (q [..., N, K], s [..., N/128, K/128], qT [..., K, N], sT [..., K/128, N/128]), e4m3."""
+    q, s = quantize_blocks(w, pow2)
     return q, s, q.transpose(-1, -2).contiguous(), s.transpose(-1, -2).contiguous()
 
 
@@ -206,6 +213,23 @@ def _per_expert(eoff, fn):
             fn(e, r0, r1)
 
 
+def experts_forward(x, wt, W13, W2, pair, eoff, top_k, dt, pow2):
+    """The experts' forward with the dequantised weights W13 [E, 2I, h], W2 [E, h, I] (fp32): ab = x W13_e^T in
+    dt per expert-sorted pair, h = silu(g) u quantised 1x128, o = h W2_e^T in dt, y = sum_s wt * o (fp32, slot
+    order; wt None: y = o, one dense MLP). GEMMs through F.linear, so the engine's batch-invariant row blocks
+    apply on the CPU. -> (y [N, h] in dt, ab [NK, 2I])."""
+    NK, H = pair.numel(), x.shape[1]
+    X = fake_rows(x, E4M3, pow2)[pair // top_k]
+    ab = torch.empty(NK, W13.shape[1], dtype=dt, device=x.device)
+    _per_expert(eoff, lambda e, r0, r1: ab.__setitem__(slice(r0, r1), F.linear(X[r0:r1], W13[e]).to(dt)))
+    hd = fake_rows(swiglu32(ab), E4M3, pow2)
+    o = torch.empty(NK, H, dtype=dt, device=x.device)
+    _per_expert(eoff, lambda e, r0, r1: o.__setitem__(pair[r0:r1], F.linear(hd[r0:r1], W2[e]).to(dt)))
+    if wt is None:
+        return o, ab
+    return (o.view(-1, top_k, H).float() * wt[..., None].float()).sum(1).to(dt), ab
+
+
 class _ExpertsRef(torch.autograd.Function):
     """SwiGLU experts over expert-sorted (token, slot) rows: ab = x W13_e^T (model dtype), h = silu(g) u (fp32,
     quantised 1x128 along I), o = h W2_e^T (model dtype) per pair, y = sum_s wt * o (fp32, slot order). wt None:
@@ -213,20 +237,10 @@ class _ExpertsRef(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, wt, w13, w2, pair, eoff, top_k, dt, gdt, pow2):
-        NK, H = pair.numel(), x.shape[1]
-        tok = pair // top_k
-        X = fake_rows(x, E4M3, pow2)[tok]
-        W13, W2 = fake_weight(w13, pow2), fake_weight(w2, pow2)
-        ab = torch.empty(NK, w13.shape[1], dtype=dt, device=x.device)
-        _per_expert(eoff, lambda e, r0, r1: ab.__setitem__(slice(r0, r1), (X[r0:r1] @ W13[e].t()).to(dt)))
-        hd = fake_rows(swiglu32(ab), E4M3, pow2)
-        o = torch.empty(NK, H, dtype=dt, device=x.device)
-        _per_expert(eoff, lambda e, r0, r1: o.__setitem__(pair[r0:r1], (hd[r0:r1] @ W2[e].t()).to(dt)))
+        y, ab = experts_forward(x, wt, fake_weight(w13, pow2), fake_weight(w2, pow2), pair, eoff, top_k, dt, pow2)
         ctx.save_for_backward(x, wt, w13, w2, pair, eoff, ab)
         ctx.top_k, ctx.gdt, ctx.pow2 = top_k, gdt, pow2
-        if wt is None:
-            return o
-        return (o.view(-1, top_k, H).float() * wt[..., None].float()).sum(1).to(dt)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -280,11 +294,39 @@ def moe_experts(x, topk_idx, topk_weight, w13, w2, *, grad_dtype=E4M3, pow2=Fals
                              grad_dtype, pow2)
 
 
+def dense_plan(T, device):
+    """The one-expert plan of a dense MLP: (pair = arange(T), eoff = [0, T])."""
+    return torch.arange(T, device=device), torch.tensor([0, T], device=device)
+
+
 def swiglu_mlp(x, w_gate, w_up, w_down, *, grad_dtype=E4M3, pow2=False, out_dtype=None):
     """Emulated FP8 dense SwiGLU MLP (the shared expert, dense layers): x [T, h] -> [T, h]."""
     check_dims(hidden=w_gate.shape[1], intermediate=w_gate.shape[0])
-    T = x.shape[0]
-    pair = torch.arange(T, device=x.device)
-    eoff = torch.tensor([0, T], device=x.device)
+    pair, eoff = dense_plan(x.shape[0], x.device)
     w13 = torch.cat([w_gate, w_up], 0)[None]
     return _ExpertsRef.apply(x, None, w13, w_down[None], pair, eoff, 1, out_dtype or x.dtype, grad_dtype, pow2)
+
+
+# ---- inference over stored FP8 weights (serving; ops/fp8/inference.py dispatches here on the CPU) ----------------
+
+def linear_q(x, q, s, bias=None, *, pow2=False, out_dtype=None):
+    """x [T, K] against a stored FP8 weight (q [N, K], s [N/128, K/128]) -> [T, N] in out_dtype (default x's)."""
+    y = F.linear(fake_rows(x, E4M3, pow2), dequantize_weight(q, s))
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype or x.dtype)
+
+
+def swiglu_q(x, w13q, w13s, w2q, w2s, *, pow2=False, out_dtype=None):
+    """Dense SwiGLU MLP over stored FP8 weights (w13q [1, 2I, h] gate rows then up rows, w2q [1, h, I], scales
+    [1, ../128, ../128]): x [T, h] -> [T, h]."""
+    pair, eoff = dense_plan(x.shape[0], x.device)
+    return experts_forward(x, None, dequantize_weight(w13q, w13s), dequantize_weight(w2q, w2s), pair, eoff, 1,
+                           out_dtype or x.dtype, pow2)[0]
+
+
+def moe_experts_q(x, topk_idx, topk_weight, w13q, w13s, w2q, w2s, *, pow2=False, out_dtype=None):
+    """Routed experts over stored FP8 weights (w13q [E, 2I, h], w2q [E, h, I]): x [N, h], topk [N, k] -> [N, h]."""
+    pair, eoff = plan(topk_idx, w13q.shape[0])
+    return experts_forward(x, topk_weight.float(), dequantize_weight(w13q, w13s), dequantize_weight(w2q, w2s), pair,
+                           eoff, topk_idx.shape[1], out_dtype or x.dtype, pow2)[0]
