@@ -29,6 +29,10 @@ class EngineConfig:
     # "aligned": every position computed with the arithmetic of the training forward in aligned mode, whatever the
     # batch, chunking or decode step (docs/numerics.md); implies batch invariance. "default": the fastest kernels.
     numerics: str = "default"
+    # Several ranks (one node; docs/serving.md): tensor_parallel splits attention heads, dense layers and the
+    # shared expert, and the routed experts by expert; expert_parallel alone splits only the routed experts.
+    tensor_parallel: int = 1
+    expert_parallel: int = 1
 
     def __post_init__(self):
         if self.prefill_chunk < 1 or self.prefill_chunk % LIGHTNING_CHUNK:
@@ -37,7 +41,7 @@ class EngineConfig:
         if self.max_num_batched_tokens < self.prefill_chunk:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= prefill_chunk "
                              f"({self.prefill_chunk})")
-        for name in ("max_num_seqs", "block_size", "row_block"):
+        for name in ("max_num_seqs", "block_size", "row_block", "tensor_parallel", "expert_parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

@@ -10,12 +10,16 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from ..models.checkpoint import resolve_device
+from ..models.config import RingLinearConfig
 from ..models.modeling import RingLinearForCausalLM
 from ..models.tokenizer import load_tokenizer
 from ..ops.lightning_attn import open_chunk_rows
+from ..parallel.tensor import check_serving_parallel, load_sharded, local_heads
 from .config import EngineConfig
+from .distributed import Ranks, parallel_world, rank_device
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner
 from .sampler import sample_rows
@@ -80,17 +84,25 @@ def _text_of(content) -> str:
 
 
 class LLMEngine:
+    """`_rank` is internal: ranks 1..N-1 of a tensor/expert-parallel engine build theirs with it (distributed.py)."""
+
     def __init__(self, model_dir: str | None = None, config: EngineConfig | None = None, *, model=None,
-                 tokenizer=None):
+                 tokenizer=None, _rank=None):
         self.config = config = config or EngineConfig()
         if config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
-        device = resolve_device(config.device)
+        self.ranks, self.rank_info = None, _rank
+        world = parallel_world(config)
+        if world > 1:
+            model = self._parallel_model(model_dir, model, world)
+            device = next(model.parameters()).device
+        else:
+            device = resolve_device(config.device)
         if model is None:
             if model_dir is None:
                 raise ValueError("LLMEngine needs model_dir or model")
             model = RingLinearForCausalLM.from_pretrained(model_dir, dtype=config.dtype, device=device)
-        if tokenizer is None and model_dir is not None:
+        if tokenizer is None and model_dir is not None and _rank is None:
             tokenizer = load_tokenizer(model_dir)
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -99,7 +111,7 @@ class LLMEngine:
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         softmax, linear = cfg.softmax_layers, cfg.linear_layers
-        H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim_
+        (H, KV), D = local_heads(model), cfg.head_dim_  # this rank's heads under tensor parallelism
         open_chunk = None
         if config.numerics == "aligned":  # open-chunk buffers, sized by the kernels this device and dtype use
             open_chunk = (open_chunk_rows(torch.empty(0, H, D, dtype=dtype, device=device)), dtype)
@@ -111,6 +123,10 @@ class LLMEngine:
             num_blocks = self._auto_blocks(softmax, KV, D, dtype, device)
         else:  # no softmax layer: blocks are bookkeeping only, enough for every slot at full length
             num_blocks = config.max_num_seqs * -(-max_pos // config.block_size)
+        if self.rank_info is not None:  # every rank the same block count: the one that fits all of them
+            n = torch.tensor([num_blocks])
+            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=self.rank_info.host_group)
+            num_blocks = int(n)
         self.kv = PagedKVCache(softmax, num_blocks, config.block_size, KV, D, dtype, device)
         self.max_model_len = min(config.max_model_len or max_pos, max_pos, num_blocks * config.block_size)
         if config.max_model_len and self.max_model_len < config.max_model_len:
@@ -126,6 +142,24 @@ class LLMEngine:
                  "batch_invariant=%s, cuda_graphs=%s", device, dtype, config.max_num_seqs,
                  self.states.memory_bytes() / 2**20, num_blocks, config.block_size, self.kv.memory_bytes() / 2**20,
                  self.max_model_len, self.runner.batch_invariant, self.runner.graphs is not None)
+
+    def _parallel_model(self, model_dir, model, world):
+        """This rank's shard (rank 0 first starts the other ranks); joins the engine's rank group."""
+        cfg = self.config
+        if model is not None or model_dir is None:
+            raise ValueError("a tensor/expert-parallel engine loads its shards itself: pass model_dir, not model")
+        check_serving_parallel(RingLinearConfig.from_json(model_dir), cfg.tensor_parallel, cfg.expert_parallel)
+        if self.rank_info is None:
+            self.ranks = Ranks(model_dir, cfg, world)
+            self.rank_info = self.ranks.info
+        info = self.rank_info
+        return load_sharded(model_dir, info.rank, world, cfg.tensor_parallel, info.group, dtype=cfg.dtype,
+                            device=rank_device(cfg, info.rank))
+
+    def close(self) -> None:
+        """Stop the other ranks of a tensor/expert-parallel engine (a no-op for one process)."""
+        if self.ranks is not None:
+            self.ranks.close()
 
     def _auto_blocks(self, softmax, KV, D, dtype, device) -> int:
         per_block = PagedKVCache.bytes_per_block(len(softmax), self.config.block_size, KV, D, dtype)
@@ -234,6 +268,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        if self.ranks is not None:
+            self.ranks.send_step(batch)
         logits = self.runner.execute(batch)
         self.scheduler.commit(batch)
         sampling = [s.seq for s in batch.seqs if s.sample]
@@ -252,6 +288,8 @@ class LLMEngine:
         are the caller's, e.g. an RL trainer's policy). Needs an idle engine. `wake()` re-creates them."""
         if self.seqs:
             raise RuntimeError(f"sleep() with {len(self.seqs)} unfinished request(s)")
+        if self.rank_info is not None:
+            raise RuntimeError("sleep() frees one rank's memory only: not supported with several ranks")
         if self.asleep:
             return
         self.runner.drop_graphs()

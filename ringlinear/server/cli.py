@@ -33,6 +33,13 @@ def register(sub) -> None:
     s.add_argument("--batch-invariant", choices=("auto", "on", "off"), default="auto",
                    help="fixed-block GEMMs so results do not depend on the batch (auto: on for CPU)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument("--tp", type=int, default=1,
+                   help="tensor parallel ranks on this node (one GPU each): attention heads, dense layers and the "
+                        "shared expert split, routed experts split by expert; must divide the model's heads and "
+                        "its linear-attention norm groups (group_norm_size)")
+    s.add_argument("--ep", type=int, default=1,
+                   help="expert parallel ranks on this node: only the routed experts split (with --tp > 1: equal "
+                        "to it)")
     s.add_argument("--drain-timeout", type=float, default=None,
                    help="on shutdown, seconds to wait for in-flight requests (default: until they finish)")
     s.add_argument("--max-request-bytes", type=int, default=None,
@@ -49,7 +56,8 @@ def build_engine(args):
         kv_cache_bytes=None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30),
         max_model_len=args.max_model_len, device=args.device, dtype=args.dtype,
         batch_invariant={"auto": None, "on": True, "off": False}[args.batch_invariant],
-        cuda_graphs=not args.enforce_eager, cpu_threads=args.threads)
+        cuda_graphs=not args.enforce_eager, cpu_threads=args.threads, tensor_parallel=args.tp,
+        expert_parallel=args.ep)
     return LLMEngine(args.model, cfg)
 
 
@@ -94,6 +102,10 @@ def cmd_serve(args) -> int:
 
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"model directory {args.model} does not exist")
+    if args.tp != 1 or args.ep != 1:  # refused before the port is taken and before any rank starts
+        from ..models.config import RingLinearConfig
+        from ..parallel.tensor import check_serving_parallel
+        check_serving_parallel(RingLinearConfig.from_json(args.model), args.tp, args.ep)
     if args.max_request_bytes is not None and args.max_request_bytes < 1024:
         raise ValueError(f"--max-request-bytes {args.max_request_bytes} is too small to hold a request (>= 1024)")
     if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -112,5 +124,6 @@ def cmd_serve(args) -> int:
             pass
         finally:
             engine.shutdown()
+            engine.engine.close()  # the other ranks of --tp / --ep
     log.info("server stopped cleanly")
     return 0
