@@ -75,12 +75,13 @@ def rank_device(config, rank: int) -> torch.device:
 class Ranks:
     """Rank 0's handle on the other ranks."""
 
-    def __init__(self, model_dir: str, config, world: int):
+    def __init__(self, model_dir: str | None, config, world: int, random_weights=None):
         import torch.multiprocessing as mp
         port = _free_port()
         ctx = mp.get_context("spawn")
         self.errors = ctx.SimpleQueue()
-        self.procs = [ctx.Process(target=_rank_main, args=(r, world, port, model_dir, config, self.errors),
+        self.procs = [ctx.Process(target=_rank_main, args=(r, world, port, model_dir, config, random_weights,
+                                                                     self.errors),
                                   daemon=True, name=f"ringlinear-rank{r}") for r in range(1, world)]
         for p in self.procs:
             p.start()
@@ -88,12 +89,15 @@ class Ranks:
         self.sent: dict[tuple, int] = {}  # (request id, preemptions) -> blocks the other ranks know
         self.closed = False
 
-    def failure(self) -> str | None:
-        """A rank's error message, if one has died."""
+    def failure(self, err: Exception) -> RuntimeError:
+        """The error to raise when a collective failed: the other rank's own message when one has died."""
         if not self.errors.empty():
-            return self.errors.get()
-        dead = [p for p in self.procs if not p.is_alive()]
-        return f"rank {dead[0].name[-1]} exited with code {dead[0].exitcode}" if dead else None
+            return RuntimeError(self.errors.get())
+        dead = [(r, p) for r, p in enumerate(self.procs, start=1) if not p.is_alive()]
+        if dead:
+            return RuntimeError(f"rank {dead[0][0]} exited with code {dead[0][1].exitcode}")
+        return RuntimeError(f"a collective with the other ranks failed: {err}")
+
 
     def send_step(self, batch: Batch) -> None:
         entries, keep = [], {}
@@ -105,7 +109,10 @@ class Ranks:
             entries.append((key, q.slot, s.start, s.num_tokens, s.sample, tokens, known, q.block_table[known:]))
             keep[key] = len(q.block_table)
         self.sent = keep  # tables of sequences not in this step are resent whole when they return
-        _broadcast(self.info, StepMessage(entries))
+        try:
+            _broadcast(self.info, StepMessage(entries))
+        except RuntimeError as e:
+            raise self.failure(e) from None
 
     def close(self) -> None:
         if self.closed:
@@ -125,6 +132,17 @@ class Ranks:
 @dataclass
 class StepMessage:
     entries: list  # (key, slot, start, num_tokens, sample, token ids, table offset, new table blocks)
+
+
+def min_over_ranks(info: RankInfo, n: int, ranks: Ranks | None = None) -> int:
+    """The minimum of n over the ranks (each calls it at the same point of its setup); rank 0 passes `ranks` so
+    that a dead rank's own error is raised."""
+    t = torch.tensor([n])
+    try:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=info.host_group)
+    except RuntimeError as e:
+        raise (ranks.failure(e) if ranks is not None else e) from None
+    return int(t)
 
 
 def _broadcast(info: RankInfo, msg):
@@ -164,11 +182,11 @@ def _follow(engine, info: RankInfo) -> None:
         engine.runner.execute(Batch(seqs))
 
 
-def _rank_main(rank, world, port, model_dir, config, errors):
+def _rank_main(rank, world, port, model_dir, config, random_weights, errors):
     from .engine import LLMEngine
     try:
         info = _join(rank, world, port, rank_device(config, rank))
-        engine = LLMEngine(model_dir, config, _rank=info)
+        engine = LLMEngine(model_dir, config, random_weights=random_weights, _rank=info)
         _follow(engine, info)
         dist.destroy_process_group()
     except Exception as e:  # noqa: BLE001  (reported to rank 0, which raises it)

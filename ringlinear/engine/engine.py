@@ -10,16 +10,15 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from ..models.checkpoint import resolve_device
 from ..models.config import RingLinearConfig
 from ..models.modeling import RingLinearForCausalLM
 from ..models.tokenizer import load_tokenizer
 from ..ops.lightning_attn import open_chunk_rows
-from ..parallel.tensor import check_serving_parallel, load_sharded, local_heads
+from ..parallel.tensor import check_serving_parallel, load_sharded, local_heads, random_sharded
 from .config import EngineConfig
-from .distributed import Ranks, parallel_world, rank_device
+from .distributed import Ranks, min_over_ranks, parallel_world, rank_device
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner
 from .sampler import sample_rows
@@ -84,17 +83,19 @@ def _text_of(content) -> str:
 
 
 class LLMEngine:
-    """`_rank` is internal: ranks 1..N-1 of a tensor/expert-parallel engine build theirs with it (distributed.py)."""
+    """`random_weights`: a RingLinearConfig to serve with random weights instead of a checkpoint (benchmarks at
+    published shapes; token-id prompts only). `_rank` is internal: ranks 1..N-1 of a tensor/expert-parallel engine
+    build theirs with it (distributed.py)."""
 
     def __init__(self, model_dir: str | None = None, config: EngineConfig | None = None, *, model=None,
-                 tokenizer=None, _rank=None):
+                 tokenizer=None, random_weights: RingLinearConfig | None = None, _rank=None):
         self.config = config = config or EngineConfig()
         if config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
         self.ranks, self.rank_info = None, _rank
         world = parallel_world(config)
-        if world > 1:
-            model = self._parallel_model(model_dir, model, world)
+        if world > 1 or random_weights is not None:
+            model = self._parallel_model(model_dir, model, world, random_weights)
             device = next(model.parameters()).device
         else:
             device = resolve_device(config.device)
@@ -124,9 +125,7 @@ class LLMEngine:
         else:  # no softmax layer: blocks are bookkeeping only, enough for every slot at full length
             num_blocks = config.max_num_seqs * -(-max_pos // config.block_size)
         if self.rank_info is not None:  # every rank the same block count: the one that fits all of them
-            n = torch.tensor([num_blocks])
-            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=self.rank_info.host_group)
-            num_blocks = int(n)
+            num_blocks = min_over_ranks(self.rank_info, num_blocks, self.ranks)
         self.kv = PagedKVCache(softmax, num_blocks, config.block_size, KV, D, dtype, device)
         self.max_model_len = min(config.max_model_len or max_pos, max_pos, num_blocks * config.block_size)
         if config.max_model_len and self.max_model_len < config.max_model_len:
@@ -143,18 +142,22 @@ class LLMEngine:
                  self.states.memory_bytes() / 2**20, num_blocks, config.block_size, self.kv.memory_bytes() / 2**20,
                  self.max_model_len, self.runner.batch_invariant, self.runner.graphs is not None)
 
-    def _parallel_model(self, model_dir, model, world):
-        """This rank's shard (rank 0 first starts the other ranks); joins the engine's rank group."""
+    def _parallel_model(self, model_dir, model, world, random_weights):
+        """This rank's shard, loaded or random (rank 0 first starts the other ranks and joins their group)."""
         cfg = self.config
-        if model is not None or model_dir is None:
-            raise ValueError("a tensor/expert-parallel engine loads its shards itself: pass model_dir, not model")
-        check_serving_parallel(RingLinearConfig.from_json(model_dir), cfg.tensor_parallel, cfg.expert_parallel)
-        if self.rank_info is None:
-            self.ranks = Ranks(model_dir, cfg, world)
+        if model is not None or (model_dir is None) == (random_weights is None):
+            raise ValueError("a tensor/expert-parallel engine builds its shards itself: pass model_dir (or "
+                             "random_weights), not model")
+        shape = random_weights if random_weights is not None else RingLinearConfig.from_json(model_dir)
+        check_serving_parallel(shape, cfg.tensor_parallel, cfg.expert_parallel)
+        if world > 1 and self.rank_info is None:
+            self.ranks = Ranks(model_dir, cfg, world, random_weights)
             self.rank_info = self.ranks.info
-        info = self.rank_info
-        return load_sharded(model_dir, info.rank, world, cfg.tensor_parallel, info.group, dtype=cfg.dtype,
-                            device=rank_device(cfg, info.rank))
+        rank, group = (self.rank_info.rank, self.rank_info.group) if world > 1 else (0, None)
+        dev = rank_device(cfg, rank)
+        if random_weights is not None:
+            return random_sharded(shape, rank, world, cfg.tensor_parallel, group, dtype=cfg.dtype, device=dev)
+        return load_sharded(model_dir, rank, world, cfg.tensor_parallel, group, dtype=cfg.dtype, device=dev)
 
     def close(self) -> None:
         """Stop the other ranks of a tensor/expert-parallel engine (a no-op for one process)."""

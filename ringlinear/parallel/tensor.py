@@ -249,6 +249,33 @@ def load_sharded(path: str, rank: int, world: int, tp: int, group, dtype=None, d
     return model.eval()
 
 
+@torch.no_grad()
+def random_sharded(cfg: RingLinearConfig, rank: int, world: int, tp: int, group, dtype=None, device=None,
+                   seed: int = 0) -> RingLinearForCausalLM:
+    """This rank's part of a random-weight model of shape `cfg` (benchmarks at published shapes, no checkpoint):
+    every full tensor drawn on the device in the same order with the same seed on every rank, then cut, so the
+    ranks hold pieces of one model (normal(0, initializer_range); norms 1; expert biases normal(0, 1e-3))."""
+    check_serving_parallel(cfg, tp, world)
+    dev = resolve_device(device or "cpu")
+    with torch.device("meta"):
+        full_shapes = {n: p.shape for n, p in RingLinearForCausalLM(cfg).named_parameters()}
+        model = RingLinearForCausalLM(cfg)
+    model.to(resolve_dtype(dtype, cfg))
+    cuts = shard_for_serving(model, rank, world, tp, group)
+    model.to_empty(device=dev)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+            continue
+        full = torch.randn(full_shapes[name], generator=gen, device=dev, dtype=p.dtype) * cfg.initializer_range
+        p.copy_(cuts[name](full) if name in cuts else full)
+    for mod in model.modules():
+        if hasattr(mod, "expert_bias"):
+            mod.expert_bias.normal_(0.0, 1e-3, generator=gen)
+    return model.eval()
+
+
 def _nonpersistent(model) -> set[str]:
     out = set()
     for prefix, mod in model.named_modules():
@@ -273,5 +300,5 @@ def local_heads(model) -> tuple[int, int]:
     return (lin[0] if lin else cfg.num_attention_heads), (soft[0] if soft else cfg.num_key_value_heads)
 
 
-__all__ = ["check_serving_parallel", "shard_for_serving", "load_sharded", "local_heads", "ServingExperts",
-           "RowParallelLinear", "TensorParallelMLP"]
+__all__ = ["check_serving_parallel", "shard_for_serving", "load_sharded", "random_sharded", "local_heads",
+           "ServingExperts", "RowParallelLinear", "TensorParallelMLP"]

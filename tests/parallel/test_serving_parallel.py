@@ -15,7 +15,7 @@ from ringlinear.engine import LLM, SamplingParams
 from ringlinear.models.config import RingLinearConfig
 from ringlinear.models.modeling import RingLinearForCausalLM
 from ringlinear.ops.linear import RowBlockMode
-from ringlinear.parallel.tensor import check_serving_parallel, load_sharded
+from ringlinear.parallel.tensor import check_serving_parallel, load_sharded, random_sharded
 from ringlinear.testing import make_tiny_checkpoint, spawn_gloo
 
 TP_TOL = 2e-5
@@ -60,6 +60,10 @@ def _rank_logits(rank, world, path, tp, invariant):
     return _logits(model, invariant)
 
 
+def _rank_random(rank, world, cfg, tp):
+    return _logits(random_sharded(cfg, rank, world, tp, dist.group.WORLD if world > 1 else None, "float32"), False)
+
+
 def _single(path, invariant):
     return _logits(RingLinearForCausalLM.from_pretrained(path, dtype=torch.float32), invariant)
 
@@ -81,6 +85,13 @@ def test_tp4_replicated_kv_heads(tiny_g4):
     ranks = spawn_gloo(_rank_logits, 4, tiny_g4, 4, False)
     assert all(torch.equal(r, ranks[0]) for r in ranks)
     assert _rel(ranks[0], _single(tiny_g4, False)) < TP_TOL
+
+
+def test_random_weights_are_pieces_of_one_model(tiny):
+    """Benchmarks serve random weights without a checkpoint: each rank's are its cut of one model."""
+    cfg = RingLinearConfig.from_json(tiny)
+    ranks = spawn_gloo(_rank_random, 2, cfg, 2)
+    assert _rel(ranks[0], _rank_random(0, 1, cfg, 1)) < TP_TOL
 
 
 def test_bad_sizes_refused(tiny):
