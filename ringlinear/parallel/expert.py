@@ -111,12 +111,19 @@ class ExpertParallel:
     def apply(self, model: nn.Module) -> nn.Module:
         """In place, before FSDP2 and the optimizer: every MoE layer keeps E/ep of its experts (sliced from the
         full stacks, identical on every rank) and dispatches over the EP group."""
+        placements = [Replicate(), Shard(0)]
+        j = self.mesh.get_local_rank("ep")
         for block in model.modules():
             if not isinstance(block, SparseMoeBlock):
                 continue
+            El = block.num_experts // self.ep
             for name in ("w13", "w2"):
                 full = getattr(block, name).detach()
-                setattr(block, name, nn.Parameter(distribute_tensor(full, self.mesh, [Replicate(), Shard(0)])))
+                if full.is_meta:  # initialised after sharding (benchmarks at full size): shapes only
+                    part = DTensor.from_local(full[j * El:(j + 1) * El], self.mesh, placements, run_check=False)
+                else:  # rank 0's values everywhere
+                    part = distribute_tensor(full, self.mesh, placements)
+                setattr(block, name, nn.Parameter(part))
             block.expert_parallel = _RoutedOverGroup(self.ep_group, block.num_experts)
             self.blocks.append(block)
         return model
