@@ -157,7 +157,7 @@ def train_point(name, cfg, env, ep, seq, rows, reps):
     fpt, _ = flops_per_token(cfg, batch["lens"])
     tokens = rows * seq * world
     peak = torch.cuda.max_memory_allocated(dev) / GiB if dev.type == "cuda" else float("nan")
-    del tr, model
+    tr = model = None  # freed before the next point is built
     gc.collect()
     return {"name": name, "gpus": world, "ep": ep if world > 1 else 1, "layers": cfg.num_hidden_layers,
             "tokens_per_step": tokens, "step_ms": 1e3 * t, "tok_s": tokens / t,
