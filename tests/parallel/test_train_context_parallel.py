@@ -24,7 +24,8 @@ def _worker(rank, world, cfg_dict, tmp, name):
 def runs(tmp_path_factory, corpus):
     tmp = str(tmp_path_factory.mktemp("cp"))
     base = get_train_preset("tiny-test").replace(data=[corpus], progress=False, plot=False, steps=3, eval_every=0,
-                                                 save_every=0, threads=1, device="cpu", batch_size=4, grad_accum=2)
+                                                 save_every=0, threads=1, device="cpu", batch_size=4, grad_accum=2,
+                                                 data_cache=f"{tmp}/data")
     one = base.replace(out=f"{tmp}/one-first")
     single = {"first": _first_step(Trainer(one)), "summary": Trainer(one.replace(out=f"{tmp}/one")).train()}
     tok = f"{tmp}/one-first/tokenizer"
