@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import signal
 import traceback
 from dataclasses import dataclass
 
@@ -184,6 +185,7 @@ def _follow(engine, info: RankInfo) -> None:
 
 def _rank_main(rank, world, port, model_dir, config, random_weights, errors):
     from .engine import LLMEngine
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 stops us
     try:
         info = _join(rank, world, port, rank_device(config, rank))
         engine = LLMEngine(model_dir, config, random_weights=random_weights, _rank=info)

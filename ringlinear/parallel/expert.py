@@ -58,7 +58,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def dispatch_experts(x, topk_idx, topk_weight, w13, w2, group, num_experts: int):
     """Routed experts of this rank's tokens over the EP group. x [N, h]; topk_idx / topk_weight [N, k] (global
     expert ids); w13 [E/ep, 2I, h], w2 [E/ep, h, I]: this rank's experts. Returns [N, h] in x.dtype, differentiable
-    with respect to x, topk_weight, w13 and w2. Collective: every rank of `group` calls it per MoE layer."""
+    with respect to x, topk_weight, w13 and w2. Collective: every rank of `group` calls it per MoE layer; the
+    split sizes are read on the host (one synchronisation per layer, as the reference's own per-expert loop)."""
     N, k = topk_idx.shape
     h = x.shape[1]
     ep = dist.get_world_size(group)
