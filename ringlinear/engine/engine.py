@@ -150,6 +150,14 @@ class LLMEngine:
                              "random_weights), not model")
         shape = random_weights if random_weights is not None else RingLinearConfig.from_json(model_dir)
         check_serving_parallel(shape, cfg.tensor_parallel, cfg.expert_parallel)
+        if world > 1:
+            # Engine features that copy states or weights on the scheduling rank alone (prefix-cache snapshots,
+            # FP8 weight layouts, where the engine has them) are not mirrored on the other ranks yet.
+            if getattr(cfg, "quantization", None) not in (None, "none"):
+                raise ValueError("quantized weights with --tp/--ep are not supported yet")
+            if getattr(cfg, "enable_prefix_caching", False):
+                log.info("prefix caching is off with several ranks (its state copies are not mirrored yet)")
+                cfg.enable_prefix_caching = False
         if world > 1 and self.rank_info is None:
             self.ranks = Ranks(model_dir, cfg, world, random_weights)
             self.rank_info = self.ranks.info
