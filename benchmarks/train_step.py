@@ -123,7 +123,7 @@ def trainer_like(model, cfg, rows, seq, optimizer=True, fp8=False):
         from ringlinear.ops.fp8 import Fp8Recipe
         convert_to_fp8(model, Fp8Recipe(), optimizer=opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0) if optimizer else None
-    return SimpleNamespace(model=model, fwd=model, ddp=None, env=env, opt=opt, lr_sched=sched,
+    return SimpleNamespace(model=model, fwd=model, ddp=None, ep=None, cp=None, env=env, opt=opt, lr_sched=sched,
                            balancer=MoEBalancer(model, 1e-3, 0.0), autocast=contextlib.nullcontext,
                            sched_rows=SimpleNamespace(global_rows=rows), cfg=SimpleNamespace(seq_len=seq, grad_clip=1.0))
 

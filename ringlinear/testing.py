@@ -1,12 +1,17 @@
-"""Helpers for the tests (imported by tests only, never by the package): tiny real checkpoints and weight
-perturbation."""
+"""Helpers for the tests (imported by tests only, never by the package): tiny real checkpoints, weight
+perturbation, and gloo process groups for the multi-process tests."""
 from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
 
 import torch
 
 from .models.demo import make_tiny_checkpoint, train_tiny_tokenizer
 
-__all__ = ["make_tiny_checkpoint", "perturb_norms_and_biases", "train_tiny_tokenizer"]
+__all__ = ["make_tiny_checkpoint", "perturb_norms_and_biases", "train_tiny_tokenizer", "spawn_gloo", "free_port"]
 
 
 @torch.no_grad()
@@ -20,3 +25,37 @@ def perturb_norms_and_biases(model, seed: int = 0, bias_std: float = 0.05):
         if hasattr(mod, "variance_epsilon") and hasattr(mod, "weight"):
             mod.weight.copy_(1 + 0.1 * torch.randn(mod.weight.shape, generator=g))
     return model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_entry(rank, world, port, out_dir, fn, args):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        res = fn(rank, world, *args)
+        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+            pickle.dump(res, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_gloo(fn, world: int, *args) -> list:
+    """fn(rank, world, *args) in `world` fresh processes sharing one gloo process group (one torch thread each);
+    returns each rank's result (pickled through a file), in rank order. A failing rank fails the call with its
+    traceback. fn must be importable (a module-level function)."""
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_gloo_entry, args=(world, free_port(), d, fn, args), nprocs=world, join=True)
+        out = []
+        for r in range(world):
+            with open(os.path.join(d, f"rank{r}.pkl"), "rb") as f:
+                out.append(pickle.load(f))
+        return out

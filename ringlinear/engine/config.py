@@ -43,6 +43,10 @@ class EngineConfig:
     # Weights: None = as the checkpoint stores them (FP8 when its config.json says so), "fp8" = blockwise e4m3 with
     # 128x128 scales, quantised at load from a bf16/fp32 checkpoint (models/fp8_serve.py), "none" = the model dtype.
     quantization: str | None = None
+    # Several ranks (one node; docs/serving.md): tensor_parallel splits attention heads, dense layers and the
+    # shared expert, and the routed experts by expert; expert_parallel alone splits only the routed experts.
+    tensor_parallel: int = 1
+    expert_parallel: int = 1
 
     def __post_init__(self):
         if self.prefill_chunk < 1 or self.prefill_chunk % LIGHTNING_CHUNK:
@@ -51,7 +55,7 @@ class EngineConfig:
         if self.max_num_batched_tokens < self.prefill_chunk:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= prefill_chunk "
                              f"({self.prefill_chunk})")
-        for name in ("max_num_seqs", "block_size", "row_block"):
+        for name in ("max_num_seqs", "block_size", "row_block", "tensor_parallel", "expert_parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

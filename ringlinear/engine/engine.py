@@ -20,7 +20,9 @@ from ..models.modeling import RingLinearForCausalLM
 from ..models.tokenizer import load_tokenizer
 from ..ops.lightning_attn import open_chunk_rows
 from ..sampling import SamplingParamError
+from ..parallel.tensor import check_serving_parallel, load_sharded, local_heads, random_sharded
 from .config import FP8_ALIGNED, EngineConfig
+from .distributed import Ranks, min_over_ranks, parallel_world, rank_device
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner
 from .prefix_cache import PrefixCache, SnapshotPool
@@ -103,12 +105,22 @@ def _check_fp8_before_load(model_dir: str, config: EngineConfig, device) -> None
 
 
 class LLMEngine:
+    """`random_weights`: a RingLinearConfig to serve with random weights instead of a checkpoint (benchmarks at
+    published shapes; token-id prompts only). `_rank` is internal: ranks 1..N-1 of a tensor/expert-parallel engine
+    build theirs with it (distributed.py)."""
+
     def __init__(self, model_dir: str | None = None, config: EngineConfig | None = None, *, model=None,
-                 tokenizer=None):
+                 tokenizer=None, random_weights: RingLinearConfig | None = None, _rank=None):
         self.config = config = config or EngineConfig()
         if config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
-        device = resolve_device(config.device)
+        self.ranks, self.rank_info = None, _rank
+        world = parallel_world(config)
+        if world > 1 or random_weights is not None:
+            model = self._parallel_model(model_dir, model, world, random_weights)
+            device = next(model.parameters()).device
+        else:
+            device = resolve_device(config.device)
         if model is None:
             if model_dir is None:
                 raise ValueError("LLMEngine needs model_dir or model")
@@ -121,7 +133,7 @@ class LLMEngine:
                              "ringlinear.models.fp8_serve.quantize_fp8_(model), or pass model_dir)")
         if is_fp8(model) and config.numerics == "aligned":
             raise ValueError(FP8_ALIGNED)
-        if tokenizer is None and model_dir is not None:
+        if tokenizer is None and model_dir is not None and _rank is None:
             tokenizer = load_tokenizer(model_dir)
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -130,7 +142,7 @@ class LLMEngine:
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         softmax, linear = cfg.softmax_layers, cfg.linear_layers
-        H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim_
+        (H, KV), D = local_heads(model), cfg.head_dim_  # this rank's heads under tensor parallelism
         open_chunk = None
         if config.numerics == "aligned":  # open-chunk buffers, sized by the kernels this device and dtype use
             open_chunk = (open_chunk_rows(torch.empty(0, H, D, dtype=dtype, device=device)), dtype)
@@ -149,6 +161,8 @@ class LLMEngine:
                 num_blocks = max(1, (budget - (snapshot_bytes if caching else 0)) // per_block)
             else:  # no softmax layer: blocks are bookkeeping only, enough for every slot at full length
                 num_blocks = config.max_num_seqs * -(-max_pos // config.block_size)
+        if self.rank_info is not None:  # every rank the same block count: the one that fits all of them
+            num_blocks = min_over_ranks(self.rank_info, num_blocks, self.ranks)
         self.kv = PagedKVCache(softmax, num_blocks, config.block_size, KV, D, dtype, device)
         self.prefix_cache = None
         if caching:
@@ -191,6 +205,36 @@ class LLMEngine:
             free, _ = torch.cuda.mem_get_info(device)
             return int(free * 0.8)  # the rest: activations, CUDA-graph pools, allocator slack
         return 1 << 30
+
+    def _parallel_model(self, model_dir, model, world, random_weights):
+        """This rank's shard, loaded or random (rank 0 first starts the other ranks and joins their group)."""
+        cfg = self.config
+        if model is not None or (model_dir is None) == (random_weights is None):
+            raise ValueError("a tensor/expert-parallel engine builds its shards itself: pass model_dir (or "
+                             "random_weights), not model")
+        shape = random_weights if random_weights is not None else RingLinearConfig.from_json(model_dir)
+        check_serving_parallel(shape, cfg.tensor_parallel, cfg.expert_parallel)
+        if world > 1:
+            # Prefix-cache snapshots and FP8 weight layouts live on the scheduling rank alone; the other ranks
+            # do not mirror them yet.
+            if cfg.quantization == "fp8" or (cfg.quantization is None and checkpoint_quantization(shape) == "fp8"):
+                raise ValueError("FP8 weights with --tp/--ep are not supported yet (serve them on one GPU)")
+            if cfg.enable_prefix_caching:
+                log.info("prefix caching is off with several ranks (its state copies are not mirrored yet)")
+                cfg.enable_prefix_caching = False
+        if world > 1 and self.rank_info is None:
+            self.ranks = Ranks(model_dir, cfg, world, random_weights)
+            self.rank_info = self.ranks.info
+        rank, group = (self.rank_info.rank, self.rank_info.group) if world > 1 else (0, None)
+        dev = rank_device(cfg, rank)
+        if random_weights is not None:
+            return random_sharded(shape, rank, world, cfg.tensor_parallel, group, dtype=cfg.dtype, device=dev)
+        return load_sharded(model_dir, rank, world, cfg.tensor_parallel, group, dtype=cfg.dtype, device=dev)
+
+    def close(self) -> None:
+        """Stop the other ranks of a tensor/expert-parallel engine (a no-op for one process)."""
+        if self.ranks is not None:
+            self.ranks.close()
 
     # ------------------------------------------------------------------ requests
     def prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
@@ -337,6 +381,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        if self.ranks is not None:
+            self.ranks.send_step(batch)
         logits = self.runner.execute(batch)
         self.scheduler.commit(batch)
         sampling, rows = [], []
@@ -365,6 +411,8 @@ class LLMEngine:
         are the caller's, e.g. an RL trainer's policy). Needs an idle engine. `wake()` re-creates them."""
         if self.seqs:
             raise RuntimeError(f"sleep() with {len(self.seqs)} unfinished request(s)")
+        if self.rank_info is not None:
+            raise RuntimeError("sleep() frees one rank's memory only: not supported with several ranks")
         if self.asleep:
             return
         self.runner.drop_graphs()

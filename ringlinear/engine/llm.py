@@ -18,6 +18,16 @@ class LLM:
         self.engine = LLMEngine(model_dir, config or EngineConfig(**engine_kwargs))
         self.tokenizer = self.engine.tokenizer
 
+    def close(self) -> None:
+        """Stop the other ranks of a tensor/expert-parallel engine (`with LLM(...) as llm:` does it)."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """prompts: a string, a list of strings, a list of token ids, or a list of token-id lists."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):

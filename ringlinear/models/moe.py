@@ -63,6 +63,9 @@ class SparseMoeBlock(nn.Module):
         else:
             self.shared_experts = None
         self.record_stats = False
+        # Set by ringlinear.parallel when the routed experts live on several ranks: a callable
+        # (block, x) -> (y, topk_idx, router_logits) that routes here and runs the experts over the group.
+        self.expert_parallel = None
         self.last_topk_idx = None
         self.last_router_logits = None
         self._register_state_dict_hook(_experts_by_checkpoint_name)
@@ -73,15 +76,17 @@ class SparseMoeBlock(nn.Module):
         return [f"experts.{e}.{p}_proj.weight" for e in range(self.num_experts) for p in ("gate", "up", "down")]
 
     def forward(self, x):  # x [T, h]
-        w13, w2 = self.w13, self.w2
-        shared = None
-        if self.shared_experts is not None:
-            s = self.shared_experts
-            shared = (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
-        y, idx, _, logits = moe_forward(x, self.gate.weight, self.gate.expert_bias, w13, w2, shared,
-                                        top_k=self.top_k, n_group=self.n_group, topk_group=self.topk_group,
-                                        routed_scaling_factor=self.routed_scaling_factor,
-                                        norm_topk_prob=self.norm_topk_prob)
+        if self.expert_parallel is not None:
+            y, idx, logits = self.expert_parallel(self, x)
+        else:
+            shared = None
+            if self.shared_experts is not None:
+                s = self.shared_experts
+                shared = (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
+            y, idx, _, logits = moe_forward(x, self.gate.weight, self.gate.expert_bias, self.w13, self.w2, shared,
+                                            top_k=self.top_k, n_group=self.n_group, topk_group=self.topk_group,
+                                            routed_scaling_factor=self.routed_scaling_factor,
+                                            norm_topk_prob=self.norm_topk_prob)
         if self.record_stats:
             self.last_topk_idx = idx.detach()
             self.last_router_logits = logits

@@ -45,6 +45,13 @@ def register(sub) -> None:
     s.add_argument("--batch-invariant", choices=("auto", "on", "off"), default="auto",
                    help="fixed-block GEMMs so results do not depend on the batch (auto: on for CPU)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument("--tp", type=int, default=1,
+                   help="tensor parallel ranks on this node (one GPU each): attention heads, dense layers and the "
+                        "shared expert split, routed experts split by expert; must divide the model's heads and "
+                        "its linear-attention norm groups (group_norm_size)")
+    s.add_argument("--ep", type=int, default=1,
+                   help="expert parallel ranks on this node: only the routed experts split (with --tp > 1: equal "
+                        "to it)")
     s.add_argument("--drain-timeout", type=float, default=None,
                    help="on shutdown, seconds to wait for in-flight requests (default: until they finish)")
     s.add_argument("--chat-template", default=None, metavar="FILE",
@@ -89,7 +96,7 @@ def build_engine(args):
         cuda_graphs=not args.enforce_eager, cpu_threads=args.threads, enable_prefix_caching=args.prefix_caching,
         state_snapshot_interval=args.state_snapshot_interval,
         state_snapshot_bytes=None if args.state_snapshot_gib is None else int(args.state_snapshot_gib * 2**30),
-        quantization=args.quantization)
+        quantization=args.quantization, tensor_parallel=args.tp, expert_parallel=args.ep)
     engine = LLMEngine(args.model, cfg)
     if template is not None:
         if engine.tokenizer is None:
@@ -142,6 +149,12 @@ def cmd_serve(args) -> int:
         raise FileNotFoundError(f"model directory {args.model} does not exist")
     if args.chat_template:
         read_chat_template(args.chat_template)  # before the socket and the model: a bad file fails in a second
+    if args.tp != 1 or args.ep != 1:  # refused before the port is taken and before any rank starts
+        from ..models.config import RingLinearConfig
+        from ..parallel.tensor import check_serving_parallel
+        check_serving_parallel(RingLinearConfig.from_json(args.model), args.tp, args.ep)
+        if args.quantization == "fp8":
+            raise ValueError("--quantization fp8 with --tp/--ep is not supported yet (serve FP8 weights on one GPU)")
     if args.max_request_bytes is not None and args.max_request_bytes < 1024:
         raise ValueError(f"--max-request-bytes {args.max_request_bytes} is too small to hold a request (>= 1024)")
     if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -160,5 +173,6 @@ def cmd_serve(args) -> int:
             pass
         finally:
             engine.shutdown()
+            engine.engine.close()  # the other ranks of --tp / --ep
     log.info("server stopped cleanly")
     return 0

@@ -91,8 +91,13 @@ class TrainConfig:
                            "metrics.jsonl still gets every step)")
     grad_checkpointing: bool = _f(False, "activation checkpointing per decoder layer")
     compile: bool = _f(False, "torch.compile the model")
-    fsdp: bool = _f(False, "FSDP2 (fully_shard per layer; routed experts replicated) instead of DDP: see "
+    fsdp: bool = _f(False, "FSDP2 (fully_shard per layer, every parameter sharded) instead of DDP: see "
                            "docs/training.md")
+    ep: int = _f(1, "expert parallelism (with --fsdp): the routed experts of every MoE layer split over groups of N "
+                    "consecutive processes, tokens sent to their experts by all-to-all; world = data-parallel x N")
+    cp: int = _f(1, "context parallelism: every row of a micro-batch split over groups of N consecutive processes "
+                    "(linear-attention states passed along the group, softmax K/V gathered); world = "
+                    "data-parallel x N")
     threads: int = _f(0, "torch CPU threads per process (0 = torch default, one per core); on a shared or busy "
                          "CPU use 1: threads that wait for taken cores spin (measured 10x slower)")
 
@@ -142,9 +147,31 @@ class TrainConfig:
             RingLinearConfig.from_json(self.model_config)
         elif not self.init_from and self.model_preset not in PRESETS:
             raise ValueError(f"unknown --model-preset {self.model_preset!r}; choose one of {', '.join(PRESETS)}")
+        self._validate_parallel()
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise ValueError(f"--out {self.out} is a file, not a directory")
         return self
+
+    def _validate_parallel(self) -> None:
+        """What --ep / --cp combine with (the world size is checked when the processes start)."""
+        for k in ("ep", "cp"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"--{k} must be >= 1, got {getattr(self, k)}")
+        if self.ep > 1 and not self.fsdp:
+            raise ValueError(f"--ep {self.ep} needs --fsdp (the experts are sharded DTensors beside FSDP2's shards)")
+        if self.ep > 1 and self.cp > 1:
+            raise ValueError("--ep and --cp together are not supported yet: use one of them")
+        if (self.ep > 1 or self.cp > 1) and self.precision == "fp8":
+            raise ValueError("--precision fp8 with --ep or --cp is not supported yet")
+        if self.cp > 1:
+            if self.seq_aux_loss_coef > 0:
+                raise ValueError("--seq-aux-loss-coef needs whole rows on one process; it cannot be used with --cp")
+            if self.numerics == "aligned":
+                raise ValueError("--numerics aligned starts every sequence from a zero state; it cannot be used "
+                                 "with --cp")
+            if (self.batch_size * self.seq_len) % self.cp:
+                raise ValueError(f"--cp {self.cp} must divide the tokens of a micro-batch (--batch-size x --seq-len "
+                                 f"= {self.batch_size * self.seq_len})")
 
 
 # Fields that define the run: changing them on --resume would not continue the same run.

@@ -18,15 +18,21 @@ from ..models.modeling import RingLinearForCausalLM
 
 
 def apply_fsdp(model, env):
-    """Shard in place (each decoder layer, then the root) over all ranks; CUDA (nccl) or CPU (gloo)."""
+    """Shard in place (each decoder layer, then the root) over all ranks; CUDA (nccl) or CPU (gloo). Parameters
+    that already are DTensors (the routed experts under expert parallelism: ringlinear.parallel.expert) keep their
+    own mesh and are left to their owner."""
     if not env.distributed:
         raise ValueError("--fsdp needs several processes (torchrun --nproc-per-node N)")
     # The logits are returned as a view; nothing modifies them in place, so FSDP's warning about that is moot.
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     mesh = init_device_mesh(env.device.type, (env.world,))
+
+    def placed(module):
+        return {p for p in module.parameters() if isinstance(p, DTensor)} or None
+
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, ignored_params=placed(layer))
+    fully_shard(model, mesh=mesh, ignored_params=placed(model))
     # The sharded Parameters by name, taken now: while a module is unsharded (the root after an eval forward),
     # named_parameters() yields its unsharded tensors, not the ones the optimizer holds.
     model._sharded_names = {p: n for n, p in model.named_parameters()}

@@ -77,12 +77,16 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def make_optimizer(model, lr, weight_decay, betas, eps, device_type: str):
+def make_optimizer(model, lr, weight_decay, betas, eps, device_type: str, per_tensor: bool = False):
+    """MasterAdamW for non-fp32 parameters, else torch's AdamW (fused on CUDA; one tensor at a time with
+    `per_tensor`, for parameters on several device meshes)."""
     groups = param_groups(model, weight_decay)
     if any(p.dtype != torch.float32 for g in groups for p in g["params"]):
         return MasterAdamW(groups, lr=lr, betas=betas, eps=eps)
     kw = {}
-    if device_type == "cuda":
+    if per_tensor:
+        kw.update(foreach=False, fused=False)
+    elif device_type == "cuda":
         kw["fused"] = True
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kw)
 

@@ -100,7 +100,8 @@ class PackedRows:
 
 def collate(rows: list[Row], device=None):
     """Rows -> one packed micro-batch: input_ids [1, T], labels [1, T], cu_seqlens [N+1] int32, row_ids [T], and on
-    the host n_rows, n_targets (labels != -100) and max_seqlen (the longest segment)."""
+    the host n_rows, n_targets (labels != -100), max_seqlen (the longest segment) and cu_host (cu_seqlens as a
+    list)."""
     ids = np.concatenate([r.input_ids for r in rows])
     lab = np.concatenate([r.labels for r in rows])
     cu, row_ids, off = [], [], 0
@@ -113,7 +114,17 @@ def collate(rows: list[Row], device=None):
     # host-side counts, so the step never reads them back from the device
     return {"input_ids": t(ids, torch.long)[None], "labels": t(lab, torch.long)[None],
             "cu_seqlens": t(np.asarray(cu), torch.int32), "row_ids": t(np.concatenate(row_ids), torch.long),
-            "n_rows": len(rows), "n_targets": int((lab != -100).sum()), "max_seqlen": int(np.diff(cu).max())}
+            "n_rows": len(rows), "n_targets": int((lab != -100).sum()), "max_seqlen": int(np.diff(cu).max()),
+            "cu_host": cu}
+
+
+def pad_rows(rows: list[Row], multiple: int) -> list[Row]:
+    """`rows` plus, if needed, one padding row (token 0, no targets, its own segment) so that their total token
+    count is a multiple of `multiple` (evaluation under context parallelism: equal pieces)."""
+    extra = -sum(r.input_ids.size for r in rows) % multiple
+    if not extra:
+        return rows
+    return rows + [Row(np.zeros(extra, dtype=np.int64), np.full(extra, -100, dtype=np.int64), [0])]
 
 
 class RowSchedule:

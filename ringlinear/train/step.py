@@ -25,12 +25,25 @@ def micro_batches_targets(batches) -> int:
     return sum(b["n_targets"] for b in batches)
 
 
+def token_loss(tr, module, b) -> torch.Tensor:
+    """Summed token loss (fp32, fused head + cross-entropy) of micro-batch b through `module` (the model or its
+    wrapper); under context parallelism of this process's piece of b."""
+    if tr.cp is not None:
+        ids, labels, ctx = tr.cp.piece(b)
+        return module(ids, ctx=ctx, labels=labels, return_logits=False, loss_reduction="sum").loss
+    return module(b["input_ids"], cu_seqlens=b["cu_seqlens"], max_seqlen=b["max_seqlen"], labels=b["labels"],
+                  return_logits=False, loss_reduction="sum").loss
+
+
 def forward_backward(tr, batches) -> dict:
     """Forward + backward of the micro-batches (gradients left in .grad). `tr`: the Trainer (model `fwd`, DDP
-    wrapper, balancer, autocast, env). Returns device-tensor sums: loss, aux, targets; host ints: tokens, rows."""
+    wrapper, balancer, autocast, env, expert / context parallelism). Returns device-tensor sums: loss, aux,
+    targets; host ints: tokens, rows."""
     env = tr.env
     local = torch.tensor([float(micro_batches_targets(batches))], dtype=torch.float64)
     global_targets = D.all_reduce_sum(env, local.to(env.device, non_blocking=True))[0]
+    if tr.cp is not None:  # the ranks of a CP group share their rows: each counted all of them
+        global_targets = global_targets / tr.cp.cp
     scale = (env.world / global_targets.clamp_min(1.0)).float()
     aux_scale = env.world / tr.sched_rows.global_rows
     loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
@@ -40,8 +53,7 @@ def forward_backward(tr, batches) -> dict:
         last = m == len(batches) - 1
         with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
             with tr.autocast():
-                ce = tr.fwd(b["input_ids"], cu_seqlens=b["cu_seqlens"], max_seqlen=b["max_seqlen"],
-                            labels=b["labels"], return_logits=False, loss_reduction="sum").loss  # fp32 sum
+                ce = token_loss(tr, tr.fwd, b)  # fp32 sum
             loss = ce * scale
             aux = tr.balancer.after_forward(b["row_ids"], b["n_rows"])
             if aux is not None:
@@ -49,6 +61,8 @@ def forward_backward(tr, batches) -> dict:
                 aux_sum += aux.detach().double()
             loss.backward()
         loss_sum += ce.detach().double()
+    if tr.ep is not None:
+        tr.ep.reduce_grads()
     sums = D.all_reduce_sum(env, torch.stack([loss_sum, aux_sum]))
     return {"loss_sum": sums[0], "aux_sum": sums[1], "targets": global_targets,
             "tokens": tr.sched_rows.global_rows * tr.cfg.seq_len, "rows": tr.sched_rows.global_rows}

@@ -12,12 +12,15 @@ import os
 import shutil
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..models.config import RingLinearConfig
 from ..models.modeling import RingLinearForCausalLM
 from ..models.presets import get_preset
 from ..models.tokenizer import load_tokenizer
+from ..parallel.context import ContextParallel
+from ..parallel.expert import ExpertParallel, check_expert_parallel
 from . import dist as D
 from . import fsdp
 from . import step as S
@@ -27,7 +30,7 @@ from .checkpoint import (find_resume, list_checkpoints, load_trainer_state, remo
 from .config import RUN_DEFINING, TrainConfig
 from .loop import run
 from .optim import make_optimizer, make_scheduler
-from .packing import RowSchedule, collate
+from .packing import RowSchedule, collate, pad_rows
 from .prepare import prepare, training_rows
 
 log = logging.getLogger("ringlinear.train")
@@ -66,6 +69,10 @@ class Trainer:
             self.resume_path = _on_main(env, lambda: _checked_resume(cfg))
             state = load_trainer_state(self.resume_path)
             _check_same_run(state["config"], cfg)
+        # --ep / --cp against the world and the model, before any data work
+        if env.world % cfg.cp:
+            raise ValueError(f"--cp {cfg.cp} does not divide the {env.world} processes (world = data-parallel x cp)")
+        check_expert_parallel(cfg.ep, env.world, _architecture(cfg, self.resume_path).num_experts)
         tok_src = self.resume_path or cfg.init_from or cfg.tokenizer or None
         _on_main(env, lambda: _claim_out_dir(cfg))
         self.prep = _on_main(env, lambda: prepare(cfg, tok_src))
@@ -73,7 +80,9 @@ class Trainer:
         if len(self.rows) == 0:
             raise ValueError(f"the training split has fewer tokens than one row of --seq-len {cfg.seq_len}; add data "
                              "or lower --seq-len")
-        self.sched_rows = RowSchedule(len(self.rows), cfg.seed, cfg.batch_size, cfg.grad_accum, env.world, env.rank)
+        # context parallelism: the processes of a CP group read the same rows (and take a piece of each)
+        self.sched_rows = RowSchedule(len(self.rows), cfg.seed, cfg.batch_size, cfg.grad_accum, env.world // cfg.cp,
+                                      env.rank // cfg.cp)
         self.model = self._build_model()
         dev = env.device
         # bf16 = the parameters themselves in bf16 (every kernel on bf16 operands, no per-step casts) with fp32
@@ -85,8 +94,9 @@ class Trainer:
         self.model.model.gradient_checkpointing = cfg.grad_checkpointing
         self.balancer = MoEBalancer(self.model, cfg.bias_update_rate, cfg.seq_aux_loss_coef)
         self.fwd = self._wrap()  # before the optimizer: FSDP2 replaces the Parameters it shards
+        # expert parallelism: parameters on two meshes, which torch's fused and foreach updates cannot mix
         self.opt = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps,
-                                  dev.type)
+                                  dev.type, per_tensor=self.ep is not None)
         self.lr_sched = make_scheduler(self.opt, cfg)
         self.fp8 = cfg.precision == "fp8"
         if self.fp8:
@@ -141,6 +151,12 @@ class Trainer:
         cfg, env = self.cfg, self.env
         m = self.model
         self.fsdp = cfg.fsdp
+        self.ep = self.cp = None
+        if cfg.ep > 1:  # before FSDP2, which leaves the expert DTensors to it
+            self.ep = ExpertParallel(cfg.ep, env.world, env.device.type)
+            self.ep.apply(m)
+        if cfg.cp > 1:
+            self.cp = ContextParallel(cfg.cp, env.world, env.device.type)
         if cfg.fsdp:
             m = fsdp.apply_fsdp(m, env)
         elif env.distributed:
@@ -171,18 +187,26 @@ class Trainer:
         if n == 0:
             return None
         self.model.eval()
-        # FSDP forwards are collective: every rank scores every row (in lockstep) instead of a share of them
-        mine = list(range(n)) if self.fsdp else list(range(env.rank, n, env.world))
+        # FSDP forwards are collective: every rank scores every row (in lockstep) instead of a share of them;
+        # under context parallelism the ranks of a CP group score the same rows, a piece each
+        groups, group = (env.world // cfg.cp, env.rank // cfg.cp)
+        mine = list(range(n)) if self.fsdp else list(range(group, n, groups))
         tot = torch.zeros(2, dtype=torch.float64, device=env.device)
         for i in range(0, len(mine), cfg.batch_size):
-            b = collate([self.val_rows.row(j) for j in mine[i:i + cfg.batch_size]], env.device)
+            rows = [self.val_rows.row(j) for j in mine[i:i + cfg.batch_size]]
+            if self.cp is not None:
+                rows = pad_rows(rows, self.cp.cp)
+            b = collate(rows, env.device)
             with self.autocast():
-                ce = self.model(b["input_ids"], cu_seqlens=b["cu_seqlens"], max_seqlen=b["max_seqlen"],
-                                labels=b["labels"], return_logits=False, loss_reduction="sum").loss
-            tot += torch.stack([ce.double(), ce.new_tensor(float(b["n_targets"]), dtype=torch.float64)])
+                ce = S.token_loss(self, self.model, b)
+            # each CP group's targets counted once (by its first rank), each token's loss on the rank holding it
+            n_t = float(b["n_targets"]) if self.cp is None or self.cp.rank == 0 else 0.0
+            tot += torch.stack([ce.double(), ce.new_tensor(n_t, dtype=torch.float64)])
         self.model.train()
         if not self.fsdp:
             D.all_reduce_sum(env, tot)
+        elif self.cp is not None:
+            dist.all_reduce(tot, group=self.cp.group)
         return float(tot[0] / tot[1].clamp_min(1))
 
     # ------------------------------------------------------------------ checkpoints
@@ -220,6 +244,14 @@ class Trainer:
             return run(self)
         finally:
             D.teardown(self.env)
+
+
+def _architecture(cfg: TrainConfig, src: str | None) -> RingLinearConfig:
+    """The model's shape as the run will build it (vocabulary aside), read without building it."""
+    src = src or cfg.init_from
+    if src:
+        return RingLinearConfig.from_json(os.path.join(src, "config.json"))
+    return RingLinearConfig.from_json(cfg.model_config) if cfg.model_config else get_preset(cfg.model_preset)
 
 
 def _model_config(cfg: TrainConfig, vocab_size: int) -> RingLinearConfig:
