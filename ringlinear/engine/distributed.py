@@ -153,7 +153,9 @@ def _broadcast(info: RankInfo, msg):
 
 
 class _SeqView:
-    """The part of a `Sequence` the model runner reads, on a rank that does not schedule."""
+    """The part of a `Sequence` the model runner reads, on a rank that does not schedule (prompt log-probs are
+    scored on rank 0 alone: the LM head is replicated and comes after the last collective)."""
+    prompt_logprobs = None
 
     def __init__(self, key, slot, start, tokens, table):
         self.request_id, self.num_preemptions = key

@@ -30,6 +30,7 @@ def model(layers=3):
 
 def loss_of(m, seq=40):
     ids = torch.randint(3, 256, (2, seq), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(next(m.parameters()).device)
     logits = m(ids).logits
     loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 256).float(), ids[:, 1:].reshape(-1))
     loss.backward()

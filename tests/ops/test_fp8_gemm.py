@@ -1,5 +1,7 @@
 """Blockwise-scaled FP8 GEMMs against the fp32 GEMM of their dequantised operands (tight: the same products, only
-the fp32 summation order differs, 1e-5 relative) and against the bf16 GEMM of the unquantised operands (loose:
+the summation differs: 1e-5 relative under the interpreter's fp32 sums; 5e-4 on the GPU, where the FP8 tensor cores
+add each 128-long K block in a narrower accumulator than fp32 (DeepSeek-V3 report, section 3.3.2) before the kernel
+scales it into its fp32 sum; measured 1.27e-4 on an H200 for our Triton GEMMs and cuBLAS alike) and against the bf16 GEMM of the unquantised operands (loose:
 the recipe's own error, e4m3 on both operands ~3.7% relative RMS, bound 6%). Grouped kernels run over the fused
 MoE's expert-sorted plan; dense layers are its one-expert case. Determinism and batch invariance are bitwise.
 """
@@ -14,6 +16,7 @@ from ringlinear.ops.fp8 import triton_quant as TQ  # noqa: E402
 from ringlinear.ops.moe.triton_route import make_plan  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TIGHT = 5e-4 if DEV == "cuda" else 1e-5
 N, K_TOP, E, H, INTER = 48, 2, 4, 256, 128
 
 
@@ -64,7 +67,7 @@ def test_gateup_against_dequantised_reference(moe):
     W = R.dequantize_weight(m["w13q"][0], m["w13q"][1])
     ref = per_expert(m["re"], lambda e, r0, r1, o: o.__setitem__(slice(r0, r1), X[r0:r1] @ W[e].t()),
                      torch.empty(ab.shape, device=DEV))
-    assert rel(ab, ref) < 1e-5
+    assert rel(ab, ref) < TIGHT
     h32 = R.swiglu32(ab)
     rq, rs = R.quantize_rows(h32)
     assert (R.dequantize_rows(hq, hs) - h32).abs().max() <= 2 ** -4 * h32.abs().max()
@@ -86,7 +89,7 @@ def test_rows_gemm_tight_and_loose(moe):
                      torch.empty_like(o))
     exact = per_expert(m["re"], lambda e, r0, r1, out: out.__setitem__(rp[r0:r1], (
         h[r0:r1].to(torch.bfloat16) @ m["w2"][e].to(torch.bfloat16).t()).float()), torch.empty_like(o))
-    assert rel(o, ref) < 1e-5
+    assert rel(o, ref) < TIGHT
     assert rel(o, exact) < 0.06
 
 
@@ -99,7 +102,7 @@ def test_dense_gemm_one_expert_plan():
     q, s, _, _ = wq(w)
     pair, eoff = TG.identity_plan(T, x.device)
     y = TG.rows_gemm(xq, xs, q[None], s[None], pair, eoff, 1, torch.empty(T, Nd, device=DEV), a_gather=False)
-    assert rel(y, R.dequantize_rows(xq, xs) @ R.dequantize_weight(q, s).t()) < 1e-5
+    assert rel(y, R.dequantize_rows(xq, xs) @ R.dequantize_weight(q, s).t()) < TIGHT
     assert rel(y, (x.to(torch.bfloat16) @ w.to(torch.bfloat16).t()).float()) < 0.06
 
 
@@ -118,7 +121,7 @@ def test_dswiglu_and_weight_gradients(moe):
     g = per_expert(re, lambda e, r0, r1, o: o.__setitem__(slice(r0, r1), DY[r0:r1] @ W2[e]),
                    torch.empty(N * K_TOP, INTER, device=DEV))
     h32 = R.swiglu32(ab)
-    assert rel(part.sum(0)[rp], (g * h32).sum(1)) < 1e-5
+    assert rel(part.sum(0)[rp], (g * h32).sum(1)) < TIGHT
     gg, uu = ab[:, :INTER].float(), ab[:, INTER:].float()
     sg = torch.sigmoid(gg)
     dh = g * m["wt"].reshape(-1)[rp][:, None]
@@ -130,7 +133,7 @@ def test_dswiglu_and_weight_gradients(moe):
     A = R.dequantize_sorted_cols(gqt, gst, re)
     B = R.dequantize_sorted_cols(xt, xts, re)
     ref = torch.stack([A[int(re[e]):int(re[e + 1])].t() @ B[int(re[e]):int(re[e + 1])] for e in range(E)])
-    assert rel(dw13, ref) < 1e-5
+    assert rel(dw13, ref) < TIGHT
     exact = torch.stack([dab[int(re[e]):int(re[e + 1])].t() @ m["x"].float()[rp // K_TOP][int(re[e]):int(re[e + 1])]
                          for e in range(E)])
     assert rel(dw13, exact) < 0.1          # e5m2 x e4m3 operands
@@ -176,10 +179,10 @@ def test_torch_scaled_mm_path_matches_triton():
     (xq, xs), (xt, xts) = TQ.quantize(x, R.E4M3, False, cnt(), rows=True, cols=True)
     q, s, qt, st = wq(w)
     ref = R.dequantize_rows(xq, xs) @ R.dequantize_weight(q, s).t()
-    assert rel(torch_mm.fprop(xq, xs, q, s, torch.float32), ref) < 1e-5
+    assert rel(torch_mm.fprop(xq, xs, q, s, torch.float32), ref) < TIGHT
     dy = torch.randn(T, Nd, generator=g).to(DEV)
     (dq, ds), (dyt, dyts) = TQ.quantize(dy, R.E4M3, False, cnt(), rows=True, cols=True)
     assert rel(torch_mm.dgrad(dq, ds, qt, st, torch.float32),
-               R.dequantize_rows(dq, ds) @ R.dequantize_weight(q, s)) < 1e-5
+               R.dequantize_rows(dq, ds) @ R.dequantize_weight(q, s)) < TIGHT
     assert rel(torch_mm.wgrad(dyt, dyts, xt, xts, torch.float32),
-               R.dequantize_rows(dyt, dyts) @ R.dequantize_rows(xt, xts).t()) < 1e-5
+               R.dequantize_rows(dyt, dyts) @ R.dequantize_rows(xt, xts).t()) < TIGHT

@@ -29,7 +29,8 @@ def _worker(rank, world, port, cfg_dict):
 def test_two_processes_equal_one(tiny_dir, tmp_path, parity_reward, prompts_file):
     data = prompts_file([{"prompt": f"Hello {i} who are you"} for i in range(4)])
     base = RLConfig(model=tiny_dir, task="jsonl", data=data, reward=parity_reward, steps=2, prompts_per_step=4,
-                    group_size=4, max_new_tokens=6, lr=1e-3, progress=False, plot=False, save_every=0, threads=1)
+                    group_size=4, max_new_tokens=6, lr=1e-3, progress=False, plot=False, save_every=0, threads=1,
+                    device="cpu")  # gloo: CPU processes, also on a CUDA box
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     train(base.replace(out=one))
     # the reward module is importable in the workers through PYTHONPATH (spawned processes start afresh)

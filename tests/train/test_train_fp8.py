@@ -23,7 +23,8 @@ def model_config(tmp_path):
 
 
 def test_fp8_on_cpu_needs_the_explicit_emulation(tiny_cfg, tmp_path, model_config):
-    cfg = tiny_cfg(tmp_path / "a", precision="fp8", model_config=model_config, steps=2, eval_every=0, save_every=0)
+    cfg = tiny_cfg(tmp_path / "a", precision="fp8", model_config=model_config, steps=2, eval_every=0, save_every=0,
+                   device="cpu")
     with pytest.raises(ValueError, match="--fp8-emulate"):
         train(cfg)
 

@@ -70,8 +70,8 @@ def test_torchrun_two_processes(tmp_path, corpus):
 
 def test_bf16_autocast_on_cpu_trains(tmp_path, tiny_cfg):
     # --precision bf16 on CPU used to crash in the reference MoE (an fp32 buffer taking the bf16 expert output).
-    fp32 = train(tiny_cfg(tmp_path / "fp32", steps=3, eval_every=0, save_every=0))
-    bf16 = train(tiny_cfg(tmp_path / "bf16", steps=3, eval_every=0, save_every=0, precision="bf16"))
+    fp32 = train(tiny_cfg(tmp_path / "fp32", steps=3, eval_every=0, save_every=0, device="cpu"))
+    bf16 = train(tiny_cfg(tmp_path / "bf16", steps=3, eval_every=0, save_every=0, precision="bf16", device="cpu"))
     # Same data and init: the bf16 run's losses follow the fp32 run's to bf16 resolution, and it really ran in bf16.
     assert abs(bf16["val_loss_start"] - fp32["val_loss_start"]) < 0.05
     assert abs(bf16["loss_end"] - fp32["loss_end"]) < 0.05 and bf16["loss_end"] != fp32["loss_end"]

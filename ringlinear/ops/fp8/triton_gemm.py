@@ -33,10 +33,9 @@ CFG = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
 
 
 def dense_eoff(T, device):
-    """eoff = [0, T] int32 of the one-expert plan (built on the device: no host sync)."""
-    eoff = torch.zeros(2, dtype=torch.int32, device=device)
-    eoff[1] = T
-    return eoff
+    """eoff = [0, T] int32 of the one-expert plan, made by device kernels only: `eoff[1] = T` would copy a CPU
+    scalar tensor, which CUDA graph capture refuses."""
+    return torch.arange(2, dtype=torch.int32, device=device) * T
 
 
 def identity_plan(T, device):
