@@ -189,8 +189,12 @@ def test_bad_values_fail_in_one_line_before_weights_are_read(tiny_fp8_dir, tmp_p
 
 
 def test_triton_kernels_track_the_emulation(tiny_fp8_dir, monkeypatch):
-    """The Triton path (CPU: the interpreter; CUDA: the card) against the exact emulation: same codes, GEMMs equal
-    up to fp32 summation order (bound 1e-3 relative; measured ~2e-4 on the interpreter)."""
+    """The Triton path (CPU: the interpreter; CUDA: the card) against the exact emulation. Interpreted, the GEMMs
+    equal the emulation's up to fp32 summation order (bound 1e-3 relative; measured 3.5e-7). On the GPU the FP8
+    tensor cores' narrower accumulator moves each GEMM output by ~1.3e-4 (tests/ops/test_fp8_gemm.py), which flips
+    the e4m3 code (a 6-12% step) of some activations re-quantised after it, inside each MLP: measured per op on an
+    H200, projections 1.2e-4, MLPs 3e-3 to 6e-3, logits after 3 layers 1.28e-2 (bound 3e-2), against the 9% of
+    FP8 itself vs fp32."""
     pytest.importorskip("triton")
     from ringlinear.ops._triton import patch_interpreter
     from ringlinear.ops.fp8 import read_nonfinite
@@ -203,5 +207,5 @@ def test_triton_kernels_track_the_emulation(tiny_fp8_dir, monkeypatch):
     m.to(dev)
     with torch.inference_mode():
         tri = m(ids.to(dev)).logits.cpu()
-    assert rel_rms(tri, emu) < 1e-3
+    assert rel_rms(tri, emu) < (3e-2 if dev == "cuda" else 1e-3)
     assert read_nonfinite(dev) == 0

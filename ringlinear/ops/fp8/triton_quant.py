@@ -126,17 +126,21 @@ def quantize(x, dtype, pow2, counter, rows=True, cols=False):
 @triton.jit
 def _weight_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, cnt_ptr, sw_e, sw_n, sq_e, sq_n, ss_e, ss_n, sqt_e,
                    sqt_k, sst_e, sst_k, POW2: tl.constexpr):
+    """One 128x128 block in both orientations. The transposed codes come from a second, transposed load of the
+    block, each copy stored in its own row-major order: on an H200 (Triton 3.6) storing one fp8 register tile
+    through transposed pointers, or through tl.trans, wrote a quarter to a third of qt wrong and left some of it
+    unwritten. amax is exact, so both copies share the scale and their codes are the same bits."""
     nb = tl.program_id(0)
     kb = tl.program_id(1)
     e = tl.program_id(2).to(tl.int64)
     n = nb * 128 + tl.arange(0, 128)
     k = kb * 128 + tl.arange(0, 128)
-    w = tl.load(w_ptr + e * sw_e + n[:, None] * sw_n + k[None, :]).to(tl.float32)
+    w = tl.load(w_ptr + e * sw_e + n[:, None] * sw_n + k[None, :]).to(tl.float32)        # [n, k]
     count_nonfinite(w, cnt_ptr)
     s = tile_scale(tl.max(tl.max(tl.abs(w), 1), 0), 448.0, POW2)
-    q = encode(w, s, tl.float8e4nv)
-    tl.store(q_ptr + e * sq_e + n[:, None] * sq_n + k[None, :], q)
-    tl.store(qt_ptr + e * sqt_e + k[None, :] * sqt_k + n[:, None], q)
+    tl.store(q_ptr + e * sq_e + n[:, None] * sq_n + k[None, :], encode(w, s, tl.float8e4nv))
+    wt = tl.load(w_ptr + e * sw_e + n[None, :] * sw_n + k[:, None]).to(tl.float32)       # [k, n]
+    tl.store(qt_ptr + e * sqt_e + k[:, None] * sqt_k + n[None, :], encode(wt, s, tl.float8e4nv))
     tl.store(s_ptr + e * ss_e + nb * ss_n + kb, s)
     tl.store(st_ptr + e * sst_e + kb * sst_k + nb, s)
 
