@@ -186,3 +186,19 @@ def test_torch_scaled_mm_path_matches_triton():
                R.dequantize_rows(dq, ds) @ R.dequantize_weight(q, s)) < TIGHT
     assert rel(torch_mm.wgrad(dyt, dyts, xt, xts, torch.float32),
                R.dequantize_rows(dyt, dyts) @ R.dequantize_rows(xt, xts).t()) < TIGHT
+
+
+def test_cublas_row_constraint_sends_odd_row_counts_to_triton(monkeypatch):
+    """cuBLASLt's 1x128-scaled GEMM refuses row counts that are not a multiple of 4 (measured on an H200: M = 1,
+    2, 3, 130 fail, 4 ... 4096 run): `fits` says so, "auto" then takes the Triton GEMM, a forced cuBLAS path
+    names the row count in a one-line error before any GPU work."""
+    from ringlinear.ops.fp8 import autograd as A, torch_mm
+    ws = torch.ones(2, 4)  # a 256 x 512 weight's 128x128 scales: K/128 = 4 fits
+    assert torch_mm.fits("fprop", ws, 128) and not torch_mm.fits("fprop", ws, 130)
+    assert not torch_mm.fits("fprop", torch.ones(2, 3), 128)
+    monkeypatch.setattr(torch_mm, "available", lambda device=None: True)  # as on a Hopper GPU
+    assert A._gemm_backend("fprop", torch.device(DEV), torch_mm.fits("fprop", ws, 128)) == "torch"
+    assert A._gemm_backend("fprop", torch.device(DEV), torch_mm.fits("fprop", ws, 130)) == "triton"
+    xq = torch.zeros(130, 512, dtype=R.E4M3)
+    with pytest.raises(ValueError, match="M=130 rows must be a multiple of 4"):
+        torch_mm.fprop(xq, torch.ones(4, 130), torch.zeros(256, 512, dtype=R.E4M3), ws, torch.float32)

@@ -100,7 +100,7 @@ def rms_norm_fp8(x2, weight, eps, recipe):
 
 def _dense_rows(aq, as_, b, bs, out_dtype, kind, torch_fn):
     """[T, NOUT] = A rows x B^T for a dense layer (b [NOUT, K]), on Triton or cuBLAS (GEMM_BACKEND)."""
-    if _gemm_backend(kind, aq.device, torch_mm.fits(kind, bs)) == "torch":
+    if _gemm_backend(kind, aq.device, torch_mm.fits(kind, bs, aq.shape[0])) == "torch":
         return torch_fn()
     pair, eoff = G.identity_plan(aq.shape[0], aq.device)
     out = torch.empty(aq.shape[0], b.shape[0], dtype=out_dtype, device=aq.device)
