@@ -18,7 +18,8 @@ import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-from .engine import LLMEngine, RequestOutput
+from .engine import LLMEngine
+from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from .config import EngineConfig
-from .engine import LLMEngine, RequestOutput
+from .engine import LLMEngine
+from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
 

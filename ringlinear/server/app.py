@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
-from ..engine.engine import RequestError
+from ..engine.outputs import RequestError
 from . import tools
 from .metrics import CountRequests, Metrics, observed
 from .openai_format import SSE_DONE, Formatter, sse

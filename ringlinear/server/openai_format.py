@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import time
 
-from ..engine.engine import RequestOutput
+from ..engine.outputs import RequestOutput
 from . import tools
 
 
