@@ -21,6 +21,7 @@ bf16 MoE does) and their scales; `state_dict` names them per expert and projecti
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
@@ -139,7 +140,7 @@ class Fp8InferNorm(RMSNorm):
         return Q.rms_norm(x, self.weight, self.variance_epsilon, self.fp8_recipe)
 
 
-class _Stacks(_KeepsFp8):
+class _Stacks(_KeepsFp8, ABC):
     """SwiGLU experts as stacks w13 [E, 2I, h] (gate rows then up rows), w2 [E, h, I] + scales; `state_dict`
     names every expert's projections as the checkpoint does (`part_names`), `load_state_dict` takes them."""
 
@@ -149,8 +150,9 @@ class _Stacks(_KeepsFp8):
         self._register_state_dict_hook(_stacks_to_names)
         self._register_load_state_dict_pre_hook(_names_to_stacks, with_module=True)
 
+    @abstractmethod
     def part_names(self, e: int) -> tuple[str, str, str]:
-        raise NotImplementedError
+        """Expert e's (gate, up, down) checkpoint names: each stacked module (MLP, MoE) says."""
 
     def parts(self):
         """[(checkpoint suffix, stack, expert, row slice)] for codes; scales: suffix + SCALE, rows / 128."""

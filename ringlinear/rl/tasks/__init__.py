@@ -9,6 +9,7 @@ A task's prompts for step s depend only on (seed, s), so a resumed run sees the 
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 TASKS = ("arithmetic", "code", "jsonl")
@@ -28,15 +29,17 @@ class Score:
     error: str | None = None                   # why reward is None
 
 
-class Task:
+class Task(ABC):
     name = "task"
     stop: tuple[str, ...] = ()                 # stop strings for sampling
 
+    @abstractmethod
     def prompts(self, step: int, n: int) -> list[Prompt]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def score(self, prompts: list[Prompt], completions: list[str]) -> list[Score]:
-        raise NotImplementedError
+        ...
 
     def close(self) -> None:
         pass
