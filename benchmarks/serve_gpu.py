@@ -92,7 +92,8 @@ def drive(eng, clients, sync):
     wall = time.perf_counter() - t0
     after = eng.stats()
     return outs, wall, {k: after[k] - before[k] for k in ("prefix_cache_hits", "prefix_cache_hit_tokens",
-                                                           "evicted_blocks", "evicted_snapshots")}
+                                                           "prefix_cache_waits", "evicted_blocks",
+                                                           "evicted_snapshots")}
 
 
 def _pct(xs, q):

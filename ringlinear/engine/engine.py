@@ -406,6 +406,7 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions, "aborted": self.num_aborted,
             "prefix_cache_queries": pc.num_queries if pc else 0, "prefix_cache_hits": pc.num_hits if pc else 0,
             "prefix_cache_hit_tokens": pc.num_hit_tokens if pc else 0,
+            "prefix_cache_waits": pc.num_waits if pc else 0,
             "cached_blocks": pool.num_cached, "evicted_blocks": pool.num_evicted,
             "snapshots": len(snaps) if snaps else 0, "total_snapshots": snaps.num if snaps else 0,
             "snapshot_bytes": len(snaps) * snaps.bytes_each if snaps else 0,

@@ -97,7 +97,8 @@ class PrefixCache:
                  interval: int, prefill_chunk: int, aligned: bool):
         self.blocks, self.snapshots, self.states = blocks, snapshots, states
         self.block_size, self.interval, self.chunk, self.aligned = block_size, interval, prefill_chunk, aligned
-        self.num_queries = self.num_hits = self.num_hit_tokens = 0
+        self.num_queries = self.num_hits = self.num_hit_tokens = self.num_waits = 0
+        self.in_flight: dict[bytes, int] = {}  # boundary keys running prefills will record -> how many
 
     def keys(self, seq: Sequence, n: int) -> list[bytes]:
         """The chain keys of seq's first n blocks (computed once per sequence, extended as needed)."""
@@ -149,6 +150,50 @@ class PrefixCache:
             self.blocks.register(seq.block_table[i], keys[i])
         seq.num_registered = nb
         self.snapshots.save(keys[-1], self.states, seq.slot)
+
+    # ---- prefixes being computed: a request that would resume at a boundary a running prefill is about to record
+    # waits for it instead of computing the same tokens beside it (a burst of requests sharing a system prompt
+    # otherwise all miss until the first one's prefill is done).
+    def promise(self, seq: Sequence, start: int) -> None:
+        """seq runs from `start`: the boundaries up to its length that its prefill pieces will record."""
+        if not self.snapshots.num:
+            return
+        bs, step = self.block_size, self.interval
+        for b in range(start + step, seq.num_tokens + 1, step):
+            key = self.keys(seq, b // bs)[-1]
+            seq.promised.append((b, key))
+            self.in_flight[key] = self.in_flight.get(key, 0) + 1
+
+    def fulfil(self, seq: Sequence) -> None:
+        """seq's computed tokens passed some promised boundaries: they are recorded now (or never will be)."""
+        while seq.promised and seq.promised[0][0] <= seq.num_computed:
+            self._drop(seq.promised.pop(0)[1])
+
+    def withdraw(self, seq: Sequence) -> None:
+        """seq stops (finished, aborted, preempted): its remaining promises are void."""
+        for _, key in seq.promised:
+            self._drop(key)
+        seq.promised = []
+
+    def _drop(self, key: bytes) -> None:
+        n = self.in_flight[key] - 1
+        if n:
+            self.in_flight[key] = n
+        else:
+            del self.in_flight[key]
+
+    def should_wait(self, seq: Sequence, start: int) -> bool:
+        """Whether seq, which would resume at `start`, shares the next boundary with a running prefill that has
+        not recorded it yet: then it waits (a later lookup resumes it further)."""
+        b = start + self.interval
+        if not self.in_flight or b > (seq.num_tokens - 1) // self.interval * self.interval:
+            return False
+        if self.keys(seq, b // self.block_size)[-1] not in self.in_flight:
+            return False
+        if not seq.waited:
+            seq.waited = True
+            self.num_waits += 1
+        return True
 
     def reset(self) -> None:
         """Forget everything cached (after the weights change; before the storage is freed)."""

@@ -16,7 +16,10 @@ recomputed from token 0 (prompt plus the tokens it already produced).
 
 Sharing (prefix_cache.py, with prefix caching on): an admitted request first looks up the longest cached prefix of
 its tokens that ends on a state snapshot; it shares those blocks, gets the snapshot copied into its slot and starts
-there. Samples of one prompt (`LLMEngine.add_group`) wait on their leader and fork from it when its prompt is done.
+there. A request whose next snapshot boundary a running prefill is about to record (a burst sharing a system
+prompt) is held back, keeping its place, while later requests are admitted; it resumes from that snapshot once
+recorded, or goes on when that prefill stops (prefix_cache.py `should_wait`). Samples of one prompt
+(`LLMEngine.add_group`) wait on their leader and fork from it when its prompt is done.
 """
 from __future__ import annotations
 
@@ -85,6 +88,8 @@ class Scheduler:
             self.states.free(seq.slot)
             seq.slot = None
         seq.num_computed = seq.num_registered = 0
+        if self.prefix:
+            self.prefix.withdraw(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Drop a finished or aborted request from whichever queue holds it and free its memory now. Samples
@@ -150,27 +155,33 @@ class Scheduler:
 
         n_decoding = sum(1 for s in self.running if s.num_uncomputed == 1)
         pool = self.kv.allocator
+        held = []  # requests waiting for a prefix a running prefill is computing; they keep their place
         while self.waiting and self.states.num_free > 0:
             seq = self.waiting[0]
             # a request scoring its prompt (prompt_logprobs) computes every position itself
             cached = self.prefix is not None and seq.params.prompt_logprobs is None
             hit, start = self.prefix.lookup(seq) if cached else ([], 0)
+            if cached and self.prefix.should_wait(seq, start):
+                held.append(self.waiting.popleft())
+                continue
             seq.num_computed = start
             n = self._piece(seq)
             need = self.kv.blocks_needed(start + n) - len(hit)
             if n > budget or need + pool.num_idle(hit) + n_decoding > pool.num_free:
                 seq.num_computed = 0
-                break  # FCFS: nobody overtakes the head of the queue
+                break  # FCFS: nobody overtakes the head of the queue (held-back requests aside)
             self.waiting.popleft()
             seq.slot = self.states.allocate()
             seq.block_table = pool.share(hit) + pool.allocate(need)  # shared first: allocating may evict idle ones
             if self.prefix:
                 self.prefix.admitted(seq, start)
+                self.prefix.promise(seq, start)
             seq.status = Status.RUNNING
             self.running.append(seq)
             budget -= n
             item = ScheduledSeq(seq, start, n, start + n == seq.num_tokens)
             (decodes if n == 1 else prefills).append(item)
+        self.waiting.extendleft(reversed(held))
         return Batch(decodes + prefills)
 
     def commit(self, batch: Batch) -> None:
@@ -179,6 +190,7 @@ class Scheduler:
             s.seq.num_computed = s.start + s.num_tokens
             if self.prefix:
                 self.prefix.record(s.seq, s.start, s.num_tokens)
+                self.prefix.fulfil(s.seq)
 
     def fork(self, leader: Sequence) -> list[Sequence]:
         """leader's prompt is computed: each sample waiting on it takes its full blocks (shared), a copy of its

@@ -32,6 +32,8 @@ class Sequence:
         # Prefix caching: chain keys of the token blocks (prefix_cache.py), blocks of the table registered so far.
         self.block_keys: list[bytes] = []
         self.num_registered = 0
+        self.promised: list[tuple[int, bytes]] = []  # (boundary, key) its running prefill will record
+        self.waited = False                          # held back once for an in-flight prefix (counted once)
         # Samples of one prompt sharing its prefill: the leader holds the others until its prompt is computed,
         # then they fork from it (Scheduler.fork).
         self.forks: list[Sequence] = []

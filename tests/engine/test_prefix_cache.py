@@ -170,3 +170,46 @@ def test_snapshot_interval_config():
         EngineConfig(prefill_chunk=256, state_snapshot_interval=384)
     with pytest.raises(ValueError, match="state_snapshot_bytes"):
         EngineConfig(state_snapshot_bytes=-1)
+
+
+def test_a_burst_waits_for_the_prefix_being_computed(make_llm, random_prompts, run_engine, check_blocks):
+    """Requests sharing a system prompt, all queued at once: the first computes it, the others wait for its
+    snapshots instead of computing the same tokens beside it, then resume from them; outputs equal cold runs
+    bitwise. Without the wait every one of them would miss (nothing is cached when they are admitted)."""
+    system = random_prompts(1, 320, 320, seed=80)[0]
+    prompts = [system + u for u in random_prompts(5, 5, 40, seed=81)]
+    params = [SamplingParams(max_tokens=6, temperature=0, logprobs=True, ignore_eos=True) for _ in prompts]
+    want = _cold(make_llm, prompts, params)
+    eng = make_llm().engine
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        eng.add_request(p, sp, f"r{i}")
+    got = run_engine(eng, check_blocks)
+    for i, w in enumerate(want):
+        _same(got[f"r{i}"], w)
+    s = eng.stats()
+    assert s["prefix_cache_waits"] == len(prompts) - 1
+    assert s["prefix_cache_hits"] == len(prompts) - 1
+    assert s["prefix_cache_hit_tokens"] == 320 * (len(prompts) - 1)  # every boundary up to the shared 320
+    assert not eng.prefix_cache.in_flight and s["free_kv_blocks"] == s["total_kv_blocks"]
+
+
+def test_waiting_requests_go_on_when_the_prefill_they_wait_for_stops(make_llm, random_prompts, run_engine,
+                                                                     check_blocks):
+    """The request computing the shared prefix is aborted mid-prefill: the ones waiting for it are admitted
+    (from what it cached so far) and finish with the cold run's outputs."""
+    system = random_prompts(1, 320, 320, seed=82)[0]
+    prompts = [system + u for u in random_prompts(3, 5, 40, seed=83)]
+    params = [SamplingParams(max_tokens=4, temperature=0, logprobs=True, ignore_eos=True) for _ in prompts]
+    want = _cold(make_llm, prompts, params)
+    eng = make_llm().engine
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        eng.add_request(p, sp, f"r{i}")
+    eng.step()
+    eng.step()                                   # r0 has computed 2 of its pieces; r1, r2 wait for the third
+    assert eng.stats()["running"] == 1 and eng.stats()["prefix_cache_waits"] == 2
+    eng.abort_request("r0")
+    got = run_engine(eng, check_blocks)
+    assert set(got) == {"r1", "r2"}
+    for i in (1, 2):
+        _same(got[f"r{i}"], want[i])
+    assert not eng.prefix_cache.in_flight
