@@ -3,7 +3,8 @@ loading, saving, `ringlinear convert` and training checkpoints.
 
 - `iter_tensors(dir, cfg)`: every tensor of a checkpoint, one file open at a time, names with the aliases applied,
   MTP tensors skipped; each is read only when asked (`.load()`), after its shape can be checked.
-- `ShardWriter`: tensors streamed into safetensors shards of at most `max_bytes`, with the index when sharded.
+- `ShardWriter`: tensors streamed into safetensors shards of at most `max_bytes`, with the index when sharded;
+  each shard hashed while it is written (`safetensors_write.py`), so manifests need no second read.
 - `atomic_directory(path)`: a directory written beside its target and renamed into place once complete.
 - `copy_tokenizer_files`, `sha256_file`, `follow_umask`, `resolve_dtype`, `resolve_device`.
 
@@ -23,12 +24,12 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import safetensors.torch
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .config import RingLinearConfig
+from .safetensors_write import write_safetensors
 
 log = logging.getLogger("ringlinear")
 
@@ -233,11 +234,14 @@ def load_pretrained(cls, path, dtype=None, device=None, strict: bool = True, qua
 # ---------------------------------------------------------------------- writing
 class ShardWriter:
     """Tensors streamed into safetensors shards of at most max_bytes (a tensor never split), in the order added;
-    at `close` they are named model.safetensors, or model-NNNNN-of-NNNNN with the index."""
+    at `close` they are named model.safetensors, or model-NNNNN-of-NNNNN with the index. `sha256` then maps each
+    shard's final name to the digest taken while it was written."""
 
     def __init__(self, directory: str, max_bytes: int):
         self.d, self.max = directory, max_bytes
         self.cur, self.size, self.names, self.weight_map, self.total = {}, 0, [], {}, 0
+        self.sha256: dict[str, str] = {}
+        self._digests: list[str] = []
 
     def add(self, name: str, t: torch.Tensor) -> None:
         n = t.numel() * t.element_size()
@@ -252,7 +256,7 @@ class ShardWriter:
 
     def _flush(self) -> None:
         fn = f"part-{len(self.names):05d}.safetensors"
-        safetensors.torch.save_file(self.cur, os.path.join(self.d, fn), metadata={"format": "pt"})
+        self._digests.append(write_safetensors(os.path.join(self.d, fn), self.cur, metadata={"format": "pt"}))
         for k in self.cur:
             self.weight_map[k] = fn
         self.names.append(fn)
@@ -264,17 +268,21 @@ class ShardWriter:
         n = len(self.names)
         if n == 1:
             os.rename(os.path.join(self.d, self.names[0]), os.path.join(self.d, SINGLE_NAME))
+            self.sha256 = {SINGLE_NAME: self._digests[0]}
             return
         rename = {fn: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, fn in enumerate(self.names)}
         for fn, new in rename.items():
             os.rename(os.path.join(self.d, fn), os.path.join(self.d, new))
+        self.sha256 = {rename[fn]: d for fn, d in zip(self.names, self._digests)}
         wm = {k: rename[v] for k, v in self.weight_map.items()}
         with open(os.path.join(self.d, INDEX_NAME), "w") as f:
             json.dump({"metadata": {"total_size": self.total}, "weight_map": wm}, f, indent=2, sort_keys=True)
 
 
-def write_pretrained(model, directory: str, max_shard_bytes: int = 4 << 30, tokenizer_dir: str | None = None) -> None:
-    """config.json, the weights and (from `tokenizer_dir`) the tokenizer files, into an existing directory."""
+def write_pretrained(model, directory: str, max_shard_bytes: int = 4 << 30,
+                     tokenizer_dir: str | None = None) -> dict[str, str]:
+    """config.json, the weights and (from `tokenizer_dir`) the tokenizer files, into an existing directory.
+    Returns {weight file: sha256} (digests taken while writing)."""
     cfg = model.config
     dtype = next(model.parameters()).dtype
     cfg.replace(torch_dtype=str(dtype).replace("torch.", "")).to_json(os.path.join(directory, "config.json"))
@@ -285,6 +293,7 @@ def write_pretrained(model, directory: str, max_shard_bytes: int = 4 << 30, toke
     writer.close()
     if tokenizer_dir:
         copy_tokenizer_files(tokenizer_dir, directory)
+    return writer.sha256
 
 
 def save_pretrained(model, path, max_shard_bytes: int = 4 << 30, tokenizer_dir=None) -> None:

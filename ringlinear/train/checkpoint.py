@@ -73,10 +73,11 @@ def save_checkpoint(root: str, step: int, model, tokenizer_dir: str, state: dict
     final = os.path.join(root, step_name(step))
     # An existing directory of the same step (--stop-at, then a resume that stops there) is replaced.
     with atomic_directory(final) as tmp:
-        write_pretrained(model, tmp, tokenizer_dir=tokenizer_dir)  # the checkpoint dir is itself loadable
+        # the checkpoint dir is itself loadable; the weights' digests come from the writer (no second read)
+        digests = write_pretrained(model, tmp, tokenizer_dir=tokenizer_dir)
         torch.save(state, os.path.join(tmp, STATE))
-        files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": sha256_file(os.path.join(tmp, n))}
-                 for n in sorted(os.listdir(tmp))}
+        files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)),
+                     "sha256": digests.get(n) or sha256_file(os.path.join(tmp, n))} for n in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump({"format": FORMAT, "version": 1, "step": step, "config": state.get("config"), "files": files},
                       f, indent=2)

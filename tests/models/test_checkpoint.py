@@ -164,7 +164,7 @@ def test_atomic_save_keeps_old_checkpoint_on_failure(ckpt, tmp_path, monkeypatch
 
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    monkeypatch.setattr("ringlinear.models.checkpoint.write_safetensors", boom)
     with pytest.raises(OSError, match="disk full"):
         m.save_pretrained(out)
     assert {f: os.path.getsize(out / f) for f in os.listdir(out)} == before
