@@ -42,13 +42,18 @@ def _text_of(content) -> str:
     return "" if content is None else content
 
 
+def _serves_fp8(config: EngineConfig, model_cfg: RingLinearConfig) -> bool:
+    """FP8 weights: asked for, or left to a checkpoint whose config.json says it is FP8."""
+    return (config.quantization or checkpoint_quantization(model_cfg)) == "fp8"
+
+
 def _check_fp8_before_load(model_dir: str, config: EngineConfig, device) -> None:
     """Every reason to refuse FP8 weights (dims, numerics, device), from config.json, before the weights are read."""
     path = os.path.join(model_dir, "config.json")
     if config.quantization == "none" or not os.path.isfile(path):
         return  # (a missing config is reported by the loader)
     cfg = RingLinearConfig.from_json(path)
-    if (config.quantization or checkpoint_quantization(cfg)) != "fp8":
+    if not _serves_fp8(config, cfg):
         return
     if config.numerics == "aligned":
         raise ValueError(FP8_ALIGNED)
@@ -169,7 +174,7 @@ class LLMEngine:
         if world > 1:
             # Prefix-cache snapshots and FP8 weight layouts live on the scheduling rank alone; the other ranks
             # do not mirror them yet.
-            if cfg.quantization == "fp8" or (cfg.quantization is None and checkpoint_quantization(shape) == "fp8"):
+            if _serves_fp8(cfg, shape):
                 raise ValueError("FP8 weights with --tp/--ep are not supported yet (serve them on one GPU)")
             if cfg.enable_prefix_caching:
                 log.info("prefix caching is off with several ranks (its state copies are not mirrored yet)")
