@@ -174,3 +174,23 @@ def test_dispatch_uses_triton(monkeypatch):
     monkeypatch.setenv("RINGLINEAR_BACKEND", "torch")
     c = dispatch.lightning_attn(q, k, v, g, output_final_state=True)
     assert rel(c[0], a[0]) < 1e-5
+
+
+def test_prefill_plans_reused_across_layers():
+    """The engine keeps one launch plan per step for all its linear layers (`plans=`): the plan is built once,
+    and each layer's output and state equal a call that builds its own, bit for bit (split segments forced)."""
+    tri.TUNE["segment"] = 64
+    gen = torch.Generator().manual_seed(13)
+    H, D = 2, 32
+    cu = torch.tensor([0, 150, 151, 230], device=DEV, dtype=torch.int32)
+    slots = torch.tensor([2, 0, 1], device=DEV, dtype=torch.int32)
+    plans = {}
+    for layer in range(2):
+        q, k, v = (rand(1, 230, H, D, gen=gen) for _ in range(3))
+        g = -torch.rand(H, generator=gen).to(DEV)
+        pool = rand(4, H, D, D, gen=gen)
+        p1, p2 = pool.clone(), pool.clone()
+        o1 = tri.lightning_attn_prefill(q, k, v, g, p1, slots, cu, plans=plans)
+        o2 = tri.lightning_attn_prefill(q, k, v, g, p2, slots, cu)
+        assert torch.equal(o1, o2) and torch.equal(p1, p2)
+        assert len(plans) == 1 and next(iter(plans.values())).split
