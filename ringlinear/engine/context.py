@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..models.context import AttentionContext
-from ..ops.attention import aligned_paged_attention, attention_with_prefix, paged_decode_attention
+from ..ops.attention import (aligned_paged_attention, attention_with_prefix, causal_attention_varlen,
+                             paged_decode_attention)
 from ..ops.lightning_attn import (lightning_attn_decode, lightning_attn_decode_aligned, lightning_attn_prefill,
                                   lightning_attn_prefill_aligned)
 from ..ops.linear import suspended
@@ -78,9 +79,13 @@ class PagedContext(AttentionContext):
         self.positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, seq_lens)]).to(device)
         self.slot_ids = torch.tensor(slots, dtype=torch.long, device=device)
         nd = num_decode
-        self.prefill_cu = (self.cu_seqlens[nd:] - cu[nd]).to(torch.int64)
+        # The prefill pieces' offsets and slots in the kernels' int32, made once per step (each linear layer would
+        # convert them otherwise), and the lightning prefill's launch plans, built by the first linear layer.
+        self.prefill_cu = self.cu_seqlens[nd:] - cu[nd]
+        self.prefill_slots = self.slot_ids[nd:].to(torch.int32)
+        self.lightning_plans: dict = {}
         # Flat cache rows of every new token [T] (write targets); reads: decode rows through their block tables
-        # [nd, max blocks] (paged kernel), prefill pieces through their gathered context rows.
+        # [nd, max blocks] (paged kernel), prefill pieces as `_plan_softmax_prefill` sets up.
         self.write_rows = torch.cat([kv.token_rows(bt, s, s + n)
                                      for bt, s, n in zip(block_tables, starts, seq_lens)]).to(device)
         width = max((len(bt) for bt in block_tables[:nd]), default=0)
@@ -89,8 +94,8 @@ class PagedContext(AttentionContext):
         lens = torch.tensor([s + 1 for s in starts[:nd]], dtype=torch.int32).to(device)
         self.decode = PagedDecode(kv, states, self.slot_ids[:nd], self.write_rows[:nd], tables, lens,
                                   positions=self.positions[:nd], aligned=aligned)
-        self.prefill_rows = [kv.token_rows(bt, 0, s + n).to(device)
-                             for bt, s, n in zip(block_tables[nd:], starts[nd:], seq_lens[nd:])]
+        if not aligned:
+            self._plan_softmax_prefill(kv, block_tables, starts, seq_lens, nd, device)
         if aligned:  # one fixed-order kernel for every row of the step: all tables, all starts
             wide = max(len(bt) for bt in block_tables)
             self.all_tables = torch.tensor([bt + [0] * (wide - len(bt)) for bt in block_tables],
@@ -98,6 +103,31 @@ class PagedContext(AttentionContext):
             self.starts_cpu = torch.tensor(starts, dtype=torch.long)
             self.starts_dev = self.starts_cpu.to(device)
             self.max_q = max(seq_lens)
+
+    def _plan_softmax_prefill(self, kv, block_tables, starts, seq_lens, nd, device):
+        """Prefill pieces that start at position 0 attend only to their own new keys: all of them go through one
+        packed causal varlen call (flash varlen on CUDA: no gather from the cache, no repeated KV heads, no call per
+        piece). Pieces continuing a cached prefix attend over their context rows gathered from the cache, one call
+        each. Either way a piece sees only its own keys, so its result does not depend on the rest of the batch."""
+        cu, n = self.cu, len(seq_lens)
+        fresh = [i for i in range(nd, n) if starts[i] == 0]
+        # (piece, its context rows in the flat cache [start + len] int64 on device)
+        self.prefix_pieces = [(i, kv.token_rows(block_tables[i], 0, starts[i] + seq_lens[i]).to(device))
+                              for i in range(nd, n) if starts[i] > 0]
+        self.fresh_rows = None  # packed rows of the fresh pieces: a slice when adjacent (new requests come last)
+        self.fresh_only = False  # every row of the step is a fresh piece: the packed call's output is the layer's
+        if not fresh:
+            return
+        fresh_cu = [0]
+        for i in fresh:
+            fresh_cu.append(fresh_cu[-1] + seq_lens[i])
+        self.fresh_cu = torch.tensor(fresh_cu, dtype=torch.int32, device=device)
+        self.fresh_max = max(seq_lens[i] for i in fresh)
+        if all(b == a + 1 for a, b in zip(fresh, fresh[1:])):
+            self.fresh_rows = slice(cu[fresh[0]], cu[fresh[-1] + 1])
+        else:
+            self.fresh_rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in fresh]).to(device)
+        self.fresh_only = nd == 0 and not self.prefix_pieces
 
     def linear_attention(self, layer_idx, q, k, v, g_gamma, scale):  # q, k, v [T, H, D]
         with suspended():
@@ -111,7 +141,7 @@ class PagedContext(AttentionContext):
         nd = self.num_decode
         if nd == len(self.seq_lens):
             return self.decode.linear(layer_idx, q, k, v, g_gamma, scale)
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if nd else None
         if nd:
             self.decode.linear(layer_idx, q[:nd], k[:nd], v[:nd], g_gamma, scale, out=out[:nd])
         st = self.states
@@ -122,7 +152,9 @@ class PagedContext(AttentionContext):
                                                scale=scale)
         else:
             o = lightning_attn_prefill(q[None, nd:], k[None, nd:], v[None, nd:], g_gamma, st.states[layer_idx],
-                                       self.slot_ids[nd:], self.prefill_cu, scale=scale)
+                                       self.prefill_slots, self.prefill_cu, scale=scale, plans=self.lightning_plans)
+        if not nd:  # prefill pieces only: the kernel's output is the layer's output, no copy into `out`
+            return o[0]
         out[nd:] = o[0]
         return out
 
@@ -134,15 +166,21 @@ class PagedContext(AttentionContext):
             V[self.write_rows] = v
             return aligned_paged_attention(q, K, V, self.cu_seqlens, self.starts_dev, self.all_tables,
                                            self.kv.block_size, scale, self.max_q)
-        out = torch.empty_like(q)
         # Each sequence over its own context only (the paged kernel's splits are fixed-size): its result cannot
         # depend on its neighbours.
+        out = None if self.fresh_only else torch.empty_like(q)
         if nd:
             self.decode.softmax(layer_idx, q[:nd], k[:nd], v[:nd], scale, out=out[:nd])
         K, V = self.kv.flat(layer_idx)
         K[self.write_rows[nd:]] = k[nd:]  # the prefill pieces' rows (decode rows: written above)
         V[self.write_rows[nd:]] = v[nd:]
-        for i, rows in enumerate(self.prefill_rows, start=nd):
+        rows = self.fresh_rows
+        if rows is not None:
+            o = causal_attention_varlen(q[rows], k[rows], v[rows], self.fresh_cu, scale, max_seqlen=self.fresh_max)
+            if out is None:
+                return o
+            out[rows] = o
+        for i, ctx_rows in self.prefix_pieces:
             s, e = self.cu[i], self.cu[i + 1]
-            out[s:e] = attention_with_prefix(q[s:e], K[rows], V[rows], scale)
+            out[s:e] = attention_with_prefix(q[s:e], K[ctx_rows], V[ctx_rows], scale)
         return out
