@@ -18,8 +18,10 @@ Buckets: per decoder layer `<attn kind>+<mlp kind>` split into attention / mlp /
 tables, final norm), `engine` (everything outside the model: the attention context, logits, sampling). Per-layer
 numbers are averages over the layers of that type.
 
-Run (CPU, the CUDA kernel path under the Triton interpreter):
-  RINGLINEAR_BACKEND=triton TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/prefill_ops.py --preset mini-small
+Run (CPU, the CUDA kernel path under the Triton interpreter; softmax prefill there is the fp32 reference, which
+the CUDA path replaces by one flash call):
+  RINGLINEAR_BACKEND=triton TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/prefill_ops.py --preset mini-small \
+      --batch-invariant 0 --lightning-segment 64
 GPU (H200):  PYTHONPATH=. python benchmarks/prefill_ops.py --device cuda --preset ring-mini --tokens 4096
 """
 from __future__ import annotations
@@ -210,6 +212,9 @@ def main():
     ap.add_argument("--numerics", default="default", choices=("default", "aligned"))
     ap.add_argument("--batch-invariant", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
                     help="engine batch_invariant (default: the engine's: on for CPU, off for CUDA)")
+    ap.add_argument("--lightning-segment", type=int, default=None,
+                    help="force the Triton lightning prefill to split sequences into segments of this many tokens "
+                         "(what an H200 picks for one short prompt; the interpreter's 4 'SMs' rarely split)")
     ap.add_argument("--detail", action="store_true", help="list the kernel ops of every bucket")
     ap.add_argument("--repeat", type=int, default=5, help="timed steps (CUDA)")
     args = ap.parse_args()
@@ -221,6 +226,9 @@ def main():
     if cuda and not torch.cuda.is_available():
         ap.error("--device cuda but CUDA is not available")
 
+    if args.lightning_segment:
+        from ringlinear.ops.lightning_attn import triton as lightning_triton
+        lightning_triton.TUNE["segment"] = args.lightning_segment
     model, eng = build(args)
     prefill_step(eng, args, seed=0)  # warm-up: compiles and tunes the kernels for these shapes
     counter = Counter()
@@ -279,6 +287,7 @@ def main():
 
     res = dict(card=card, preset=args.preset, dtype=args.dtype, tokens=args.tokens, prompts=args.prompts,
                numerics=args.numerics, backend=os.environ.get("RINGLINEAR_BACKEND", "auto"), layers=kinds,
+               lightning_segment=args.lightning_segment,
                per_layer=per_layer, buckets=rows, total=dict(total))
     if cuda:
         walls = []

@@ -179,8 +179,7 @@ def _follow(engine, info: RankInfo) -> None:
             fresh[key] = table
             seqs.append(ScheduledSeq(_SeqView(key, slot, start, tokens, table), start, n, sample))
             if start == 0:  # rank 0 handed this sequence a zeroed slot
-                for t in engine.states.states.values():
-                    t[slot].zero_()
+                engine.states.zero(slot)
         tables = fresh
         engine.runner.execute(Batch(seqs))
 
