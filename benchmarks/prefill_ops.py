@@ -123,7 +123,7 @@ def _crosses_host(func, args, kwargs) -> bool:
     if kwargs.get("non_blocking", False) or (len(args) > 2 and args[2] is True and func.__name__.startswith("copy_")):
         return False
     src = args[1] if func.overloadpacket.__name__ == "copy_" else args[0]
-    dst_dev = args[0].device if func.overloadpacket.__name__ == "copy_" else kwargs.get("device", src.device)
+    dst_dev = args[0].device if func.overloadpacket.__name__ == "copy_" else (kwargs.get("device") or src.device)
     return torch.device(dst_dev).type != src.device.type
 
 
@@ -188,7 +188,7 @@ def prefill_step(eng, args, seed, counter=None):
 def gpu_busy_s(eng, args) -> float:
     """GPU-busy seconds of one profiled step: the union of its kernel intervals."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         prefill_step(eng, args, seed=99)
         torch.cuda.synchronize()
     spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
