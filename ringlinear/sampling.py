@@ -258,6 +258,45 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None 
     return int(idx[j].item())
 
 
+def sample_batch(logits: torch.Tensor, params: list[Sampling], generators: list[torch.Generator | None],
+                 rows_per_chunk: int = 32) -> torch.Tensor:
+    """logits [n, V] fp32 on any device, one request per row -> token ids [n] int64 on that device, with no host
+    sync: `sample` for every row at once (the serving engine on a GPU, where a host sort of a 157K row per token
+    made sampled decoding host-bound). The same steps in fp64 (temperature, stable descending sort, top-k, top-p,
+    min-p, one inverse-CDF draw of the row's own generator); the kept tokens are a masked prefix instead of a slice,
+    so sums run over the zeros beyond it and can differ from `sample` in the last fp64 bit: a different token only
+    when a draw lands within ~1e-16 of a CDF step. Every op works row by row, so a row's token does not depend on
+    the other rows. Draws come from the CPU generators (one per sampled row, none for greedy rows, as `sample`)."""
+    n, V = logits.shape
+    dev = logits.device
+    u = torch.tensor([float(torch.rand(1, generator=g, dtype=torch.float64)) if not s.greedy else 0.0
+                      for s, g in zip(params, generators)], dtype=torch.float64).to(dev, non_blocking=True)
+    knobs = torch.tensor([[1.0 if s.greedy else s.temperature, s.top_k if 0 < s.top_k < V else V, s.top_p, s.min_p]
+                          for s in params], dtype=torch.float64).to(dev, non_blocking=True)  # [n, 4]
+    greedy = torch.tensor([s.greedy for s in params]).to(dev, non_blocking=True)
+    out = torch.argmax(logits, dim=-1)  # the greedy rows' tokens; lowest index on ties
+    sampled = [i for i, s in enumerate(params) if not s.greedy]
+    if not sampled:
+        return out
+    rank = torch.arange(V, device=dev)
+    drawn = []
+    for lo in range(0, n, rows_per_chunk):  # [c, V] fp64 temporaries, not [n, V]
+        x, kn = logits[lo:lo + rows_per_chunk].double(), knobs[lo:lo + rows_per_chunk]
+        vals, idx = torch.sort(x / kn[:, :1], dim=-1, descending=True, stable=True)
+        kept = kn[:, 1].long()  # top-k (V when off)
+        probs = torch.softmax(vals.masked_fill(rank >= kept[:, None], -math.inf), dim=-1)
+        top_p = (torch.cumsum(probs, -1) < kn[:, 2:3]).sum(-1) + 1  # first index whose CDF reaches top_p, + 1
+        kept = torch.where(kn[:, 2] < 1.0, torch.minimum(kept, top_p), kept)
+        probs = probs.masked_fill(rank >= kept[:, None], 0.0)
+        min_p = (probs >= kn[:, 3:4] * probs[:, :1]).sum(-1)  # the kept tokens are a sorted prefix
+        kept = torch.where(kn[:, 3] > 0.0, torch.minimum(kept, min_p), kept)
+        cum = torch.cumsum(probs.masked_fill(rank >= kept[:, None], 0.0), -1)
+        j = torch.searchsorted(cum, (u[lo:lo + rows_per_chunk] * cum[:, -1])[:, None])[:, 0]
+        j = torch.minimum(j, kept - 1)
+        drawn.append(idx.gather(1, j[:, None])[:, 0])
+    return torch.where(greedy, out, torch.cat(drawn))
+
+
 def top_logprobs(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
     """The k most likely tokens of a [V] log-prob row, ties to the lowest index."""
     return top_logprobs_rows(logprobs[None], k)[0]

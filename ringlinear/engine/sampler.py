@@ -1,15 +1,17 @@
 """Picks each request's next token from its fp32 logits row, with the primitives `generate()` uses; and scores
 prompt tokens for requests that ask for prompt log-probs.
 
-Rows are handled one at a time (the request's own bias, penalties, grammar mask, log-softmax of a [1, V] row and
-generator), so a request's token and log-probs never depend on the other rows of the step. The processing (bias,
-penalties, mask) runs on the logits' device; what is reported as log-probs is always the unprocessed row's.
+Each row gets its request's own bias, penalties, grammar mask, filters and generator, and every op works row by row
+(on the CPU one row at a time, on a GPU batched on the device), so a request's token and log-probs never depend on
+the other rows of the step. The processing (bias, penalties, mask) runs on the logits' device; what is reported as
+log-probs is always the unprocessed row's.
 """
 from __future__ import annotations
 
 import torch
 
-from ..sampling import log_softmax_fp32, process_logits, sample, top_logprobs, top_logprobs_rows
+from ..sampling import (log_softmax_fp32, process_logits, sample, sample_batch, top_logprobs,
+                        top_logprobs_rows)
 from .sequence import Sequence
 
 Sampled = tuple[int, float | None, list[tuple[int, float]] | None]
@@ -48,35 +50,56 @@ def process_rows(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 
 def sample_rows(logits: torch.Tensor, seqs: list[Sequence], aligned: bool = False) -> list[Sampled]:
-    """logits [n, V] fp32 (any device), one row per sequence. On a GPU this costs one device sync per step, not
-    one per row: an all-greedy step without log-probs takes a batched argmax (exact, so it equals the per-row
-    argmax, first index on ties), anything else copies the rows to the host once (twice when some rows are
-    processed and log-probs are asked for: the processed rows and the raw ones).
+    """logits [n, V] fp32 (any device), one row per sequence. On the CPU each row goes through `sample_row`; on a
+    GPU the whole step is one batched draw on the device (`sample_sequences`) and one copy of its results.
 
     aligned: the sampled tokens' log-probs come from `ops.loss.token_logprobs` on the logits' own device, the
     function the trainer's `sequence_logprobs` uses in aligned mode (a fixed reduction order per row)."""
-    dev_logits = logits
     drawn = process_rows(logits, seqs)
     if logits.device.type != "cpu":
-        if all(s.params.greedy and not s.params.logprobs for s in seqs):
-            return [(t, None, None) for t in torch.argmax(drawn, dim=-1).tolist()]
-        processed = drawn is not dev_logits
-        drawn = drawn.cpu()
-        logits = dev_logits.cpu() if processed and any(s.params.logprobs for s in seqs) else drawn
+        return sample_sequences(logits, drawn, seqs, aligned)
     out = [sample_row(logits[i], s, drawn[i]) for i, s in enumerate(seqs)]
     if aligned and any(s.params.logprobs for s in seqs):
         from ..ops.loss import token_logprobs
-        by_temp: dict[float, list[int]] = {}
-        for i, s in enumerate(seqs):
-            if s.params.logprobs:
-                by_temp.setdefault(_lp_temperature(s.params), []).append(i)
-        for temp, rows in by_temp.items():
-            toks = torch.tensor([out[i][0] for i in rows], device=dev_logits.device)
-            idx = torch.tensor(rows, device=dev_logits.device)
-            lp, _ = token_logprobs(dev_logits.index_select(0, idx), toks, temp)
+        for temp, rows in _by_temperature(seqs).items():
+            lp, _ = token_logprobs(logits[rows], torch.tensor([out[i][0] for i in rows]), temp)
             for i, v in zip(rows, lp.tolist()):
                 out[i] = (out[i][0], v, out[i][2])
     return out
+
+
+def sample_sequences(logits: torch.Tensor, drawn: torch.Tensor, seqs: list[Sequence], aligned: bool) -> list[Sampled]:
+    """The device path of `sample_rows`: logits [n, V] (raw, for log-probs) and drawn [n, V] (processed, drawn
+    from) on a GPU. Tokens from `sample_batch`; log-probs by fp32 log-softmax (or `token_logprobs` in aligned mode)
+    of the rows that ask, grouped by temperature; host syncs: one for the tokens, one per group for log-probs,
+    one per top-k group. Row by row ops throughout, so a row's results do not depend on its neighbours."""
+    tokens = sample_batch(drawn, [s.params for s in seqs], [s.generator for s in seqs])
+    lps: dict[int, float] = {}
+    tops: dict[int, list] = {}
+    for temp, rows in _by_temperature(seqs).items():
+        idx = torch.tensor(rows, device=logits.device)
+        raw, tok = logits.index_select(0, idx), tokens.index_select(0, idx)
+        k_rows = [j for j, i in enumerate(rows) if seqs[i].params.top_logprobs]
+        full = log_softmax_fp32(raw, temp) if k_rows or not aligned else None
+        if aligned:
+            from ..ops.loss import token_logprobs
+            lp, _ = token_logprobs(raw, tok, temp)
+        else:
+            lp = full.gather(1, tok[:, None])[:, 0]
+        lps.update(zip(rows, lp.tolist()))
+        for k in {seqs[rows[j]].params.top_logprobs for j in k_rows}:
+            sel = [j for j in k_rows if seqs[rows[j]].params.top_logprobs == k]
+            tops.update(zip([rows[j] for j in sel], top_logprobs_rows(full[sel], k)))
+    return [(t, lps.get(i), tops.get(i)) for i, t in enumerate(tokens.tolist())]
+
+
+def _by_temperature(seqs: list[Sequence]) -> dict[float, list[int]]:
+    """The rows asking for log-probs, grouped by the temperature their log-probs are taken at."""
+    groups: dict[float, list[int]] = {}
+    for i, s in enumerate(seqs):
+        if s.params.logprobs:
+            groups.setdefault(_lp_temperature(s.params), []).append(i)
+    return groups
 
 
 # ---------------------------------------------------------------------- prompt log-probs
