@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import Sampling, TokenHistory, log_softmax_fp32, make_generator, process_logits, sample
+from .sampling import (Sampling, TokenHistory, log_softmax_fp32, make_generator, process_logits, sample,
+                       sample_batch)
 
 
 @dataclass
@@ -72,13 +73,17 @@ def generate(model, input_ids, max_new_tokens: int = 64, temperature: float = 1.
     for step in range(max_new_tokens):
         lp = log_softmax_fp32(logits)
         nxt = torch.zeros(B, 1, dtype=torch.long)
-        for i in range(B):
-            if done[i]:
-                continue
-            row = process_logits(logits[i], sampling, history[i]) if sampling.processes_logits else logits[i]
-            t = sample(row, sampling, gens[i])
+        live = [i for i in range(B) if not done[i]]
+        rows = [process_logits(logits[i], sampling, history[i]) if sampling.processes_logits else logits[i]
+                for i in live]
+        if device.type == "cpu":
+            toks = [sample(row, sampling, gens[i]) for row, i in zip(rows, live)]
+        else:  # the serving engine's GPU draw: no host sort of each row, one copy of the tokens
+            toks = sample_batch(torch.stack(rows), [sampling] * len(live), [gens[i] for i in live]).tolist()
+        tok_lps = lp[live, toks].tolist()
+        for i, t, t_lp in zip(live, toks, tok_lps):
             seqs[i].append(t)
-            lps[i].append(float(lp[i, t]))
+            lps[i].append(t_lp)
             nxt[i, 0] = t
             if streamer is not None:
                 streamer(i, t)
