@@ -19,6 +19,7 @@ tokens (1e6 / tok/s on this one GPU).
 
 Prints a table and a final JSON line; writes JSON (and a PNG when matplotlib is present) to --out.
 Run: PYTHONPATH=. python benchmarks/long_context.py [--quick] [--models hybrid,softmax_twin,qwen3-8b]
+     [--only prefill --prefill-lengths 4096]
 """
 from __future__ import annotations
 
@@ -206,21 +207,30 @@ def main():
     ap.add_argument("--only", choices=["prefill", "decode"], help="run one half")
     ap.add_argument("--models", default="hybrid,softmax_twin",
                     help=f"comma list of {', '.join(MODELS)}; ratios are against the first")
+    ap.add_argument("--prefill-lengths", help="comma list of prompt lengths (default: 4K-128K; --quick 4K, 16K)")
+    ap.add_argument("--decode-contexts", help="comma list of decode contexts (default: 4K-64K; --quick 4K)")
     args = ap.parse_args()
     if args.plot_from:
         plot(json.load(open(args.plot_from)), os.path.dirname(os.path.abspath(args.plot_from)))
         return
-    dev = torch.device("cuda")
-    card = torch.cuda.get_device_name(dev)
-    bw = copy_bandwidth(dev)
     # 128K point: 131072 - 64, since prompt + one generated token must fit max_position_embeddings (131072).
     prefill_T = [4096, 16384] if args.quick else [4096, 16384, 32768, 65536, 131008]
     decode_C = [4096] if args.quick else [4096, 16384, 32768, 65536]
-    steps = 8 if args.quick else 24
+    try:  # e.g. `--only prefill --prefill-lengths 4096`: the short-prompt ratio alone, in about a minute
+        prefill_T = [int(x) for x in args.prefill_lengths.split(",")] if args.prefill_lengths else prefill_T
+        decode_C = [int(x) for x in args.decode_contexts.split(",")] if args.decode_contexts else decode_C
+    except ValueError:
+        raise SystemExit("--prefill-lengths / --decode-contexts: comma-separated integers, e.g. 4096,16384")
+    if min(prefill_T + decode_C) < 1:
+        raise SystemExit("--prefill-lengths / --decode-contexts: lengths must be >= 1")
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in names if m not in MODELS]
     if bad or not names:
         raise SystemExit(f"--models: unknown {bad or 'empty list'}; choose from {', '.join(MODELS)}")
+    dev = torch.device("cuda")
+    card = torch.cuda.get_device_name(dev)
+    bw = copy_bandwidth(dev)
+    steps = 8 if args.quick else 24
     models = {n: MODELS[n]() for n in names}
     res = {"card": card, "copy_bw_TBps": bw / 1e12, "date": time.strftime("%Y-%m-%d"), "prefill": {}, "decode": {}}
     for name, cfg in models.items():
