@@ -267,21 +267,22 @@ def sample_batch(logits: torch.Tensor, params: list[Sampling], generators: list[
     so sums run over the zeros beyond it and can differ from `sample` in the last fp64 bit: a different token only
     when a draw lands within ~1e-16 of a CDF step. Every op works row by row, so a row's token does not depend on
     the other rows. Draws come from the CPU generators (one per sampled row, none for greedy rows, as `sample`)."""
-    n, V = logits.shape
-    dev = logits.device
-    u = torch.tensor([float(torch.rand(1, generator=g, dtype=torch.float64)) if not s.greedy else 0.0
-                      for s, g in zip(params, generators)], dtype=torch.float64).to(dev, non_blocking=True)
-    knobs = torch.tensor([[1.0 if s.greedy else s.temperature, s.top_k if 0 < s.top_k < V else V, s.top_p, s.min_p]
-                          for s in params], dtype=torch.float64).to(dev, non_blocking=True)  # [n, 4]
-    greedy = torch.tensor([s.greedy for s in params]).to(dev, non_blocking=True)
+    V, dev = logits.shape[1], logits.device
     out = torch.argmax(logits, dim=-1)  # the greedy rows' tokens; lowest index on ties
-    sampled = [i for i, s in enumerate(params) if not s.greedy]
-    if not sampled:
+    rows = [i for i, s in enumerate(params) if not s.greedy]  # only these are sorted
+    if not rows:
         return out
+    u = torch.tensor([float(torch.rand(1, generator=generators[i], dtype=torch.float64)) for i in rows],
+                     dtype=torch.float64).to(dev, non_blocking=True)
+    knobs = torch.tensor([[params[i].temperature, params[i].top_k if 0 < params[i].top_k < V else V,
+                           params[i].top_p, params[i].min_p] for i in rows],
+                         dtype=torch.float64).to(dev, non_blocking=True)  # [m, 4]
+    idx_rows = torch.tensor(rows).to(dev, non_blocking=True)
+    picked = logits.index_select(0, idx_rows)
     rank = torch.arange(V, device=dev)
     drawn = []
-    for lo in range(0, n, rows_per_chunk):  # [c, V] fp64 temporaries, not [n, V]
-        x, kn = logits[lo:lo + rows_per_chunk].double(), knobs[lo:lo + rows_per_chunk]
+    for lo in range(0, len(rows), rows_per_chunk):  # [c, V] fp64 temporaries, not [m, V]
+        x, kn = picked[lo:lo + rows_per_chunk].double(), knobs[lo:lo + rows_per_chunk]
         vals, idx = torch.sort(x / kn[:, :1], dim=-1, descending=True, stable=True)
         kept = kn[:, 1].long()  # top-k (V when off)
         probs = torch.softmax(vals.masked_fill(rank >= kept[:, None], -math.inf), dim=-1)
@@ -294,7 +295,7 @@ def sample_batch(logits: torch.Tensor, params: list[Sampling], generators: list[
         j = torch.searchsorted(cum, (u[lo:lo + rows_per_chunk] * cum[:, -1])[:, None])[:, 0]
         j = torch.minimum(j, kept - 1)
         drawn.append(idx.gather(1, j[:, None])[:, 0])
-    return torch.where(greedy, out, torch.cat(drawn))
+    return out.index_copy(0, idx_rows, torch.cat(drawn))
 
 
 def top_logprobs(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
