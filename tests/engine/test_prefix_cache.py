@@ -172,17 +172,24 @@ def test_snapshot_interval_config():
         EngineConfig(state_snapshot_bytes=-1)
 
 
-def test_a_burst_waits_for_the_prefix_being_computed(make_llm, random_prompts, run_engine, check_blocks):
-    """Requests sharing a system prompt, all queued at once: the first computes it, the others wait for its
-    snapshots instead of computing the same tokens beside it, then resume from them; outputs equal cold runs
-    bitwise. Without the wait every one of them would miss (nothing is cached when they are admitted)."""
-    system = random_prompts(1, 320, 320, seed=80)[0]
-    prompts = [system + u for u in random_prompts(5, 5, 40, seed=81)]
-    params = [SamplingParams(max_tokens=6, temperature=0, logprobs=True, ignore_eos=True) for _ in prompts]
+def _queued_burst(make_llm, random_prompts, n, max_tokens, seed):
+    """n greedy requests sharing a 320-token system prompt, all queued at once on a fresh engine ->
+    (prompts, their cold-run outputs, the engine)."""
+    system = random_prompts(1, 320, 320, seed=seed)[0]
+    prompts = [system + u for u in random_prompts(n, 5, 40, seed=seed + 1)]
+    params = [SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=True, ignore_eos=True) for _ in prompts]
     want = _cold(make_llm, prompts, params)
     eng = make_llm().engine
     for i, (p, sp) in enumerate(zip(prompts, params)):
         eng.add_request(p, sp, f"r{i}")
+    return prompts, want, eng
+
+
+def test_a_burst_waits_for_the_prefix_being_computed(make_llm, random_prompts, run_engine, check_blocks):
+    """Requests sharing a system prompt, all queued at once: the first computes it, the others wait for its
+    snapshots instead of computing the same tokens beside it, then resume from them; outputs equal cold runs
+    bitwise. Without the wait every one of them would miss (nothing is cached when they are admitted)."""
+    prompts, want, eng = _queued_burst(make_llm, random_prompts, n=5, max_tokens=6, seed=80)
     got = run_engine(eng, check_blocks)
     for i, w in enumerate(want):
         _same(got[f"r{i}"], w)
@@ -197,13 +204,7 @@ def test_waiting_requests_go_on_when_the_prefill_they_wait_for_stops(make_llm, r
                                                                      check_blocks):
     """The request computing the shared prefix is aborted mid-prefill: the ones waiting for it are admitted
     (from what it cached so far) and finish with the cold run's outputs."""
-    system = random_prompts(1, 320, 320, seed=82)[0]
-    prompts = [system + u for u in random_prompts(3, 5, 40, seed=83)]
-    params = [SamplingParams(max_tokens=4, temperature=0, logprobs=True, ignore_eos=True) for _ in prompts]
-    want = _cold(make_llm, prompts, params)
-    eng = make_llm().engine
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        eng.add_request(p, sp, f"r{i}")
+    prompts, want, eng = _queued_burst(make_llm, random_prompts, n=3, max_tokens=4, seed=82)
     eng.step()
     eng.step()                                   # r0 has computed 2 of its pieces; r1, r2 wait for the third
     assert eng.stats()["running"] == 1 and eng.stats()["prefix_cache_waits"] == 2
