@@ -101,18 +101,25 @@ def peak_gib(dev) -> float:
     return torch.cuda.max_memory_allocated(dev) / GiB if torch.device(dev).type == "cuda" else float("nan")
 
 
-def bench_prefill(model, T, chunk):
-    dev = next(model.parameters()).device
-    eng = engine_for(model, 1, T + 8, chunk, cuda_graphs=False)
-    ids = torch.randint(10, model.config.vocab_size, (T,)).tolist()
-    for prompt in (ids, ids):  # the first run compiles/tunes the kernels for these shapes
+def time_prefill(eng, T, vocab, dev) -> float:
+    """Seconds for the engine to prefill one random T-token prompt and emit its first token, the second of two
+    runs (the first compiles the kernels for these shapes)."""
+    ids = torch.randint(10, vocab, (T,)).tolist()
+    for _ in range(2):
         sync(dev)
         t0 = time.perf_counter()
-        eng.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+        eng.add_request(ids, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
         while eng.has_unfinished():
             eng.step()
         sync(dev)
         dt = time.perf_counter() - t0
+    return dt
+
+
+def bench_prefill(model, T, chunk):
+    dev = next(model.parameters()).device
+    eng = engine_for(model, 1, T + 8, chunk, cuda_graphs=False)
+    dt = time_prefill(eng, T, model.config.vocab_size, dev)
     peak = peak_gib(dev)
     del eng
     return T / dt, dt, peak

@@ -255,16 +255,8 @@ def _decode(eng, B, C, steps, vocab, dev):
 
 
 def _prefill(eng, T, vocab, dev):
-    from ringlinear.engine.sampling_params import SamplingParams
-    ids = torch.randint(10, vocab, (T,)).tolist()
-    for _ in range(2):  # the first run compiles and tunes the kernels for these shapes
-        sync(dev)
-        t0 = time.perf_counter()
-        eng.add_request(ids, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
-        while eng.has_unfinished():
-            eng.step()
-        sync(dev)
-        dt = time.perf_counter() - t0
+    from benchmarks.long_context import time_prefill
+    dt = time_prefill(eng, T, vocab, dev)
     return {"tokens": T, "ttft_s": dt, "tok_s": T / dt}
 
 
