@@ -43,7 +43,9 @@ def _train_fields(s: dict, steps: int) -> dict:
             "lr": s["lr"], "min_lr_ratio": s["min_lr_ratio"], "schedule": "cosine",
             "warmup_steps": max(1, round(s["warmup_frac"] * steps)), "weight_decay": s["weight_decay"],
             "seed": s["seed"], "val_fraction": s["val_fraction"], "eval_every": 0, "eval_rows": s["eval_rows"],
-            "save_every": max(1, steps // 2), "keep_last": 1, "progress": False, "plot": False}
+            "save_every": max(1, steps // 2), "keep_last": 1, "progress": False, "plot": False,
+            # small models are launch-bound on a GPU: one host read per 10 steps lets the CPU run ahead
+            "log_every": 10}
 
 
 def train_config(out: str, spec: dict):
