@@ -34,6 +34,24 @@ def frontier(results: list[dict]) -> dict:
     return out
 
 
+def one_size_frontier(front: dict, sizes: list[str]) -> str | None:
+    """A warning when one size is the best at every budget of every ratio: the envelope then has a single size, the
+    budgets sit on one side of the other sizes' compute-optimal points, and the fits describe off-optimal runs."""
+    best = {run["size"] for per in front.values() for run in per.values()}
+    if len(best) != 1 or len(sizes) < 2:
+        return None
+    (size,) = best
+    where = "smallest" if size == sizes[0] else "largest" if size == sizes[-1] else "same"
+    side = {"smallest": "below the compute-optimal budgets of the larger sizes (they are undertrained: larger "
+                        "budgets or smaller sizes would trace the frontier)",
+            "largest": "above the compute-optimal budgets of the smaller sizes (smaller budgets or larger sizes "
+                       "would trace the frontier)",
+            "same": "around the compute-optimal budget of that one size"}[where]
+    return (f"The {where + ' ' if where != 'same' else ''}size ({size}) is the best at every budget for every "
+            f"ratio: the budgets lie {side}. The comparison per budget still holds (same compute for every ratio), "
+            "but the envelope is one size and the fitted curves mix it with off-optimal runs.")
+
+
 def fits(results: list[dict]) -> dict:
     """ratio -> fitted power law over all its runs (every size and budget), or {"error": why}."""
     out = {}

@@ -244,6 +244,9 @@ def markdown(res: dict) -> str:
         fr = res["frontier"].get(ratio, {})
         L.append(f"| {_lab(ratio)} | " + " | ".join(
             f"{fr[b]['val_loss']:.3f} ({fr[b]['size']})" if b in fr else "–" for b in budgets) + " |")
+    warn = A.one_size_frontier(res["frontier"], st["sizes"])
+    if warn:
+        L += ["", warn]
     L += ["", "## Power-law fits L(C) = a (C/C0)^-b + e over all runs of a ratio", "",
           "| ratio | a | b | e | C0 | points | residual RMS |", "|---|---|---|---|---|---|---|"]
     for ratio in ratios:

@@ -66,3 +66,13 @@ def test_retrieval_scores_use_the_largest_budget_best_run():
             _run("3", "20M", "1e15", 2.8, retrieval=_ret(0.3, 0, 0, 0))]
     s = A.retrieval_scores(runs, seq_len=512)["3"]
     assert s["id"] == "3-20M-1e15" and s["mqar_in"] == 0.3 and s["mqar_long"] == 0.0
+
+
+def test_one_size_frontier_is_flagged():
+    front, _ = _front({"softmax": [3.0, 2.5], "3": [2.9, 2.4]})  # 5M best everywhere
+    msg = A.one_size_frontier(front, ["5M", "20M"])
+    assert msg is not None and "smallest size (5M)" in msg and "undertrained" in msg
+    runs = [_run("softmax", "5M", "1e14", 3.0), _run("softmax", "20M", "1e14", 3.1),
+            _run("softmax", "5M", "1e15", 2.6), _run("softmax", "20M", "1e15", 2.5)]  # the best size changes
+    assert A.one_size_frontier(A.frontier(runs), ["5M", "20M"]) is None
+    assert "largest size (20M)" in A.one_size_frontier(A.frontier(runs[1::2]), ["5M", "20M"])
