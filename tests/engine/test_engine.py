@@ -154,3 +154,12 @@ def test_token_slice_spans_prompt_and_output():
     for a in range(6):
         for b in range(a, 6):
             assert seq.token_slice(a, b) == full[a:b]
+
+
+def test_engine_freezes_what_exists_at_start(make_llm):
+    """The objects alive when the engine is ready are left out of Python's full collections (gc.freeze)."""
+    import gc
+    gc.unfreeze()
+    make_llm()
+    assert gc.get_freeze_count() > 1000
+    gc.unfreeze()  # back to the oldest generation: later collections see them again
