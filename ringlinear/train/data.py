@@ -30,6 +30,9 @@ class DataError(ValueError):
     """The corpus cannot be used; the message says which file and why."""
 
 
+TEXT_FIELD_HINT = "; set --text-field"  # the train CLI's remedy; callers without that flag replace it
+
+
 def stdlib_files() -> list[str]:
     """The running interpreter's standard-library .py sources, sorted (the embedded default corpus)."""
     root = sysconfig.get_paths()["stdlib"]
@@ -108,7 +111,7 @@ def _read_jsonl(path: str, field: str):
                     raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
                 if not isinstance(rec, dict) or field not in rec:
                     keys = sorted(rec)[:8] if isinstance(rec, dict) else type(rec).__name__
-                    raise DataError(f"{path}:{n}: record has no {field!r} field (has {keys}); set --text-field")
+                    raise DataError(f"{path}:{n}: record has no {field!r} field (has {keys}){TEXT_FIELD_HINT}")
                 if not isinstance(rec[field], str):
                     raise DataError(f"{path}:{n}: field {field!r} is {type(rec[field]).__name__}, not a string")
                 yield rec[field]
@@ -127,7 +130,7 @@ def _read_parquet(path: str, field: str):
         raise DataError(f"{path}: not a readable parquet file ({e})") from None
     cols = pf.schema_arrow.names
     if field not in cols:
-        raise DataError(f"{path}: no column {field!r} (columns: {cols[:8]}); set --text-field")
+        raise DataError(f"{path}: no column {field!r} (columns: {cols[:8]}){TEXT_FIELD_HINT}")
     try:
         for batch in pf.iter_batches(columns=[field], batch_size=4096):
             for v in batch.column(0).to_pylist():

@@ -131,3 +131,16 @@ def test_run_status_when_the_grid_grows_or_shrinks(tmp_path):
     assert status(run, spec) == "eval"  # now the largest budget: score the saved model, do not retrain
     prepare_dir(run, {**spec, "steps": 11})  # another recipe: the stale result goes
     assert status(run, {**spec, "steps": 11}) == "new" and not (tmp_path / "run" / RESULT).exists()
+
+
+def test_record_file_without_text_names_the_sweep_remedy(tmp_path, capsys):
+    """A directory is read whole: a .jsonl of other records fails in one line, with a remedy the sweep has (the
+    train CLI's --text-field is not a sweep flag)."""
+    data = tmp_path / "corpus"
+    data.mkdir()
+    (data / "a.py").write_text("def f(x):\n    return x + 1\n" * 50)
+    (data / "b.jsonl").write_text(json.dumps({"carat": 0.3, "cut": "ideal"}) + "\n")
+    assert main(["sweep", "--quick", "--data", str(data), "--out", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "b.jsonl" in err and "no 'text' field" in err and "--text-field" not in err and "'DIR/**/*.py'" in err
