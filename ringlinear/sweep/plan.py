@@ -67,3 +67,22 @@ def print_plan(specs: list[dict], skipped: list[str]) -> None:
     tot = sum(x["flops"] for x in specs)
     print(f"{len(specs)} runs, {tot:.3g} FLOPs in all (at 100 TFLOP/s achieved: {tot / 1e14 / 60:.1f} min)"
           + (f"; left out (< min steps): {', '.join(skipped)}" if skipped else ""))
+    for note in undertrained(specs):
+        print(note)
+
+
+COMPUTE_OPTIMAL_TOKENS_PER_PARAM = 20  # Chinchilla's rule of thumb (Hoffmann et al. 2022)
+
+
+def undertrained(specs: list[dict]) -> list[str]:
+    """A note per size whose largest budget gives it under a tenth of the compute-optimal ~20 tokens per active
+    parameter: such a size cannot be the best one at any budget of the grid, so it adds no point to the frontier."""
+    notes = []
+    for size in dict.fromkeys(x["size"] for x in specs):
+        runs = [x for x in specs if x["size"] == size]
+        best = max(x["steps"] * x["tokens_per_step"] / x["active_params"] for x in runs)
+        if best < COMPUTE_OPTIMAL_TOKENS_PER_PARAM / 10:
+            notes.append(f"note: size {size} sees at most {best:.2g} tokens per active parameter (compute-optimal is "
+                         f"about {COMPUTE_OPTIMAL_TOKENS_PER_PARAM}): it will be undertrained at every budget; "
+                         "raise --budgets or drop the size")
+    return notes

@@ -76,3 +76,12 @@ def test_one_size_frontier_is_flagged():
             _run("softmax", "5M", "1e15", 2.6), _run("softmax", "20M", "1e15", 2.5)]  # the best size changes
     assert A.one_size_frontier(A.frontier(runs), ["5M", "20M"]) is None
     assert "largest size (20M)" in A.one_size_frontier(A.frontier(runs[1::2]), ["5M", "20M"])
+
+
+def test_dry_run_notes_sizes_no_budget_can_train():
+    from ringlinear.sweep.plan import undertrained
+    spec = lambda size, steps, active: {"size": size, "steps": steps, "tokens_per_step": 1000, "active_params": active}
+    specs = [spec("5M", 100_000, 5e6), spec("60M", 100, 6e7), spec("60M", 11_000, 6e7)]  # 20, 0.0017, 0.18 tok/param
+    notes = undertrained(specs)
+    assert len(notes) == 1 and "size 60M" in notes[0] and "0.18 tokens" in notes[0]
+    assert undertrained([spec("60M", 13_000, 6e7)]) == []  # 2.2 tokens per parameter: above a tenth of 20
