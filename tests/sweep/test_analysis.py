@@ -84,4 +84,4 @@ def test_dry_run_notes_sizes_no_budget_can_train():
     specs = [spec("5M", 100_000, 5e6), spec("60M", 100, 6e7), spec("60M", 11_000, 6e7)]  # 20, 0.0017, 0.18 tok/param
     notes = undertrained(specs)
     assert len(notes) == 1 and "size 60M" in notes[0] and "0.18 tokens" in notes[0]
-    assert undertrained([spec("60M", 13_000, 6e7)]) == []  # 2.2 tokens per parameter: above a tenth of 20
+    assert undertrained([spec("60M", 132_000, 6e7)]) == []  # 2.2 tokens per parameter: above a tenth of 20
