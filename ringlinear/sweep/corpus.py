@@ -3,9 +3,9 @@
 OUT/corpus/corpus.jsonl holds (a) the natural documents (the embedded stdlib sources or `--data`), files drawn at
 random up to the size the largest run needs, then concatenated in path order (neighbouring files of one package
 together) into pieces of about `group_rows` training rows, and (b) the synthetic retrieval documents, a fixed
-fraction of the characters. Grouping keeps most rows a single segment: a long context for the attention to use, and
-on CUDA fewer per-document softmax calls. The Trainer then splits, learns the BPE once (OUT/tokenizer) and
-tokenises once (OUT/data); every run reuses both (`--tokenizer`, `--data-cache`).
+fraction of the characters. Grouping keeps most rows a single segment: a long context for the attention to use. The
+Trainer then splits, learns the BPE once (OUT/tokenizer) and tokenises once (OUT/data); every run reuses both
+(`--tokenizer`, `--data-cache`).
 """
 from __future__ import annotations
 
