@@ -1,8 +1,9 @@
 """Runs one scheduled step through the model and returns fp32 logits for the rows that sample; requests that ask
 for prompt log-probs also get every prompt position of their piece scored (only theirs: others pay nothing).
 
-CPU: eager, with `RowBlockMode` (batch-invariant GEMMs) on by default. CUDA: eager for steps with prefill pieces;
-all-decode steps replay a CUDA graph when `config.cuda_graphs` (cuda_graph.py).
+CPU: eager, with `RowBlockMode` (batch-invariant GEMMs) on by default. CUDA: all-decode steps replay a CUDA graph
+when `config.cuda_graphs` (cuda_graph.py); steps of fresh prompt pieces too when `config.prefill_cuda_graphs`
+(prefill_graph.py); the rest run eagerly.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .config import EngineConfig
 from .context import PagedContext
 from .cuda_graph import DecodeGraphs, StaticDecodeStep, graph_batch_sizes
 from .kv_cache import PagedKVCache
+from .prefill_graph import PrefillGraphs, StaticPrefillStep, prefill_buckets
 from .sampler import prompt_positions, score_prompt
 from .scheduler import Batch
 from .state_pool import StatePool
@@ -35,6 +37,7 @@ class ModelRunner:
         self.aligned = config.numerics == "aligned"
         self.batch_invariant = invariant or self.aligned
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         self.max_model_len = max_model_len
         self.capture_graphs()
 
@@ -45,7 +48,7 @@ class ModelRunner:
             self._capture(self.max_model_len)
 
     def drop_graphs(self) -> None:
-        self.graphs = None
+        self.graphs = self.prefill_graphs = None
 
     def _mode(self):
         if self.aligned:  # the trainer's aligned forward uses the same mode (RingLinearForCausalLM.forward)
@@ -63,6 +66,16 @@ class ModelRunner:
         except Exception as e:  # capture is an optimisation: run eager rather than refuse to serve
             log.warning("CUDA graph capture failed (%s: %s); decode runs eagerly", type(e).__name__, e)
             self.graphs = None
+        if self.config.prefill_cuda_graphs and not self.batch_invariant:
+            step = StaticPrefillStep(self.model, self.kv, self.states, self.config.max_num_batched_tokens,
+                                     [s for s in (1, 2, 4, 8) if s <= self.config.max_num_seqs], self.device)
+            try:
+                with torch.inference_mode():
+                    self.prefill_graphs = PrefillGraphs(step, prefill_buckets(self.config.max_num_batched_tokens))
+                log.info("captured CUDA graphs for prefill steps of %s tokens", self.prefill_graphs.buckets)
+            except Exception as e:
+                log.warning("prefill CUDA graph capture failed (%s: %s); prefill runs eagerly", type(e).__name__, e)
+                self.prefill_graphs = None
 
     @torch.inference_mode()
     def execute(self, batch: Batch) -> torch.Tensor:
@@ -73,6 +86,10 @@ class ModelRunner:
                 all(lo >= hi for lo, hi in scored):
             with self._mode():
                 logits = self.graphs.run(entries)
+            return logits[[i for i, s in enumerate(entries) if s.sample]]
+        if self.prefill_graphs is not None and all(s.start == 0 and s.num_tokens >= 2 for s in entries) and \
+                all(lo >= hi for lo, hi in scored) and self.prefill_graphs.fits(entries):
+            logits = self.prefill_graphs.run(entries)
             return logits[[i for i, s in enumerate(entries) if s.sample]]
         ids: list[int] = []
         for s in entries:
