@@ -83,13 +83,14 @@ def random_model(cfg, dev, seed=0):
     return m.eval()
 
 
-def engine_for(model, num_seqs, tokens_per_seq, chunk, cuda_graphs=True, budget=None):
+def engine_for(model, num_seqs, tokens_per_seq, chunk, cuda_graphs=True, budget=None, prefill_graphs=False):
     bs = 16
     blocks = num_seqs * (-(-tokens_per_seq // bs) + 1) + 1
     cfg = EngineConfig(max_num_seqs=num_seqs, max_num_batched_tokens=budget or max(chunk, num_seqs),
                        prefill_chunk=chunk,
                        block_size=bs, num_kv_blocks=blocks, max_model_len=tokens_per_seq + 64,
-                       cuda_graphs=cuda_graphs, cuda_graph_max_batch=max(1, num_seqs))
+                       cuda_graphs=cuda_graphs, cuda_graph_max_batch=max(1, num_seqs),
+                       prefill_cuda_graphs=prefill_graphs)
     return LLMEngine(model=model, config=cfg)
 
 
@@ -119,9 +120,10 @@ def time_prefill(eng, T, vocab, dev, repeat=5) -> float:
     return statistics.median(times[1:])
 
 
-def bench_prefill(model, T, chunk):
+def bench_prefill(model, T, chunk, prefill_graphs=False):
+    """prefill_graphs: the prompt's one step replayed from a CUDA graph (EngineConfig.prefill_cuda_graphs)."""
     dev = next(model.parameters()).device
-    eng = engine_for(model, 1, T + 8, chunk, cuda_graphs=False)
+    eng = engine_for(model, 1, T + 8, chunk, cuda_graphs=prefill_graphs, prefill_graphs=prefill_graphs)
     dt = time_prefill(eng, T, model.config.vocab_size, dev)
     peak = peak_gib(dev)
     del eng
@@ -219,6 +221,8 @@ def main():
                     help=f"comma list of {', '.join(MODELS)}; ratios are against the first")
     ap.add_argument("--prefill-lengths", help="comma list of prompt lengths (default: 4K-128K; --quick 4K, 16K)")
     ap.add_argument("--decode-contexts", help="comma list of decode contexts (default: 4K-64K; --quick 4K)")
+    ap.add_argument("--prefill-graphs", action="store_true",
+                    help="prefill steps replayed from CUDA graphs (EngineConfig.prefill_cuda_graphs; both models)")
     args = ap.parse_args()
     if args.plot_from:
         plot(json.load(open(args.plot_from)), os.path.dirname(os.path.abspath(args.plot_from)))
@@ -242,7 +246,8 @@ def main():
     bw = copy_bandwidth(dev)
     steps = 8 if args.quick else 24
     models = {n: MODELS[n]() for n in names}
-    res = {"card": card, "copy_bw_TBps": bw / 1e12, "date": time.strftime("%Y-%m-%d"), "prefill": {}, "decode": {}}
+    res = {"card": card, "copy_bw_TBps": bw / 1e12, "date": time.strftime("%Y-%m-%d"), "prefill": {}, "decode": {},
+           "prefill_graphs": args.prefill_graphs}
     for name, cfg in models.items():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -262,7 +267,7 @@ def main():
         for T in (prefill_T if args.only != "decode" else []):
             torch.cuda.reset_peak_memory_stats()
             try:  # the whole prompt in one engine step (the best case for both models)
-                tps, dt, peak = bench_prefill(model, T, chunk=-(-T // 64) * 64)
+                tps, dt, peak = bench_prefill(model, T, chunk=-(-T // 64) * 64, prefill_graphs=args.prefill_graphs)
             except Exception as e:  # record and go on: one failing point must not lose the others
                 res["prefill"][name][T] = {"error": f"{type(e).__name__}: {e}"}
                 print(f"  prefill T={T}: FAILED {type(e).__name__}: {e}", flush=True)
