@@ -1,6 +1,7 @@
 """The CUDA-graph prefill step (static buffers, tokens padded to a bucket, piece slots padded with empty
 sequences) run eagerly on CPU: the same tokens and log-probs as the eager engine, and padding that writes only
 scratch memory. This checks its logic without a GPU; capture itself needs CUDA."""
+import pytest
 import torch
 
 from ringlinear.engine import SamplingParams
@@ -19,13 +20,20 @@ def _run(eng, prompts, params, run_engine):
     return run_engine(eng)
 
 
-def test_static_prefill_matches_the_eager_engine(make_llm, random_prompts, run_engine):
-    prompts = random_prompts(6, 2, 150, seed=int(torch.randint(0, 10**6, (1,))))
+@pytest.mark.parametrize("caching", [False, True])
+def test_static_prefill_matches_the_eager_engine(make_llm, random_prompts, run_engine, caching):
+    """caching: prompts share a 128-token system prefix, so later requests hit the cache (snapshots taken after
+    static steps) and take the eager path from there."""
+    seed = int(torch.randint(0, 10**6, (1,)))
+    prompts = random_prompts(6, 2, 150, seed=seed)
+    if caching:
+        system = random_prompts(1, 128, 128, seed=seed + 1)[0]
+        prompts = [system + p for p in prompts]
     params = [SamplingParams(max_tokens=5, temperature=0.9 if i % 2 else 0.0, seed=i, logprobs=True,
                              ignore_eos=True) for i in range(len(prompts))]
-    want = _run(make_llm(enable_prefix_caching=False).engine, prompts, params, run_engine)
+    want = _run(make_llm(enable_prefix_caching=caching).engine, prompts, params, run_engine)
 
-    eng = make_llm(enable_prefix_caching=False).engine
+    eng = make_llm(enable_prefix_caching=caching).engine
     graphs = _static(eng)
     used = []
     orig = graphs.step.forward
@@ -37,9 +45,12 @@ def test_static_prefill_matches_the_eager_engine(make_llm, random_prompts, run_e
     eng.runner.prefill_graphs = graphs
     got = _run(eng, prompts, params, run_engine)
     assert used, "no step took the static prefill path"
-    assert any(S > 1 for _, S in used) and any(T > 64 for T, _ in used), used  # padding of both kinds happened
+    if not caching:  # (with caching the others wait for the first prompt's prefix, then hit it)
+        assert any(S > 1 for _, S in used) and any(T > 64 for T, _ in used), used  # both kinds of padding
     for rid, w in want.items():
         assert got[rid].token_ids == w.token_ids and got[rid].logprobs == w.logprobs, rid
+    if caching:
+        assert eng.stats()["prefix_cache_hits"] > 0
 
 
 def test_padding_writes_only_scratch(make_llm, random_prompts):
