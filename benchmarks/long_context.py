@@ -5,7 +5,7 @@ Both models have the Ring-mini-linear-2.0 shape with random bf16 weights; the tw
 baselines the paper compares against: `qwen3-8b` (Qwen3-8B's shape, paper Fig. 7) and `qwen3-32b` (Fig. 8), every
 layer softmax GQA with a dense SwiGLU MLP in this architecture (presets `qwen3-*-shape`: a cost comparison, not a
 quality one; they differ from real Qwen3 layers in the QK-norm/RoPE code path only), and `flash` (Ring-flash-linear-
-2.0's shape; 208 GB in bf16, so it needs more than one H200 there). Every model also reports GPU-seconds per million
+2.0's shape; 208 GB in bf16, so on one H200 it needs `--fp8`, which gives every model FP8 weights). Every model also reports GPU-seconds per million
 tokens (1e6 / tok/s on this one GPU).
 
 - prefill: one request of T tokens (batch 1), time to its first token, tokens/s.
@@ -19,7 +19,7 @@ tokens (1e6 / tok/s on this one GPU).
 
 Prints a table and a final JSON line; writes JSON (and a PNG when matplotlib is present) to --out.
 Run: PYTHONPATH=. python benchmarks/long_context.py [--quick] [--models hybrid,softmax_twin,qwen3-8b]
-     [--only prefill --prefill-lengths 4096]
+     [--only prefill --prefill-lengths 4096] [--prefill-graphs] [--models flash,qwen3-32b --fp8]
 """
 from __future__ import annotations
 
@@ -66,10 +66,19 @@ def copy_bandwidth(dev) -> float:
 
 
 @torch.no_grad()
-def random_model(cfg, dev, seed=0):
-    """Random bf16 weights allocated directly on the GPU (no CPU init of 16B parameters)."""
+def random_model(cfg, dev, seed=0, fp8=False):
+    """Random bf16 weights allocated directly on the GPU (no CPU init of 16B parameters). fp8: the decoder
+    layers' weights as blockwise e4m3 codes + scales (models/fp8_serve.py), drawn and quantised a chunk at a time,
+    so the bf16 model never exists (Ring-flash fits one H200 this way)."""
     with torch.device("meta"):
         m = RingLinearForCausalLM(cfg)
+    if fp8:
+        from ringlinear.models import fp8_serve
+        m.to(torch.bfloat16)
+        fp8_serve.quantize_fp8_(m)
+        m.to_empty(device=dev)
+        fp8_serve.init_fp8_random_(m, seed=seed)
+        return m.eval()
     m.to(torch.bfloat16).to_empty(device=dev)
     g = torch.Generator(device=dev).manual_seed(seed)
     for name, p in m.named_parameters():
@@ -221,6 +230,9 @@ def main():
                     help=f"comma list of {', '.join(MODELS)}; ratios are against the first")
     ap.add_argument("--prefill-lengths", help="comma list of prompt lengths (default: 4K-128K; --quick 4K, 16K)")
     ap.add_argument("--decode-contexts", help="comma list of decode contexts (default: 4K-64K; --quick 4K)")
+    ap.add_argument("--fp8", action="store_true",
+                    help="every model with FP8 weights (blockwise e4m3, as --quantization fp8 serves them): e.g. "
+                         "--models flash,qwen3-32b --fp8, the paper's Fig. 8 comparison on one H200")
     ap.add_argument("--prefill-graphs", action="store_true",
                     help="prefill steps replayed from CUDA graphs (EngineConfig.prefill_cuda_graphs; both models)")
     args = ap.parse_args()
@@ -247,12 +259,12 @@ def main():
     steps = 8 if args.quick else 24
     models = {n: MODELS[n]() for n in names}
     res = {"card": card, "copy_bw_TBps": bw / 1e12, "date": time.strftime("%Y-%m-%d"), "prefill": {}, "decode": {},
-           "prefill_graphs": args.prefill_graphs}
+           "prefill_graphs": args.prefill_graphs, "fp8": args.fp8}
     for name, cfg in models.items():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
-            model = random_model(cfg, dev)
+            model = random_model(cfg, dev, fp8=args.fp8)
         except torch.OutOfMemoryError:  # e.g. flash in bf16 on one GPU: say so, run the rest
             res["prefill"][name] = res["decode"][name] = {}
             res.setdefault("errors", {})[name] = "weights do not fit this GPU"
@@ -260,7 +272,7 @@ def main():
             gc.collect()
             torch.cuda.empty_cache()
             continue
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         print(f"[{name}] {weights / GiB:.1f} GiB of weights", flush=True)
         res.setdefault("weights_gib", {})[name] = weights / GiB
         res["prefill"][name] = {}
