@@ -1,5 +1,5 @@
-"""Helpers every Triton kernel module shares: the interpreter fixes and the SM count. Imported only by those modules
-(Triton is optional: nothing else in the package imports it).
+"""Helpers every Triton kernel module shares: the interpreter fixes, the SM count, host-side cdiv / next power of
+two. Imported only by those modules (Triton is optional: nothing else in the package imports it).
 
 `patch_interpreter()` keeps the Triton interpreter (TRITON_INTERPRET=1, the CPU test path) usable for these
 kernels. Four defects of Triton 3.6's interpreter, patched only when it is active (compiled kernels are untouched):
@@ -24,6 +24,18 @@ import triton.language as tl
 from triton.runtime import interpreter as itp
 
 _patched = False
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host. `triton.cdiv` is a ConstexprFunction in Triton 3.6: ~3 us per host call, and the
+    launch wrappers of one prefill step make hundreds of them."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (0 for n = 0), as `triton.next_power_of_2`, at plain-Python cost."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
 
 
 def patch_interpreter() -> None:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import patch_interpreter
+from .._triton import next_pow2, patch_interpreter
 
 PART = 512  # tokens per partition
 BLOCK_N = 64  # tokens per inner tile
@@ -97,7 +97,7 @@ def paged_decode_attention(q, K, V, block_tables, context_lens, block_size: int,
     if D & (D - 1) or D < 16:
         raise ValueError(f"head_dim {D} must be a power of two >= 16 for the paged decode kernel")
     G = H // KVH
-    BG = max(16, triton.next_power_of_2(G))
+    BG = max(16, next_pow2(G))
     MB = block_tables.shape[1]
     nsplit = max(1, -(-MB * block_size // PART))
     f32 = dict(dtype=torch.float32, device=q.device)

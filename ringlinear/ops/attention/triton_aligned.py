@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import patch_interpreter
+from .._triton import cdiv, patch_interpreter
 from .aligned import BLOCK_N, block_m
 
 patch_interpreter()
@@ -226,7 +226,7 @@ def aligned_backward(do, q, k, v, o, lse, cu, scale, max_len):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if T == 0:
         return dq, dk.zero_(), dv.zero_()
-    _delta_kernel[(triton.cdiv(T * H, 64),)](o, do, delta, T * H, D=D, BR=64, num_warps=4)
+    _delta_kernel[(cdiv(T * H, 64),)](o, do, delta, T * H, D=D, BR=64, num_warps=4)
     prec = _prec(q)
     nb = max(1, -(-int(max_len) // BLOCK_N))
     _bwd_dkdv_kernel[(N * nb * KVH,)](q, k, v, do, lse, delta, dk, dv, cu, float(scale), nb, H=H, KVH=KVH, G=G,

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ..moe.triton_gemm import _row_tile  # the fused MoE's tile finder: the same row tiles as its GEMMs
 from .reference import FP8_MAX, TILE, row_tile_bound
-from .._triton import patch_interpreter
+from .._triton import cdiv, next_pow2, patch_interpreter
 
 patch_interpreter()
 
@@ -27,7 +27,7 @@ _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl
 
 def _pad(T):
     """Columns of a cols (transposed) copy of T rows: whole 128-row tiles."""
-    return triton.cdiv(T, TILE) * TILE
+    return cdiv(T, TILE) * TILE
 
 
 @triton.jit
@@ -110,12 +110,12 @@ def quantize(x, dtype, pow2, counter, rows=True, cols=False):
     assert x.stride(1) == 1
     dev = x.device
     q = torch.empty(T, C, dtype=dtype, device=dev) if rows else None
-    s = torch.empty(triton.cdiv(C, TILE), T, dtype=torch.float32, device=dev) if rows else None
+    s = torch.empty(cdiv(C, TILE), T, dtype=torch.float32, device=dev) if rows else None
     qt = torch.empty(C, _pad(T), dtype=dtype, device=dev) if cols else None
-    st = torch.empty(triton.cdiv(T, TILE), C, dtype=torch.float32, device=dev) if cols else None
+    st = torch.empty(cdiv(T, TILE), C, dtype=torch.float32, device=dev) if cols else None
     if T and (rows or cols):
         dummy = q if rows else qt
-        _quant_kernel[(triton.cdiv(T, TILE), triton.cdiv(C, TILE))](
+        _quant_kernel[(cdiv(T, TILE), cdiv(C, TILE))](
             x, q if rows else dummy, s if rows else st, qt if cols else dummy, st if cols else s, counter, T, C,
             x.stride(0), _pad(T), ROWS=rows, COLS=cols, QDT=TL_FP8[dtype], FMAX=FP8_MAX[dtype], POW2=pow2, num_warps=8)
     return ((q, s) if rows else None), ((qt, st) if cols else None)
@@ -222,21 +222,21 @@ def rms_norm_quant(x, weight, eps, pow2, counter, write_y=True, cols=False):
             raise ValueError(f"fp8 rms_norm takes fp32/bf16/fp16 tensors, got {d}")
     y = torch.empty(T, C, dtype=ydt, device=dev) if write_y else None
     q = torch.empty(T, C, dtype=torch.float8_e4m3fn, device=dev)
-    s = torch.empty(triton.cdiv(C, TILE), T, dtype=torch.float32, device=dev)
+    s = torch.empty(cdiv(C, TILE), T, dtype=torch.float32, device=dev)
     rstd = torch.empty(T, dtype=torch.float32, device=dev)
-    nkb = triton.next_power_of_2(triton.cdiv(C, TILE))
+    nkb = next_pow2(cdiv(C, TILE))
     bt = max(1, min(16, 8192 // (nkb * TILE)))
     common = dict(XDT=_TL[x.dtype], YDT=_TL[ydt], QDT=tl.float8e4nv, FMAX=448.0, POW2=pow2)
     qc = None
     if T:
-        _rms_rows_kernel[(triton.cdiv(T, bt),)](x, weight, y if write_y else q, q, s, rstd, counter, T, x.stride(0),
+        _rms_rows_kernel[(cdiv(T, bt),)](x, weight, y if write_y else q, q, s, rstd, counter, T, x.stride(0),
                                                 float(eps), C=C, NKB=nkb, WRITE_Y=write_y, BT=bt,
                                                 num_warps=8 if nkb * TILE * bt >= 8192 else 4, **common)
     if cols:
         qt = torch.empty(C, _pad(T), dtype=torch.float8_e4m3fn, device=dev)
-        st = torch.empty(triton.cdiv(T, TILE), C, dtype=torch.float32, device=dev)
+        st = torch.empty(cdiv(T, TILE), C, dtype=torch.float32, device=dev)
         if T:
-            _rms_cols_kernel[(triton.cdiv(T, TILE), triton.cdiv(C, TILE))](x, weight, rstd, qt, st, T, x.stride(0),
+            _rms_cols_kernel[(cdiv(T, TILE), cdiv(C, TILE))](x, weight, rstd, qt, st, T, x.stride(0),
                                                                            _pad(T), C=C, num_warps=8, **common)
         qc = (qt, st)
     return y, (q, s), qc, rstd
@@ -272,9 +272,9 @@ def swiglu_quant(ab, pow2, counter, cols=False):
     q = torch.empty(T, inter, dtype=torch.float8_e4m3fn, device=dev)
     s = torch.empty(inter // TILE, T, dtype=torch.float32, device=dev)
     qt = torch.empty(inter, _pad(T) if cols else 1, dtype=torch.float8_e4m3fn, device=dev)
-    st = torch.empty(triton.cdiv(T, TILE) if cols else 1, inter, dtype=torch.float32, device=dev)
+    st = torch.empty(cdiv(T, TILE) if cols else 1, inter, dtype=torch.float32, device=dev)
     if T:
-        _swiglu_kernel[(triton.cdiv(T, TILE), inter // TILE)](ab, q, s, qt, st, counter, T, qt.stride(0), I=inter,
+        _swiglu_kernel[(cdiv(T, TILE), inter // TILE)](ab, q, s, qt, st, counter, T, qt.stride(0), I=inter,
                                                               COLS=cols, POW2=pow2, num_warps=8)
     return (q, s), ((qt, st) if cols else None)
 

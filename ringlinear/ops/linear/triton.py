@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import patch_interpreter
+from .._triton import cdiv, patch_interpreter
 
 patch_interpreter()
 
@@ -68,7 +68,7 @@ def linear_forward(x2, weight, bias=None):
     if M == 0:
         return out
     c = LARGE if M >= LARGE_FROM_ROWS else SMALL
-    grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
+    grid = (cdiv(M, c["BLOCK_M"]) * cdiv(N, c["BLOCK_N"]),)
     _linear_kernel[grid](x2, w, bias if bias is not None else w, out, M, N, K, x2.stride(0), w.stride(0),
                          out.stride(0), HAS_BIAS=bias is not None,
                          PREC="ieee" if x2.dtype == torch.float32 else "tf32", BLOCK_M=c["BLOCK_M"],

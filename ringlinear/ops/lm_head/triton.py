@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import patch_interpreter
+from .._autograd import call
+from .._triton import cdiv, patch_interpreter
 
 patch_interpreter()  # CPU interpreter fixes; no-op for compiled kernels
 
@@ -66,7 +67,7 @@ def lm_head_forward(x, weight):
     if bk < 16:
         raise ValueError(f"lm_head_fp32: hidden size {H} must be a multiple of 16")
     half = (torch.bfloat16, torch.float16)
-    grid = (triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(V, cfg["BLOCK_N"]),)
+    grid = (cdiv(N, cfg["BLOCK_M"]) * cdiv(V, cfg["BLOCK_N"]),)
     _lm_head_kernel[grid](x, weight, out, N, V, x.stride(0), weight.stride(0), out.stride(0), H=H,
                           F32=not (x.dtype in half and weight.dtype == x.dtype), BLOCK_M=cfg["BLOCK_M"],
                           BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
@@ -94,4 +95,4 @@ class _LMHeadFn(torch.autograd.Function):
 
 def lm_head_fp32(x, weight):
     """x [N, h] (bf16/fp32), weight [V, h] -> logits [N, V] fp32."""
-    return _LMHeadFn.apply(x, weight)
+    return call(_LMHeadFn, x, weight)

@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from .._autograd import call
 from . import triton_gemm as G
 from .reference import swiglu
 from .triton_route import make_plan, router_backward_sparse, router_forward
@@ -118,14 +119,14 @@ def _experts(x, topk_weight, w13, w2, shared_out, pair, eoff, top_k, determinist
         raise TypeError(f"fused MoE needs x, w13, w2 in one dtype (got {x.dtype}, {w13.dtype}, {w2.dtype})")
     if deterministic is None:
         deterministic = deterministic_default()
-    return _ExpertsFn.apply(x.contiguous(), topk_weight.float().contiguous(), w13, w2, shared_out, pair, eoff, top_k,
-                            bool(deterministic))
+    return call(_ExpertsFn, x.contiguous(), topk_weight.float().contiguous(), w13, w2, shared_out, pair, eoff, top_k,
+                bool(deterministic))
 
 
 def route(x, weight, expert_bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob=True):
     """x [N, h], weight [E, h] -> (topk_idx [N, k] int64, topk_weight [N, k] fp32, logits [N, E] fp32)."""
-    return _RouteFn.apply(x, weight, expert_bias, top_k, n_group, topk_group, float(routed_scaling_factor),
-                          norm_topk_prob)[:3]
+    return call(_RouteFn, x, weight, expert_bias, top_k, n_group, topk_group, float(routed_scaling_factor),
+                norm_topk_prob)[:3]
 
 
 def moe_experts(x, topk_idx, topk_weight, w13, w2, *, deterministic=None):
@@ -137,8 +138,8 @@ def moe_experts(x, topk_idx, topk_weight, w13, w2, *, deterministic=None):
 def moe_forward(x, router_weight, expert_bias, w13, w2, shared, *, top_k, n_group, topk_group,
                 routed_scaling_factor, norm_topk_prob=True, deterministic=None):
     """Routed experts plus the unweighted shared expert -> (y [N, h], topk_idx, topk_weight, router_logits)."""
-    idx, w, logits, pair, eoff = _RouteFn.apply(x, router_weight, expert_bias, top_k, n_group, topk_group,
-                                                float(routed_scaling_factor), norm_topk_prob)
+    idx, w, logits, pair, eoff = call(_RouteFn, x, router_weight, expert_bias, top_k, n_group, topk_group,
+                                      float(routed_scaling_factor), norm_topk_prob)
     shared_out = swiglu(x, *shared) if shared is not None else None
     y = _experts(x, w, w13, w2, shared_out, pair, eoff, top_k, deterministic)
     return y, idx, w, logits

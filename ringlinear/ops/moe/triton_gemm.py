@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton import cdiv, next_pow2
 from .triton_route import dot_precision, fit_block
 
 # Block sizes. Few rows per expert (decode, small prefill) stream weights: 64-row tiles. Many rows per expert
@@ -233,7 +234,7 @@ def _slot_sum_kernel(src_ptr, wt_ptr, sh_ptr, dst_ptr, part_ptr, dw_ptr, N, NK, 
 
 def _row_tiles(nk, E, block_m):
     """Upper bound on row tiles over all experts: each expert adds at most one partial tile."""
-    return max(min(nk, triton.cdiv(nk, block_m) + E), 1)
+    return max(min(nk, cdiv(nk, block_m) + E), 1)
 
 
 def _launch_opts(cfg, dtype=None):
@@ -312,10 +313,10 @@ def _slot_sum(src, N, k, out_dtype, wt=None, shared=None, part=None):
     bh = fit_block(cfg["BLOCK_H"], H)
     dst = torch.empty(N, H, dtype=out_dtype, device=src.device)
     dw = torch.empty(N, k, dtype=torch.float32, device=src.device) if part is not None else None
-    grid = (triton.cdiv(N, cfg["BLOCK_T"]) * (H // bh),)
+    grid = (cdiv(N, cfg["BLOCK_T"]) * (H // bh),)
     _slot_sum_kernel[grid](src, wt if wt is not None else src, shared if shared is not None else dst, dst,
                            part if part is not None else dst, dw if dw is not None else dst, N, N * k, TOPK=k,
-                           KP2=triton.next_power_of_2(k), H=H, WEIGHTED=wt is not None,
+                           KP2=next_pow2(k), H=H, WEIGHTED=wt is not None,
                            HAS_SHARED=shared is not None, NPART=part.shape[0] if part is not None else 0,
                            BLOCK_T=cfg["BLOCK_T"], BLOCK_H=bh, num_warps=cfg["num_warps"])
     return dst, dw

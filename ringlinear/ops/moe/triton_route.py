@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import patch_interpreter
+from .._triton import cdiv, next_pow2, patch_interpreter
 
 patch_interpreter()  # CPU interpreter fixes (runtime loop bounds, bf16 dot); no-op for compiled kernels
 
@@ -128,15 +128,15 @@ def router_forward(x, weight, expert_bias, top_k, n_group, topk_group, routed_sc
         return idx, wt, logits
     cfg = ROUTER_CFG
     be = min(cfg["BLOCK_E"], E)
-    _router_logits_kernel[(triton.cdiv(N, cfg["BLOCK_T"]) * (E // be),)](
+    _router_logits_kernel[(cdiv(N, cfg["BLOCK_T"]) * (E // be),)](
         x, weight, logits, N, x.stride(0), weight.stride(0), H=H, E=E, PREC=dot_precision(x, weight),
         BLOCK_T=cfg["BLOCK_T"], BLOCK_E=be, BLOCK_K=fit_block(cfg["BLOCK_K"], H), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     grouped = n_group > 1 and topk_group < n_group
     # logits stands in as a never-read pointer when there is no bias
     bias = expert_bias.to(torch.float32).contiguous() if expert_bias is not None else logits
-    _router_topk_kernel[(triton.cdiv(N, TOPK_CFG["BLOCK_T"]),)](
-        logits, bias, idx, wt, N, float(routed_scaling_factor), E=E, TOPK=top_k, KP2=triton.next_power_of_2(top_k),
+    _router_topk_kernel[(cdiv(N, TOPK_CFG["BLOCK_T"]),)](
+        logits, bias, idx, wt, N, float(routed_scaling_factor), E=E, TOPK=top_k, KP2=next_pow2(top_k),
         NG=n_group if grouped else 1, TOPKG=topk_group if grouped else 1, HAS_BIAS=expert_bias is not None,
         NORM=bool(norm_topk_prob and top_k > 1), BLOCK_T=TOPK_CFG["BLOCK_T"], num_warps=TOPK_CFG["num_warps"])
     return idx, wt, logits
@@ -192,7 +192,7 @@ def router_backward_sparse(dl_sel, idx, weight, x, pair, eoff):
     dw = torch.empty(E, H, dtype=weight.dtype, device=x.device)
     bh = fit_block(256, H)
     if N:
-        _router_dx_kernel[(triton.cdiv(N, 16) * (H // bh),)](dl_sel, idx, weight, dx, N, weight.stride(0), TOPK=k,
+        _router_dx_kernel[(cdiv(N, 16) * (H // bh),)](dl_sel, idx, weight, dx, N, weight.stride(0), TOPK=k,
                                                               H=H, BLOCK_T=16, BLOCK_H=bh, num_warps=4)
     _router_dw_kernel[(E * (H // bh),)](dl_sel, x, pair, eoff, dw, x.stride(0), TOPK=k, H=H, BLOCK_R=32,
                                         BLOCK_H=bh, num_warps=4)
@@ -274,7 +274,7 @@ def make_plan(topk_idx, num_experts):
     E = num_experts
     dev = topk_idx.device
     idx = topk_idx.contiguous()
-    nb = max(triton.cdiv(N, PLAN_BLOCK_T), 1)
+    nb = max(cdiv(N, PLAN_BLOCK_T), 1)
     hist = torch.empty(nb, E, dtype=torch.int32, device=dev)
     rank = torch.empty(N * k, dtype=torch.int32, device=dev)
     base = torch.empty(nb, E, dtype=torch.int32, device=dev)

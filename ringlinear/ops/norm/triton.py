@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import num_sms, patch_interpreter
+from .._autograd import call
+from .._triton import cdiv, next_pow2, num_sms, patch_interpreter
 
 patch_interpreter()
 
@@ -96,7 +97,7 @@ def _rows(x: torch.Tensor, C: int) -> tuple[torch.Tensor, int]:
 
 
 def _grn_block(CG: int) -> tuple[int, int]:
-    bc = triton.next_power_of_2(CG)
+    bc = next_pow2(CG)
     return bc, max(1, min(64, 8192 // bc))
 
 
@@ -116,7 +117,7 @@ class _GroupRMSNormGate(torch.autograd.Function):
         y = torch.empty(M, C, device=o.device, dtype=out_dt)
         rstd = torch.empty(M, num_groups, device=o.device, dtype=torch.float32)
         bc, bm = _grn_block(CG)
-        _grn_fwd_kernel[(triton.cdiv(M, bm), num_groups)](
+        _grn_fwd_kernel[(cdiv(M, bm), num_groups)](
             o2, g2, weight, y, rstd, M, C, CG, eps, so, sg, BM=bm, BC=bc, DT=_TL[o.dtype], OUT_DT=_TL[out_dt],
             num_warps=4)
         ctx.save_for_backward(o2, g2, weight, rstd)
@@ -131,7 +132,7 @@ class _GroupRMSNormGate(torch.autograd.Function):
         CG = C // G
         dy2 = dy.reshape(M, C).contiguous()
         bc, bm = _grn_block(CG)
-        nb = triton.cdiv(M, bm)
+        nb = cdiv(M, bm)
         P = _grid_programs(o2, nb)
         do = torch.empty(M, C, device=o2.device, dtype=o2.dtype)
         dgate = torch.empty(M, C, device=o2.device, dtype=gate_dt)
@@ -143,7 +144,7 @@ class _GroupRMSNormGate(torch.autograd.Function):
 
 def group_rms_norm_gate(o, weight, gate, num_groups, eps):
     """GroupRMSNorm(o) * sigmoid(gate); o, gate [..., C], weight [C]. Returns [..., C]."""
-    return _GroupRMSNormGate.apply(o, weight, gate, int(num_groups), float(eps))
+    return call(_GroupRMSNormGate, o, weight, gate, int(num_groups), float(eps))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -251,8 +252,8 @@ def _qkr_layout(x: torch.Tensor):
 
 
 def _qkr_blocks(HALF: int, D: int):
-    bh = triton.next_power_of_2(max(HALF, 1))
-    br = triton.next_power_of_2(max(D - 2 * HALF, 1))
+    bh = next_pow2(max(HALF, 1))
+    br = next_pow2(max(D - 2 * HALF, 1))
     return bh, br, max(1, min(64, 4096 // D))
 
 
@@ -263,7 +264,7 @@ def _qkr_fwd(x, w, cos, sin, eps):
     M = x3.shape[0] * H
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     bh, br, bm = _qkr_blocks(HALF, D)
-    _qkr_fwd_kernel[(triton.cdiv(M, bm),)](x3, w, cos, sin, y, M, H, T, st, sh, HALF, D, eps,
+    _qkr_fwd_kernel[(cdiv(M, bm),)](x3, w, cos, sin, y, M, H, T, st, sh, HALF, D, eps,
                                            BM=bm, BH=bh, BR=br, num_warps=4)
     return y
 
@@ -274,7 +275,7 @@ def _qkr_bwd(dy, x, w, cos, sin, eps):
     x3, st, sh = _qkr_layout(x)
     M = x3.shape[0] * H
     bh, br, bm = _qkr_blocks(HALF, D)
-    nb = triton.cdiv(M, bm)
+    nb = cdiv(M, bm)
     P = _grid_programs(x, nb)
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     part = torch.empty(P, D, device=x.device, dtype=torch.float32)
@@ -311,4 +312,4 @@ class _QKNormRope(torch.autograd.Function):
 def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
     """Per-head RMSNorm of q [..., T, Hq, D] and k [..., T, Hk, D], then NeoX RoPE on the first 2*cos.shape[-1]
     dims (cos/sin [T, R/2] fp32). Returns new contiguous q, k in their input dtypes."""
-    return _QKNormRope.apply(q, k, q_weight, k_weight, cos, sin, float(eps))
+    return call(_QKNormRope, q, k, q_weight, k_weight, cos, sin, float(eps))

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import patch_interpreter
+from .._autograd import call
+from .._triton import cdiv, next_pow2, patch_interpreter
 from .triton import _TL, _check_dtype, _grid_programs
 
 patch_interpreter()
@@ -62,7 +63,7 @@ def _rms_bwd_kernel(dy, x, w, rstd_in, dx, dw_part, M, C, sx, n_blocks, BM: tl.c
 
 
 def _blocks(C: int) -> tuple[int, int]:
-    bc = triton.next_power_of_2(C)
+    bc = next_pow2(C)
     return bc, max(1, min(16, 4096 // bc))
 
 
@@ -82,7 +83,7 @@ class _RMSNorm(torch.autograd.Function):
         rstd = torch.empty(M, device=x.device, dtype=torch.float32)
         bc, bm = _blocks(C)
         if M:
-            _rms_fwd_kernel[(triton.cdiv(M, bm),)](x2, weight, y, rstd, M, C, eps, x2.stride(0), BM=bm, BC=bc,
+            _rms_fwd_kernel[(cdiv(M, bm),)](x2, weight, y, rstd, M, C, eps, x2.stride(0), BM=bm, BC=bc,
                                                    DT=_TL[x.dtype], OUT_DT=_TL[out_dt], num_warps=4)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = x.shape
@@ -93,7 +94,7 @@ class _RMSNorm(torch.autograd.Function):
         x2, weight, rstd = ctx.saved_tensors
         M, C = x2.shape
         bc, bm = _blocks(C)
-        nb = triton.cdiv(M, bm)
+        nb = cdiv(M, bm)
         P = _grid_programs(x2, nb)
         dx = torch.empty(M, C, device=x2.device, dtype=x2.dtype)
         part = torch.empty(P, C, device=x2.device, dtype=torch.float32)
@@ -107,4 +108,4 @@ class _RMSNorm(torch.autograd.Function):
 
 def rms_norm(x, weight, eps):
     """x [..., C], weight [C] -> weight * (x / rms(x)) (same contract as reference.rms_norm)."""
-    return _RMSNorm.apply(x, weight, float(eps))
+    return call(_RMSNorm, x, weight, float(eps))

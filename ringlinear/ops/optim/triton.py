@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._triton import patch_interpreter
+from .._triton import cdiv, patch_interpreter
 
 patch_interpreter()
 
@@ -56,7 +56,7 @@ def adamw_step(param, grad, master, exp_avg, exp_avg_sq, *, lr, beta1, beta2, ep
     bc1 = 1 - beta1 ** step
     bc2 = 1 - beta2 ** step
     dummy = exp_avg
-    _adamw_kernel[(triton.cdiv(n, BLOCK),)](
+    _adamw_kernel[(cdiv(n, BLOCK),)](
         param, grad, master if master is not None else dummy, exp_avg, exp_avg_sq,
         grad_scale if grad_scale is not None else dummy, n, lr, beta1, beta2, eps, 1 - lr * weight_decay,
         lr / bc1, bc2 ** 0.5, HAS_MASTER=master is not None, HAS_SCALE=grad_scale is not None, BLOCK=BLOCK,
