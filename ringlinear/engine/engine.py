@@ -184,6 +184,9 @@ class LLMEngine:
             if cfg.enable_prefix_caching:
                 log.info("prefix caching is off with several ranks (its state copies are not mirrored yet)")
                 cfg.enable_prefix_caching = False
+            if cfg.prefill_cuda_graphs:  # every rank must take the same path each step; not agreed across ranks yet
+                log.info("prefill CUDA graphs are off with several ranks")
+                cfg.prefill_cuda_graphs = False
         if world > 1 and self.rank_info is None:
             self.ranks = Ranks(model_dir, cfg, world, random_weights)
             self.rank_info = self.ranks.info

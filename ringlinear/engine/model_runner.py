@@ -42,10 +42,14 @@ class ModelRunner:
         self.capture_graphs()
 
     def capture_graphs(self) -> None:
-        """Capture the decode graphs when configured (CUDA). Graphs hold the addresses of the weights, the KV cache
-        and the state pool: after `drop_graphs` and re-created caches, call this again."""
-        if self.config.cuda_graphs and self.device.type == "cuda":
+        """Capture the decode (and, when configured, prefill) graphs (CUDA). Graphs hold the addresses of the
+        weights, the KV cache and the state pool: after `drop_graphs` and re-created caches, call this again."""
+        if self.device.type != "cuda":
+            return
+        if self.config.cuda_graphs:
             self._capture(self.max_model_len)
+        if self.config.prefill_cuda_graphs:
+            self._capture_prefill()
 
     def drop_graphs(self) -> None:
         self.graphs = self.prefill_graphs = None
@@ -66,16 +70,24 @@ class ModelRunner:
         except Exception as e:  # capture is an optimisation: run eager rather than refuse to serve
             log.warning("CUDA graph capture failed (%s: %s); decode runs eagerly", type(e).__name__, e)
             self.graphs = None
-        if self.config.prefill_cuda_graphs and not self.batch_invariant:
-            step = StaticPrefillStep(self.model, self.kv, self.states, self.config.max_num_batched_tokens,
-                                     [s for s in (1, 2, 4, 8) if s <= self.config.max_num_seqs], self.device)
-            try:
-                with torch.inference_mode():
-                    self.prefill_graphs = PrefillGraphs(step, prefill_buckets(self.config.max_num_batched_tokens))
-                log.info("captured CUDA graphs for prefill steps of %s tokens", self.prefill_graphs.buckets)
-            except Exception as e:
-                log.warning("prefill CUDA graph capture failed (%s: %s); prefill runs eagerly", type(e).__name__, e)
-                self.prefill_graphs = None
+
+    def _capture_prefill(self) -> None:
+        dtype = next(self.model.parameters()).dtype
+        why = ("batch-invariant or aligned numerics (their eager kernels are the contract)" if self.batch_invariant
+               else f"{dtype} weights (the 16-bit attention kernels read their offsets on the device; the fp32 "
+               "reference reads them on the host)" if dtype not in (torch.bfloat16, torch.float16) else None)
+        if why:
+            log.info("prefill CUDA graphs are off: %s", why)
+            return
+        step = StaticPrefillStep(self.model, self.kv, self.states, self.config.max_num_batched_tokens,
+                                 [s for s in (1, 2, 4, 8) if s <= self.config.max_num_seqs], self.device)
+        try:
+            with torch.inference_mode():
+                self.prefill_graphs = PrefillGraphs(step, prefill_buckets(self.config.max_num_batched_tokens))
+            log.info("captured CUDA graphs for prefill steps of %s tokens", self.prefill_graphs.buckets)
+        except Exception as e:  # as for decode: an optimisation, logged, never a refusal to serve
+            log.warning("prefill CUDA graph capture failed (%s: %s); prefill runs eagerly", type(e).__name__, e)
+            self.prefill_graphs = None
 
     @torch.inference_mode()
     def execute(self, batch: Batch) -> torch.Tensor:

@@ -10,7 +10,8 @@ Off by default (`EngineConfig.prefill_cuda_graphs`); it has not yet run on a GPU
 positions and KV write rows [T], offsets [S + 2] and state slots [S + 1]. The live pieces come first, unused piece
 slots have length 0, and the padding tokens form the last sequence, written to the scratch slot and the scratch KV
 block. Every op of the prefill forward takes its offsets from the device, and the lightning launch plan depends
-only on S and T, so one graph serves every mix of lengths that fits. Each piece attends only to its own tokens and starts from its own (zeroed) state slot, so the padding does
+only on S and T (always segmented), so one graph serves every mix of lengths that fits. 16-bit weights, default
+numerics, one GPU (model_runner.py says why otherwise). Each piece attends only to its own tokens and starts from its own (zeroed) state slot, so the padding does
 not reach the live rows. `StaticPrefillStep` also runs eagerly (tests check it on CPU against the eager path).
 """
 from __future__ import annotations
@@ -29,23 +30,25 @@ log = logging.getLogger(__name__)
 
 
 class _StaticPrefillContext(AttentionContext):
-    """The first T rows of the static buffers, cut into S + 1 sequences (S piece slots, then the padding)."""
+    """The first T rows of the static buffers, cut into S + 1 sequences (S piece slots, then the padding). Holds
+    the buffers, not the step: no reference cycle, so dropped graphs free their memory pool at once (sleep())."""
 
     def __init__(self, step: "StaticPrefillStep", T: int, S: int):
-        self.step, self.T = step, T
-        self.positions = step.positions[:T]
+        self.T, self.kv, self.states = T, step.kv, step.states
+        self.positions, self.rows = step.positions[:T], step.write_rows[:T]
         self.cu_seqlens, self.slots = step.cu[S], step.slots[S]
         self.plans: dict = {}  # the lightning launch plan of this (T, S), built by the first linear layer
 
     def linear_attention(self, layer_idx, q, k, v, g_gamma, scale):  # q, k, v [T, H, D]
-        st = self.step.states
-        o = lightning_attn_prefill(q[None], k[None], v[None], g_gamma, st.states[layer_idx], self.slots,
-                                   self.cu_seqlens, scale=scale, plans=self.plans)
+        # segmented: the plan cannot see how long the live pieces are (the padding and empty slots count as
+        # sequences), so it always cuts them into segments; a long prompt or padding never runs as one program
+        o = lightning_attn_prefill(q[None], k[None], v[None], g_gamma, self.states.states[layer_idx], self.slots,
+                                   self.cu_seqlens, scale=scale, plans=self.plans, segmented=True)
         return o[0]
 
     def softmax_attention(self, layer_idx, q, k, v, scale):  # q [T, H, D], k, v [T, KV, D]
-        K, V = self.step.kv.flat(layer_idx)
-        rows = self.step.write_rows[:self.T]
+        K, V = self.kv.flat(layer_idx)
+        rows = self.rows
         K.index_copy_(0, rows, k)
         V.index_copy_(0, rows, v)
         return causal_attention_varlen(q, k, v, self.cu_seqlens, scale, max_seqlen=self.T)
@@ -97,6 +100,9 @@ class StaticPrefillStep:
         self.last_rows[S].copy_(torch.tensor(last + [0] * (S - n)))
         return n
 
+    def contexts(self):
+        return self._ctx.values()
+
     def shape_for(self, entries, buckets: list[int]) -> tuple[int, int]:
         """The smallest (T in buckets, S in seq_slots) that holds these pieces."""
         total = sum(s.num_tokens for s in entries)
@@ -134,10 +140,10 @@ class PrefillGraphs:
         if not capture:
             return
         pool = None
+        stream = torch.cuda.Stream()  # one side stream: the warm-ups' cached blocks stay reusable by each other
         for T in reversed(self.buckets):  # largest first so smaller graphs reuse its memory pool
             for S in reversed(step.seq_slots):
                 step.load([], T, S)  # every row padding: warm-up and capture touch only scratch memory
-                stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
                     for _ in range(2):  # warm-up outside capture (lazy inits, Triton compiles and autotuning)
@@ -149,6 +155,9 @@ class PrefillGraphs:
                 pool = g.pool()
                 self.graphs[(T, S)] = g
         torch.cuda.synchronize()
+        for ctx in step.contexts():  # the captured plans live in the graphs now; the Python objects are not needed
+            ctx.plans = {}
+        torch.cuda.empty_cache()
 
     def fits(self, entries) -> bool:
         return len(entries) <= self.step.seq_slots[-1] and sum(s.num_tokens for s in entries) <= self.buckets[-1]

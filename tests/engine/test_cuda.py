@@ -81,23 +81,58 @@ def test_sampling_options_and_prompt_logprobs_on_the_gpu(make_llm, random_prompt
 
 
 def test_prefill_graphs_match_eager(make_llm, random_prompts):
-    """Steps of fresh prompt pieces replayed from CUDA graphs (prefill_cuda_graphs), bf16 weights (the fp32
-    reference attention reads offsets on the host, which capture refuses): capture succeeds, the graphs are used,
-    and greedy outputs match the eager engine up to the first differing token, log-probs within 2e-2 (the padded
-    shapes may pick other kernel splits)."""
-    prompts = random_prompts(6, 2, 150, seed=63)
-    sp = SamplingParams(max_tokens=8, temperature=0, logprobs=True, ignore_eos=True)
-    kw = dict(device="cuda", dtype="bfloat16", enable_prefix_caching=False)
+    """Steps of fresh prompt pieces replayed from CUDA graphs (prefill_cuda_graphs), bf16 weights: capture
+    succeeds; over waves of prompts the graphs are replayed at several buckets, with padding, the same graph more
+    than once; greedy outputs match the engine without prefill graphs (decode graphs on in both) up to the first
+    differing token, log-probs within 2e-2 (the padded shapes take other kernel splits); and one step through the
+    graph gives the eager step's logits, live state slots and live KV rows within bf16 tolerances."""
+    kw = dict(device="cuda", dtype="bfloat16", enable_prefix_caching=False, max_num_batched_tokens=1024,
+              prefill_chunk=256)
     graphed = make_llm(prefill_cuda_graphs=True, **kw)
     pg = graphed.engine.runner.prefill_graphs
     assert pg is not None, "prefill CUDA graph capture failed (see the warning in the log)"
-    replays = []
+    assert pg.buckets == [256, 512, 1024]
+    shapes = []
     orig = pg.run
-    pg.run = lambda entries: replays.append(len(entries)) or orig(entries)
-    eager = make_llm(cuda_graphs=False, **kw)
-    a, b = graphed.generate(prompts, sp), eager.generate(prompts, sp)
-    assert replays, "no step replayed a prefill graph"
-    for x, y in zip(a, b):
-        k = next((i for i, (p, q) in enumerate(zip(x.token_ids, y.token_ids)) if p != q), len(x.token_ids))
-        assert k >= 1, (x.token_ids, y.token_ids)
-        torch.testing.assert_close(torch.tensor(x.logprobs[:k]), torch.tensor(y.logprobs[:k]), atol=2e-2, rtol=0)
+    pg.run = lambda entries: shapes.append((pg.step.shape_for(entries, pg.buckets),
+                                            sum(e.num_tokens for e in entries))) or orig(entries)
+    plain = make_llm(**kw)
+    assert plain.engine.runner.prefill_graphs is None
+    sp = SamplingParams(max_tokens=6, temperature=0, logprobs=True, ignore_eos=True)
+    # 300 tokens: a 256 piece, then eager; 3 x 100 twice: (512, 4) with padding, replayed again; 6 short; 2 x 256
+    for wave, (n, lo, hi) in enumerate([(1, 300, 300), (3, 100, 100), (3, 100, 100), (6, 2, 150), (2, 400, 500)]):
+        prompts = random_prompts(n, lo, hi, seed=70 + wave)
+        for x, y in zip(graphed.generate(prompts, sp), plain.generate(prompts, sp)):
+            k = next((i for i, (p, q) in enumerate(zip(x.token_ids, y.token_ids)) if p != q), len(x.token_ids))
+            assert k >= 1, (x.token_ids, y.token_ids)
+            torch.testing.assert_close(torch.tensor(x.logprobs[:k]), torch.tensor(y.logprobs[:k]), atol=2e-2,
+                                       rtol=0)
+    used = {shape for shape, _ in shapes}
+    assert len({T for T, _ in used}) >= 2, shapes                       # several token buckets
+    assert any(total < shape[0] for shape, total in shapes), shapes     # padding tokens
+    assert len(shapes) > len(used), shapes                              # a graph replayed more than once
+
+    eng = graphed.engine  # one step, graph vs eager, on the same inputs
+    for i, p in enumerate(random_prompts(3, 40, 300, seed=79)):
+        eng.add_request(p, SamplingParams(max_tokens=2, ignore_eos=True), f"x{i}")
+    batch = eng.scheduler.schedule()
+    assert all(s.start == 0 and s.num_tokens >= 2 for s in batch.seqs) and pg.fits(batch.seqs)
+    rows = torch.cat([eng.kv.token_rows(s.seq.block_table, 0, s.num_tokens) for s in batch.seqs]).cuda()
+    slots = [s.seq.slot for s in batch.seqs]
+    kv0 = {i: eng.kv.flat(i)[0].clone() for i in eng.kv.k}
+    st0 = {i: t.clone() for i, t in eng.states.states.items()}
+    graph_logits = eng.runner.execute(batch).clone()
+    graph_kv = {i: eng.kv.flat(i)[0][rows].clone() for i in eng.kv.k}
+    graph_st = {i: t[slots].clone() for i, t in eng.states.states.items()}
+    for i in kv0:
+        eng.kv.flat(i)[0].copy_(kv0[i])
+    for i, t in st0.items():
+        eng.states.states[i].copy_(t)
+    eng.runner.prefill_graphs = None
+    eager_logits = eng.runner.execute(batch)
+    eng.runner.prefill_graphs = pg
+    torch.testing.assert_close(graph_logits, eager_logits, atol=5e-2, rtol=2e-2)
+    for i in graph_kv:
+        torch.testing.assert_close(graph_kv[i], eng.kv.flat(i)[0][rows], atol=2e-2, rtol=2e-2)
+    for i in graph_st:
+        torch.testing.assert_close(graph_st[i], eng.states.states[i][slots], atol=2e-2, rtol=2e-2)

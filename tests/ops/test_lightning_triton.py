@@ -194,3 +194,24 @@ def test_prefill_plans_reused_across_layers():
         o2 = tri.lightning_attn_prefill(q, k, v, g, p2, slots, cu)
         assert torch.equal(o1, o2) and torch.equal(p1, p2)
         assert len(plans) == 1 and next(iter(plans.values())).split
+
+
+def test_segmented_prefill_with_empty_sequences():
+    """segmented=True (the CUDA-graph prefill): segments whatever the sequence count, empty sequences among the
+    live ones (unused piece slots) leave their slot's state as it was."""
+    gen = torch.Generator().manual_seed(13)
+    H, D, S = 2, 32, 7
+    cu = torch.tensor([0, 40, 40, 41, 700, 700], device=DEV)
+    slots = torch.tensor([4, 1, 0, 2, 6], device=DEV)
+    q, k, v = (rand(1, 700, H, D, gen=gen) for _ in range(3))
+    g = -torch.rand(H, generator=gen).to(DEV)
+    pool = rand(S, H, D, D, gen=gen)
+    p1, p2 = pool.clone(), pool.clone().double()
+    plans = {}
+    o = tri.lightning_attn_prefill(q, k, v, g, p1, slots, cu, segmented=True, plans=plans)
+    (plan,) = plans.values()
+    assert plan.split and plan.L < 700  # the long sequence really is cut (unsegmented, 4 sequences would not be)
+    ro = ref.lightning_attn_prefill(q.double(), k.double(), v.double(), g.double(), p2, slots, cu)
+    assert rel(o, ro) < 1e-5 and rel(p1, p2) < 1e-5
+    assert torch.allclose(p1[[1, 6]], pool[[1, 6]], rtol=0, atol=1e-6)  # the empty sequences' slots
+    assert torch.equal(p1[[3, 5]], pool[[3, 5]])                        # slots nobody named

@@ -26,9 +26,10 @@ def lightning_attn_decode(q, k, v, g_gamma, state, slot_ids=None, scale=None, ou
     return _impl(q).lightning_attn_decode(q, k, v, g_gamma, state, slot_ids=slot_ids, scale=scale, out=out)
 
 
-def lightning_attn_prefill(q, k, v, g_gamma, state, slot_ids, cu_seqlens, scale=None, chunk_size=64, plans=None):
+def lightning_attn_prefill(q, k, v, g_gamma, state, slot_ids, cu_seqlens, scale=None, chunk_size=64, plans=None,
+                           segmented=False):
     return _impl(q).lightning_attn_prefill(q, k, v, g_gamma, state, slot_ids, cu_seqlens, scale=scale,
-                                           chunk_size=chunk_size, plans=plans)
+                                           chunk_size=chunk_size, plans=plans, segmented=segmented)
 
 
 def _aligned_impl(t):

@@ -139,11 +139,13 @@ def lightning_attn_decode(q, k, v, g_gamma, state, slot_ids=None, scale=None, ou
     return o
 
 
-def lightning_attn_prefill(q, k, v, g_gamma, state, slot_ids, cu_seqlens, scale=None, chunk_size=64, plans=None):
+def lightning_attn_prefill(q, k, v, g_gamma, state, slot_ids, cu_seqlens, scale=None, chunk_size=64, plans=None,
+                           segmented=False):
     """Serving prefill: continue each packed sequence from its state slot and write the new state back.
 
     q, k, v [1, T, H, D] packed by cu_seqlens [N+1]; state [S, H, D, Dv] fp32 pool; slot_ids [N]. Returns o.
-    A fresh request must have its slot zeroed by the caller. plans: the kernels' launch-plan cache (unused here).
+    A fresh request must have its slot zeroed by the caller. plans, segmented: the kernels' launch-plan cache and
+    a launch hint (unused here).
     """
     o, final = lightning_attn(q, k, v, g_gamma, scale=scale, initial_state=state[slot_ids],
                               output_final_state=True, cu_seqlens=cu_seqlens, chunk_size=chunk_size)

@@ -76,9 +76,9 @@ class _Plan:
     Whole sequences (split=False) when there are enough (sequence, head, value block) programs to fill the GPU;
     otherwise segments of L tokens (a device table built from cu_seqlens without reading it on the host), sized
     so that about 4 programs per SM exist. With cu_seqlens on the CPU the lengths are known for free, and a
-    packed batch whose longest sequence dwarfs the rest is split too."""
+    packed batch whose longest sequence dwarfs the rest is split too; `segmented` asks for segments always."""
 
-    def __init__(self, B, T, H, K, V, cu_seqlens, device, dtype, training=False, aligned=False):
+    def __init__(self, B, T, H, K, V, cu_seqlens, device, dtype, training=False, aligned=False, segmented=False):
         self.varlen = cu_seqlens is not None
         self.N = cu_seqlens.numel() - 1 if self.varlen else B
         self.Ttot = B * T
@@ -104,7 +104,7 @@ class _Plan:
         bk = _bwd_blocks(K, V, dtype)[1][0]
         if training and self.N * H * (K // bk) < 2 * sms:
             split, self.fwd = True, wide
-        split = split or outlier
+        split = split or outlier or segmented
         self.fwd = TUNE.get("fwd", self.fwd)
         # Aligned: one arithmetic for every call: whole sequences, one fixed config, and no fused multiply-adds
         # (the compiler contracts a*b+c into an fma or not depending on the surrounding code, which differs
@@ -348,9 +348,13 @@ def lightning_attn(q, k, v, g_gamma, scale=None, initial_state=None, output_fina
                                   bool(aligned))
 
 
-def lightning_attn_prefill(q, k, v, g_gamma, state, slot_ids, cu_seqlens, scale=None, chunk_size=64, plans=None):
+def lightning_attn_prefill(q, k, v, g_gamma, state, slot_ids, cu_seqlens, scale=None, chunk_size=64, plans=None,
+                           segmented=False):
     """Serving prefill: continue each packed sequence from state[slot_ids[n]] and write its new state back in
     place, all requests in one pass. Slots must be distinct. Returns o [1, T, H, V].
+
+    segmented: cut sequences into segments whatever their count (the CUDA-graph prefill, whose sequence count
+    includes empty and padding sequences and so says nothing about how long the live ones are).
 
     plans: a dict the caller keeps while cu_seqlens stays as it is (the engine: one step). The launch plan depends
     only on cu_seqlens and the shapes, and a split plan costs ~12 small device ops to build; every linear layer of
@@ -363,10 +367,10 @@ def lightning_attn_prefill(q, k, v, g_gamma, state, slot_ids, cu_seqlens, scale=
     if state.dtype != torch.float32 or state.shape[1:] != (H, K, V) or not state.is_contiguous():
         raise ValueError(f"state must be a contiguous fp32 pool [S, H, K, V], got {state.dtype} {tuple(state.shape)}")
     slots = slot_ids.to(device=q.device, dtype=torch.int32)
-    key = (id(cu_seqlens), B, T, H, K, V, q.device, q.dtype, repr(sorted(TUNE.items())))
+    key = (id(cu_seqlens), B, T, H, K, V, q.device, q.dtype, repr(sorted(TUNE.items())), segmented)
     plan = plans.get(key) if plans is not None else None
     if plan is None:
-        plan = _Plan(B, T, H, K, V, cu_seqlens, q.device, q.dtype)
+        plan = _Plan(B, T, H, K, V, cu_seqlens, q.device, q.dtype, segmented=segmented)
         if plans is not None:
             plans[key] = plan
     with torch.no_grad():
