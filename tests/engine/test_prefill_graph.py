@@ -80,3 +80,35 @@ def test_buckets():
     assert prefill_buckets(1024) == [256, 512, 1024]
     assert prefill_buckets(3000) == [256, 512, 1024, 2048, 3000]
     assert prefill_buckets(128) == [128]
+
+
+def test_static_prefill_through_the_triton_kernels(make_llm, random_prompts, run_engine, monkeypatch):
+    """The same comparison with every op on its Triton kernel (the interpreter on CPU): the segmented lightning
+    plan (a 512-token bucket is cut into segments) and the padded offsets as a GPU runs them. The plans differ from
+    the eager step's, so log-probs are compared with a tolerance, up to the first differing greedy token."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("RINGLINEAR_BACKEND", "triton")
+    seed = int(torch.randint(0, 10**6, (1,)))
+    prompts = random_prompts(2, 300, 420, seed=seed) + random_prompts(2, 2, 60, seed=seed + 1)
+    sp = SamplingParams(max_tokens=3, temperature=0.0, logprobs=True, ignore_eos=True)
+    kw = dict(enable_prefix_caching=False, max_num_batched_tokens=512, prefill_chunk=512)
+    want = _run(make_llm(**kw).engine, prompts, [sp] * 4, run_engine)
+    eng = make_llm(**kw).engine
+    graphs = _static(eng, buckets=(128, 256, 512))
+    used, split = [], []
+    orig = graphs.step.forward
+
+    def spy(T, S):
+        out = orig(T, S)
+        used.append((T, S))
+        split.extend(p.split for c in graphs.step.contexts() for p in c.plans.values())
+        return out
+    graphs.step.forward = spy
+    eng.runner.prefill_graphs = graphs
+    got = _run(eng, prompts, [sp] * 4, run_engine)
+    assert any(T == 512 for T, _ in used) and any(split), (used, split)
+    for rid, w in want.items():
+        g = got[rid]
+        k = next((i for i, (a, b) in enumerate(zip(g.token_ids, w.token_ids)) if a != b), len(w.token_ids))
+        assert k >= 1, (g.token_ids, w.token_ids)
+        torch.testing.assert_close(torch.tensor(g.logprobs[:k]), torch.tensor(w.logprobs[:k]), atol=1e-4, rtol=0)
