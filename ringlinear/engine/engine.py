@@ -157,6 +157,9 @@ class LLMEngine:
         # What exists now (modules, kernels, the imported libraries: ~2e5 objects) lives as long as the engine.
         # Frozen, it is left out of Python's full collections, which a busy engine triggers every few steps and
         # which otherwise walk all of it (95 ms on a 2-core box) inside a step (docs/serving.md, "Host pauses").
+        # Collected first, so garbage that exists now (an earlier engine, in a process that builds several) is
+        # freed rather than frozen with the rest.
+        gc.collect()
         gc.freeze()
 
     def _cache_budget(self, device) -> int:
