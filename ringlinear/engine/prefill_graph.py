@@ -10,9 +10,10 @@ Off by default (`EngineConfig.prefill_cuda_graphs`); it has not yet run on a GPU
 positions and KV write rows [T], offsets [S + 2] and state slots [S + 1]. The live pieces come first, unused piece
 slots have length 0, and the padding tokens form the last sequence, written to the scratch slot and the scratch KV
 block. Every op of the prefill forward takes its offsets from the device, and the lightning launch plan depends
-only on S and T (always segmented), so one graph serves every mix of lengths that fits. 16-bit weights, default
-numerics, one GPU (model_runner.py says why otherwise). Each piece attends only to its own tokens and starts from its own (zeroed) state slot, so the padding does
-not reach the live rows. `StaticPrefillStep` also runs eagerly (tests check it on CPU against the eager path).
+only on S and T (always segmented), so one graph serves every mix of lengths that fits. Each piece attends only
+to its own tokens and starts from its own (zeroed) state slot, so the padding does not reach the live rows.
+16-bit weights, default numerics, one GPU (model_runner.py logs why otherwise). `StaticPrefillStep` also runs
+eagerly (tests check it on CPU against the eager path).
 """
 from __future__ import annotations
 
