@@ -5,8 +5,8 @@ Both models have the Ring-mini-linear-2.0 shape with random bf16 weights; the tw
 baselines the paper compares against: `qwen3-8b` (Qwen3-8B's shape, paper Fig. 7) and `qwen3-32b` (Fig. 8), every
 layer softmax GQA with a dense SwiGLU MLP in this architecture (presets `qwen3-*-shape`: a cost comparison, not a
 quality one; they differ from real Qwen3 layers in the QK-norm/RoPE code path only), and `flash` (Ring-flash-linear-
-2.0's shape; 208 GB in bf16, so on one H200 it needs `--fp8`, which gives every model FP8 weights). Every model also reports GPU-seconds per million
-tokens (1e6 / tok/s on this one GPU).
+2.0's shape; 208 GB in bf16, so on one H200 it needs `--fp8`, which gives every model FP8 weights). Every model
+also reports GPU-seconds per million tokens (1e6 / tok/s on this one GPU).
 
 - prefill: one request of T tokens (batch 1), time to its first token, tokens/s.
 - decode: B requests at context C, output tokens/s over steps where every request decodes (CUDA graphs as the
