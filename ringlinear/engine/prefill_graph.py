@@ -5,7 +5,8 @@ Why: a prefill of a few thousand tokens is host-bound on an H200 (docs/serving.m
 the Ring-mini shape keeps the GPU busy ~25 ms of its 35-45 ms, the rest being ~300 Triton launches and their Python
 wrappers. A replay costs one launch.
 
-Off by default (`EngineConfig.prefill_cuda_graphs`); it has not yet run on a GPU. A graph per (T, S): T tokens
+Off by default (`EngineConfig.prefill_cuda_graphs`): written 2026-12-01 with CPU tests only, on by default once
+tests/engine/test_cuda.py passes and the 4K benchmark shows the gain on a GPU. A graph per (T, S): T tokens
 (a bucket: powers of two up to the step budget) and S piece slots (1, 2, 4, 8). It sees static buffers: ids,
 positions and KV write rows [T], offsets [S + 2] and state slots [S + 1]. The live pieces come first, unused piece
 slots have length 0, and the padding tokens form the last sequence, written to the scratch slot and the scratch KV
