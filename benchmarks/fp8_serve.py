@@ -31,7 +31,7 @@ from long_context import bench_decode, bench_prefill, copy_bandwidth, random_mod
 
 from ringlinear.models import fp8_serve as S  # noqa: E402
 from ringlinear.models.context import StatelessContext  # noqa: E402
-from ringlinear.models.modeling import RingLinearForCausalLM, kv_bytes_per_token, state_bytes_per_sequence  # noqa
+from ringlinear.models.modeling import kv_bytes_per_token, state_bytes_per_sequence  # noqa: E402
 from ringlinear.models.presets import get_preset  # noqa: E402
 
 GiB = 1 << 30
@@ -102,13 +102,7 @@ def flash_fp8(cfg, dev, B, C, steps, bw):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    with torch.device("meta"):
-        m = RingLinearForCausalLM(cfg)
-    m.to(torch.bfloat16)
-    S.quantize_fp8_(m)
-    m.to_empty(device=dev)
-    S.init_fp8_random_(m, seed=0)
-    m.eval()
+    m = random_model(cfg, dev, fp8=True)
     build_s = time.perf_counter() - t0
     wb = bytes_gib(m)
     alloc = torch.cuda.memory_allocated(dev) / GiB if dev.type == "cuda" else float("nan")

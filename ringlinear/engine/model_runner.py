@@ -73,11 +73,13 @@ class ModelRunner:
 
     def _capture_prefill(self) -> None:
         dtype = next(self.model.parameters()).dtype
-        why = ("batch-invariant or aligned numerics (their eager kernels are the contract)" if self.batch_invariant
-               else f"{dtype} weights (the 16-bit attention kernels read their offsets on the device; the fp32 "
-               "reference reads them on the host)" if dtype not in (torch.bfloat16, torch.float16) else None)
-        if why:
-            log.info("prefill CUDA graphs are off: %s", why)
+        if self.batch_invariant:
+            log.info("prefill CUDA graphs are off: batch-invariant or aligned numerics (their eager kernels are the "
+                     "contract)")
+            return
+        if dtype not in (torch.bfloat16, torch.float16):
+            log.info("prefill CUDA graphs are off: %s weights (the fp32 reference attention reads its offsets on the "
+                     "host, which capture refuses)", dtype)
             return
         step = StaticPrefillStep(self.model, self.kv, self.states, self.config.max_num_batched_tokens,
                                  [s for s in (1, 2, 4, 8) if s <= self.config.max_num_seqs], self.device)

@@ -18,8 +18,6 @@ eagerly (tests check it on CPU against the eager path).
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ..models.context import AttentionContext
@@ -27,8 +25,6 @@ from ..ops.attention import causal_attention_varlen
 from ..ops.lightning_attn import lightning_attn_prefill
 from .kv_cache import PagedKVCache
 from .state_pool import StatePool
-
-log = logging.getLogger(__name__)
 
 
 class _StaticPrefillContext(AttentionContext):
@@ -66,7 +62,7 @@ class StaticPrefillStep:
 
     def __init__(self, model, kv: PagedKVCache, states: StatePool, max_tokens: int, seq_slots: list[int], device):
         self.model, self.kv, self.states, self.device = model, kv, states, device
-        self.max_tokens, self.seq_slots = max_tokens, sorted(seq_slots)
+        self.seq_slots = sorted(seq_slots)
         z = dict(dtype=torch.long, device=device)
         self.ids = torch.zeros(max_tokens, **z)
         self.positions = torch.zeros(max_tokens, **z)

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from ..train.data import TEXT_FIELD_HINT, DataError, read_documents, resolve_inputs
+from ..train.data import read_documents, resolve_inputs
 from .retrieval import Item, RetrievalSpec, build_eval_set, training_documents
 
 log = logging.getLogger("ringlinear.sweep")
@@ -42,11 +42,9 @@ def build_corpus(data: list[str], out_dir: str, seed: int, max_chars: float, gro
             break
         chosen.append(int(i))
         size += os.path.getsize(files[i])
-    try:
-        docs = read_documents([files[i] for i in sorted(chosen)])
-    except DataError as e:  # a directory's .jsonl/.parquet files are read as records with a 'text' field
-        raise DataError(str(e).replace(TEXT_FIELD_HINT, "; leave such files out of --data (a glob such as "
-                                                        "'DIR/**/*.py' takes only code)")) from None
+    # a directory's .jsonl/.parquet files are read as records with a 'text' field; the sweep has no --text-field
+    docs = read_documents([files[i] for i in sorted(chosen)],
+                          remedy="leave such files out of --data (a glob such as 'DIR/**/*.py' takes only code)")
     groups, cur, cur_len = [], [], 0
     for d in docs:
         cur.append(d)

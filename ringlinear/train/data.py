@@ -30,9 +30,6 @@ class DataError(ValueError):
     """The corpus cannot be used; the message says which file and why."""
 
 
-TEXT_FIELD_HINT = "; set --text-field"  # the train CLI's remedy; callers without that flag replace it
-
-
 def stdlib_files() -> list[str]:
     """The running interpreter's standard-library .py sources, sorted (the embedded default corpus)."""
     root = sysconfig.get_paths()["stdlib"]
@@ -95,7 +92,7 @@ def _read_text(path: str) -> str:
     return text
 
 
-def _read_jsonl(path: str, field: str):
+def _read_jsonl(path: str, field: str, remedy: str):
     try:
         f = open(path, encoding="utf-8", errors="strict")
     except OSError as e:
@@ -111,7 +108,7 @@ def _read_jsonl(path: str, field: str):
                     raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
                 if not isinstance(rec, dict) or field not in rec:
                     keys = sorted(rec)[:8] if isinstance(rec, dict) else type(rec).__name__
-                    raise DataError(f"{path}:{n}: record has no {field!r} field (has {keys}){TEXT_FIELD_HINT}")
+                    raise DataError(f"{path}:{n}: record has no {field!r} field (has {keys}); {remedy}")
                 if not isinstance(rec[field], str):
                     raise DataError(f"{path}:{n}: field {field!r} is {type(rec[field]).__name__}, not a string")
                 yield rec[field]
@@ -119,7 +116,7 @@ def _read_jsonl(path: str, field: str):
             raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
-def _read_parquet(path: str, field: str):
+def _read_parquet(path: str, field: str, remedy: str):
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -130,7 +127,7 @@ def _read_parquet(path: str, field: str):
         raise DataError(f"{path}: not a readable parquet file ({e})") from None
     cols = pf.schema_arrow.names
     if field not in cols:
-        raise DataError(f"{path}: no column {field!r} (columns: {cols[:8]}){TEXT_FIELD_HINT}")
+        raise DataError(f"{path}: no column {field!r} (columns: {cols[:8]}); {remedy}")
     try:
         for batch in pf.iter_batches(columns=[field], batch_size=4096):
             for v in batch.column(0).to_pylist():
@@ -144,16 +141,17 @@ def _read_parquet(path: str, field: str):
         raise DataError(f"{path}: parquet data cannot be read ({e})") from None
 
 
-def read_documents(files: list[str], text_field: str = "text") -> list[str]:
-    """All non-empty documents of `files`, in file order then record order."""
+def read_documents(files: list[str], text_field: str = "text", remedy: str = "set --text-field") -> list[str]:
+    """All non-empty documents of `files`, in file order then record order. remedy: what the error for a record
+    file without `text_field` tells the user to do (the caller's own flags)."""
     docs: list[str] = []
     empty = 0
     for p in files:
         before = len(docs)
         if p.endswith(JSONL_EXT):
-            docs += [t for t in _read_jsonl(p, text_field) if t.strip()]
+            docs += [t for t in _read_jsonl(p, text_field, remedy) if t.strip()]
         elif p.endswith(PARQUET_EXT):
-            docs += [t for t in _read_parquet(p, text_field) if t.strip()]
+            docs += [t for t in _read_parquet(p, text_field, remedy) if t.strip()]
         else:
             t = _read_text(p)
             if t.strip():
