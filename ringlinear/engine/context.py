@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..models.context import AttentionContext
-from ..ops.attention import (aligned_paged_attention, attention_with_prefix, causal_attention_varlen,
-                             paged_decode_attention)
+from ..ops.attention import (aligned_paged_attention, causal_attention_varlen, paged_decode_attention,
+                             prefix_attention_varlen)
 from ..ops.lightning_attn import (lightning_attn_decode, lightning_attn_decode_aligned, lightning_attn_prefill,
                                   lightning_attn_prefill_aligned)
 from ..ops.linear import suspended
@@ -107,27 +107,41 @@ class PagedContext(AttentionContext):
     def _plan_softmax_prefill(self, kv, block_tables, starts, seq_lens, nd, device):
         """Prefill pieces that start at position 0 attend only to their own new keys: all of them go through one
         packed causal varlen call (flash varlen on CUDA: no gather from the cache, no repeated KV heads, no call per
-        piece). Pieces continuing a cached prefix attend over their context rows gathered from the cache, one call
-        each. Either way a piece sees only its own keys, so its result does not depend on the rest of the batch."""
+        piece). Pieces continuing a cached prefix go through a second packed call, over their context rows gathered
+        from the cache in one index (queries aligned to the end of their keys). Either way a piece sees only its
+        own keys, so its result does not depend on the rest of the batch."""
         cu, n = self.cu, len(seq_lens)
         fresh = [i for i in range(nd, n) if starts[i] == 0]
-        # (piece, its context rows in the flat cache [start + len] int64 on device)
-        self.prefix_pieces = [(i, kv.token_rows(block_tables[i], 0, starts[i] + seq_lens[i]).to(device))
-                              for i in range(nd, n) if starts[i] > 0]
-        self.fresh_rows = None  # packed rows of the fresh pieces: a slice when adjacent (new requests come last)
-        self.fresh_only = False  # every row of the step is a fresh piece: the packed call's output is the layer's
-        if not fresh:
-            return
-        fresh_cu = [0]
-        for i in fresh:
-            fresh_cu.append(fresh_cu[-1] + seq_lens[i])
-        self.fresh_cu = torch.tensor(fresh_cu, dtype=torch.int32, device=device)
-        self.fresh_max = max(seq_lens[i] for i in fresh)
-        if all(b == a + 1 for a, b in zip(fresh, fresh[1:])):
-            self.fresh_rows = slice(cu[fresh[0]], cu[fresh[-1] + 1])
-        else:
-            self.fresh_rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in fresh]).to(device)
-        self.fresh_only = nd == 0 and not self.prefix_pieces
+        prefixed = [i for i in range(nd, n) if starts[i] > 0]
+        self.fresh_rows = self._rows(fresh, device)  # packed rows of the fresh pieces (a slice when adjacent)
+        self.prefix_rows = self._rows(prefixed, device)  # packed rows of the pieces continuing a prefix
+        self.fresh_only = nd == 0 and not prefixed  # every row is a fresh piece: the packed call's output is all
+        if fresh:
+            self.fresh_cu = self._offsets([seq_lens[i] for i in fresh], device)
+            self.fresh_max = max(seq_lens[i] for i in fresh)
+        if prefixed:
+            ctx = [starts[i] + seq_lens[i] for i in prefixed]
+            # context rows of every prefixed piece, concatenated [sum of contexts] int64 on device
+            self.prefix_ctx = torch.cat([kv.token_rows(block_tables[i], 0, c) for i, c in zip(prefixed, ctx)]).to(device)
+            self.prefix_cu_q = self._offsets([seq_lens[i] for i in prefixed], device)
+            self.prefix_cu_k = self._offsets(ctx, device)
+            self.prefix_max_q, self.prefix_max_k = max(seq_lens[i] for i in prefixed), max(ctx)
+
+    def _rows(self, pieces: list[int], device):
+        """Packed rows of `pieces`: None, a slice when they are adjacent (new requests come last), else an index."""
+        if not pieces:
+            return None
+        cu = self.cu
+        if all(b == a + 1 for a, b in zip(pieces, pieces[1:])):
+            return slice(cu[pieces[0]], cu[pieces[-1] + 1])
+        return torch.cat([torch.arange(cu[i], cu[i + 1]) for i in pieces]).to(device)
+
+    @staticmethod
+    def _offsets(lens: list[int], device) -> torch.Tensor:
+        cu = [0]
+        for x in lens:
+            cu.append(cu[-1] + x)
+        return torch.tensor(cu, dtype=torch.int32, device=device)
 
     def linear_attention(self, layer_idx, q, k, v, g_gamma, scale):  # q, k, v [T, H, D]
         with suspended():
@@ -180,7 +194,9 @@ class PagedContext(AttentionContext):
             if out is None:
                 return o
             out[rows] = o
-        for i, ctx_rows in self.prefix_pieces:
-            s, e = self.cu[i], self.cu[i + 1]
-            out[s:e] = attention_with_prefix(q[s:e], K[ctx_rows], V[ctx_rows], scale)
+        rows = self.prefix_rows
+        if rows is not None:
+            ctx = self.prefix_ctx
+            out[rows] = prefix_attention_varlen(q[rows], K[ctx], V[ctx], self.prefix_cu_q, self.prefix_cu_k, scale,
+                                                self.prefix_max_q, self.prefix_max_k)
         return out

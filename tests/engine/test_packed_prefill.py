@@ -93,7 +93,7 @@ def test_engine_step_mixing_cached_and_fresh_pieces_equals_cold_runs(make_llm, r
 
     def spy(self, kv, block_tables, starts, seq_lens, nd, device):
         orig(self, kv, block_tables, starts, seq_lens, nd, device)
-        seen.append((len(self.prefix_pieces), self.fresh_rows is not None))
+        seen.append((self.prefix_rows is not None, self.fresh_rows is not None))
     monkeypatch.setattr(PagedContext, "_plan_softmax_prefill", spy)
     eng = make_llm().engine
     eng.add_request(prompts[0], params[0], "r0")
