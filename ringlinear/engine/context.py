@@ -17,6 +17,8 @@ from ..ops.linear import suspended
 from .kv_cache import PagedKVCache
 from .state_pool import StatePool
 
+PREFIX_GATHER_ROWS = 32768  # context rows gathered per packed call of prefixed pieces (a group may exceed it alone)
+
 
 class PagedDecode:
     """Attention for one new token per sequence over the engine's memory, shared by the eager `PagedContext` (its
@@ -107,25 +109,39 @@ class PagedContext(AttentionContext):
     def _plan_softmax_prefill(self, kv, block_tables, starts, seq_lens, nd, device):
         """Prefill pieces that start at position 0 attend only to their own new keys: all of them go through one
         packed causal varlen call (flash varlen on CUDA: no gather from the cache, no repeated KV heads, no call per
-        piece). Pieces continuing a cached prefix go through a second packed call, over their context rows gathered
-        from the cache in one index (queries aligned to the end of their keys). Either way a piece sees only its
-        own keys, so its result does not depend on the rest of the batch."""
+        piece). Pieces continuing a cached prefix go through packed calls too, over their context rows gathered from
+        the cache (queries aligned to the end of their keys), in groups of bounded context. Either way a piece sees
+        only its own keys, so its result does not depend on the rest of the batch."""
         cu, n = self.cu, len(seq_lens)
         fresh = [i for i in range(nd, n) if starts[i] == 0]
         prefixed = [i for i in range(nd, n) if starts[i] > 0]
         self.fresh_rows = self._rows(fresh, device)  # packed rows of the fresh pieces (a slice when adjacent)
-        self.prefix_rows = self._rows(prefixed, device)  # packed rows of the pieces continuing a prefix
         self.fresh_only = nd == 0 and not prefixed  # every row is a fresh piece: the packed call's output is all
         if fresh:
             self.fresh_cu = self._offsets([seq_lens[i] for i in fresh], device)
             self.fresh_max = max(seq_lens[i] for i in fresh)
-        if prefixed:
-            ctx = [starts[i] + seq_lens[i] for i in prefixed]
-            # context rows of every prefixed piece, concatenated [sum of contexts] int64 on device
-            self.prefix_ctx = torch.cat([kv.token_rows(block_tables[i], 0, c) for i, c in zip(prefixed, ctx)]).to(device)
-            self.prefix_cu_q = self._offsets([seq_lens[i] for i in prefixed], device)
-            self.prefix_cu_k = self._offsets(ctx, device)
-            self.prefix_max_q, self.prefix_max_k = max(seq_lens[i] for i in prefixed), max(ctx)
+        # Prefixed pieces in groups whose gathered context stays under PREFIX_GATHER_ROWS (64 pieces on 2K-token
+        # prefixes would gather 256 MiB per layer at Ring-mini's KV width in one go); a piece's result does not
+        # depend on its group. Each group: (query rows, context rows [sum of contexts] int64, cu_q, cu_k, max_q,
+        # max_k), on the device.
+        groups, cur, size = [], [], 0
+        for i in prefixed:
+            c = starts[i] + seq_lens[i]
+            if cur and size + c > PREFIX_GATHER_ROWS:
+                groups.append(cur)
+                cur, size = [], 0
+            cur.append(i)
+            size += c
+        if cur:
+            groups.append(cur)
+        self.prefix_groups = []
+        for g in groups:
+            ctx = [starts[j] + seq_lens[j] for j in g]
+            self.prefix_groups.append((
+                self._rows(g, device),
+                torch.cat([kv.token_rows(block_tables[j], 0, c) for j, c in zip(g, ctx)]).to(device),
+                self._offsets([seq_lens[j] for j in g], device), self._offsets(ctx, device),
+                max(seq_lens[j] for j in g), max(ctx)))
 
     def _rows(self, pieces: list[int], device):
         """Packed rows of `pieces`: None, a slice when they are adjacent (new requests come last), else an index."""
@@ -194,9 +210,6 @@ class PagedContext(AttentionContext):
             if out is None:
                 return o
             out[rows] = o
-        rows = self.prefix_rows
-        if rows is not None:
-            ctx = self.prefix_ctx
-            out[rows] = prefix_attention_varlen(q[rows], K[ctx], V[ctx], self.prefix_cu_q, self.prefix_cu_k, scale,
-                                                self.prefix_max_q, self.prefix_max_k)
+        for rows, ctx, cu_q, cu_k, max_q, max_k in self.prefix_groups:
+            out[rows] = prefix_attention_varlen(q[rows], K[ctx], V[ctx], cu_q, cu_k, scale, max_q, max_k)
         return out

@@ -52,7 +52,7 @@ def _masked_fp64(q, k, v, cu_q, cu_k, scale):
 def test_packed_prefix_pieces_match_an_explicit_mask():
     from ringlinear.ops.attention import prefix_attention_varlen
     shapes = [(1, 40), (17, 60), (9, 9), (50, 130)]
-    q, k, v, cu_q, cu_k = _pieces(shapes, 8, 2, 16, seed=int(torch.randint(0, 10**6, (1,))))
+    q, k, v, cu_q, cu_k = _pieces(shapes, 8, 2, 16, seed=5)
     got = prefix_attention_varlen(q, k, v, cu_q, cu_k, 0.3, max_q=50, max_k=130)
     want = _masked_fp64(q, k, v, cu_q, cu_k, 0.3)
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
