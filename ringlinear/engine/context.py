@@ -9,13 +9,15 @@ from __future__ import annotations
 import torch
 
 from ..models.context import AttentionContext
-from ..ops.attention import (aligned_paged_attention, attention_with_prefix, causal_attention_varlen,
-                             paged_decode_attention)
+from ..ops.attention import (aligned_paged_attention, causal_attention_varlen, paged_decode_attention,
+                             prefix_attention_varlen)
 from ..ops.lightning_attn import (lightning_attn_decode, lightning_attn_decode_aligned, lightning_attn_prefill,
                                   lightning_attn_prefill_aligned)
 from ..ops.linear import suspended
 from .kv_cache import PagedKVCache
 from .state_pool import StatePool
+
+PREFIX_GATHER_ROWS = 32768  # context rows gathered per packed call of prefixed pieces (a group may exceed it alone)
 
 
 class PagedDecode:
@@ -107,27 +109,55 @@ class PagedContext(AttentionContext):
     def _plan_softmax_prefill(self, kv, block_tables, starts, seq_lens, nd, device):
         """Prefill pieces that start at position 0 attend only to their own new keys: all of them go through one
         packed causal varlen call (flash varlen on CUDA: no gather from the cache, no repeated KV heads, no call per
-        piece). Pieces continuing a cached prefix attend over their context rows gathered from the cache, one call
-        each. Either way a piece sees only its own keys, so its result does not depend on the rest of the batch."""
+        piece). Pieces continuing a cached prefix go through packed calls too, over their context rows gathered from
+        the cache (queries aligned to the end of their keys), in groups of bounded context. Either way a piece sees
+        only its own keys, so its result does not depend on the rest of the batch."""
         cu, n = self.cu, len(seq_lens)
         fresh = [i for i in range(nd, n) if starts[i] == 0]
-        # (piece, its context rows in the flat cache [start + len] int64 on device)
-        self.prefix_pieces = [(i, kv.token_rows(block_tables[i], 0, starts[i] + seq_lens[i]).to(device))
-                              for i in range(nd, n) if starts[i] > 0]
-        self.fresh_rows = None  # packed rows of the fresh pieces: a slice when adjacent (new requests come last)
-        self.fresh_only = False  # every row of the step is a fresh piece: the packed call's output is the layer's
-        if not fresh:
-            return
-        fresh_cu = [0]
-        for i in fresh:
-            fresh_cu.append(fresh_cu[-1] + seq_lens[i])
-        self.fresh_cu = torch.tensor(fresh_cu, dtype=torch.int32, device=device)
-        self.fresh_max = max(seq_lens[i] for i in fresh)
-        if all(b == a + 1 for a, b in zip(fresh, fresh[1:])):
-            self.fresh_rows = slice(cu[fresh[0]], cu[fresh[-1] + 1])
-        else:
-            self.fresh_rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in fresh]).to(device)
-        self.fresh_only = nd == 0 and not self.prefix_pieces
+        prefixed = [i for i in range(nd, n) if starts[i] > 0]
+        self.fresh_rows = self._rows(fresh, device)  # packed rows of the fresh pieces (a slice when adjacent)
+        self.fresh_only = nd == 0 and not prefixed  # every row is a fresh piece: the packed call's output is all
+        if fresh:
+            self.fresh_cu = self._offsets([seq_lens[i] for i in fresh], device)
+            self.fresh_max = max(seq_lens[i] for i in fresh)
+        # Prefixed pieces in groups whose gathered context stays under PREFIX_GATHER_ROWS (64 pieces on 2K-token
+        # prefixes would gather 256 MiB per layer at Ring-mini's KV width in one go); a piece's result does not
+        # depend on its group. Each group: (query rows, context rows [sum of contexts] int64, cu_q, cu_k, max_q,
+        # max_k), on the device.
+        groups, cur, size = [], [], 0
+        for i in prefixed:
+            c = starts[i] + seq_lens[i]
+            if cur and size + c > PREFIX_GATHER_ROWS:
+                groups.append(cur)
+                cur, size = [], 0
+            cur.append(i)
+            size += c
+        if cur:
+            groups.append(cur)
+        self.prefix_groups = []
+        for g in groups:
+            ctx = [starts[j] + seq_lens[j] for j in g]
+            self.prefix_groups.append((
+                self._rows(g, device),
+                torch.cat([kv.token_rows(block_tables[j], 0, c) for j, c in zip(g, ctx)]).to(device),
+                self._offsets([seq_lens[j] for j in g], device), self._offsets(ctx, device),
+                max(seq_lens[j] for j in g), max(ctx)))
+
+    def _rows(self, pieces: list[int], device):
+        """Packed rows of `pieces`: None, a slice when they are adjacent (new requests come last), else an index."""
+        if not pieces:
+            return None
+        cu = self.cu
+        if all(b == a + 1 for a, b in zip(pieces, pieces[1:])):
+            return slice(cu[pieces[0]], cu[pieces[-1] + 1])
+        return torch.cat([torch.arange(cu[i], cu[i + 1]) for i in pieces]).to(device)
+
+    @staticmethod
+    def _offsets(lens: list[int], device) -> torch.Tensor:
+        cu = [0]
+        for x in lens:
+            cu.append(cu[-1] + x)
+        return torch.tensor(cu, dtype=torch.int32, device=device)
 
     def linear_attention(self, layer_idx, q, k, v, g_gamma, scale):  # q, k, v [T, H, D]
         with suspended():
@@ -180,7 +210,6 @@ class PagedContext(AttentionContext):
             if out is None:
                 return o
             out[rows] = o
-        for i, ctx_rows in self.prefix_pieces:
-            s, e = self.cu[i], self.cu[i + 1]
-            out[s:e] = attention_with_prefix(q[s:e], K[ctx_rows], V[ctx_rows], scale)
+        for rows, ctx, cu_q, cu_k, max_q, max_k in self.prefix_groups:
+            out[rows] = prefix_attention_varlen(q[rows], K[ctx], V[ctx], cu_q, cu_k, scale, max_q, max_k)
         return out

@@ -41,6 +41,7 @@ def _rel(a, b):
     [(6, 1), (0, 7), (20, 5), (0, 3), (0, 21)],  # decode, fresh, prefix, fresh, fresh: fresh rows not adjacent
     [(3, 1), (17, 1), (4, 6), (30, 4)],         # decode and prefix pieces, nothing fresh
     [(9, 1), (0, 11)],                          # decode then one fresh piece
+    [(6, 1), (20, 5), (0, 7), (15, 4), (0, 3)],  # prefix pieces not adjacent: their rows are an index
 ])
 def test_softmax_prefill_mixed_pieces(layout):
     gen = torch.Generator().manual_seed(len(layout))
@@ -93,7 +94,7 @@ def test_engine_step_mixing_cached_and_fresh_pieces_equals_cold_runs(make_llm, r
 
     def spy(self, kv, block_tables, starts, seq_lens, nd, device):
         orig(self, kv, block_tables, starts, seq_lens, nd, device)
-        seen.append((len(self.prefix_pieces), self.fresh_rows is not None))
+        seen.append((bool(self.prefix_groups), self.fresh_rows is not None))
     monkeypatch.setattr(PagedContext, "_plan_softmax_prefill", spy)
     eng = make_llm().engine
     eng.add_request(prompts[0], params[0], "r0")
@@ -106,3 +107,36 @@ def test_engine_step_mixing_cached_and_fresh_pieces_equals_cold_runs(make_llm, r
     for i, w in enumerate(want):
         g = got[f"r{i}"]
         assert g.token_ids == w.token_ids and g.logprobs == w.logprobs and g.top_logprobs == w.top_logprobs
+
+
+def test_prefix_pieces_in_bounded_groups(monkeypatch):
+    """Prefixed pieces whose gathered contexts exceed PREFIX_GATHER_ROWS go through several packed calls; every
+    piece still gets its own exact attention."""
+    from ringlinear.engine import context as C
+    monkeypatch.setattr(C, "PREFIX_GATHER_ROWS", 50)
+    layout = [(3, 1), (20, 5), (30, 4), (12, 9), (0, 6), (25, 2)]
+    gen = torch.Generator().manual_seed(11)
+    kv = PagedKVCache([0], num_blocks=64, block_size=BS, num_kv_heads=KV, head_dim=D, dtype=DTYPE, device=DEV)
+    states = StatePool([], len(layout), H, D, DEV)
+    tables, prefixes, perm = [], [], torch.randperm(64, generator=gen).tolist()
+    K, V = kv.flat(0)
+    for start, n in layout:
+        blocks = -(-(start + n) // BS)
+        tables.append(perm[:blocks])
+        perm = perm[blocks:]
+        pk, pv = (torch.randn(start, KV, D, generator=gen).to(DEV, DTYPE) for _ in range(2))
+        rows = kv.token_rows(tables[-1], 0, start).to(DEV)
+        K[rows], V[rows] = pk, pv
+        prefixes.append((pk, pv))
+    T = sum(n for _, n in layout)
+    q = torch.randn(T, H, D, generator=gen).to(DEV, DTYPE)
+    k, v = (torch.randn(T, KV, D, generator=gen).to(DEV, DTYPE) for _ in range(2))
+    ctx = PagedContext(kv, states, list(range(len(layout))), tables, [s for s, _ in layout],
+                       [n for _, n in layout], 1, torch.device(DEV))
+    assert len(ctx.prefix_groups) == 3  # contexts 25, 34, 21, 27 under a 50-row budget: [25], [34], [21, 27]
+    out = ctx.softmax_attention(0, q, k, v, D ** -0.5)
+    for i, (start, n) in enumerate(layout):
+        s, e = ctx.cu[i], ctx.cu[i + 1]
+        pk, pv = prefixes[i]
+        want = _attend64(q[s:e], torch.cat([pk, k[s:e]]), torch.cat([pv, v[s:e]]), D ** -0.5)
+        assert _rel(out[s:e].cpu(), want.cpu()) < TOL, (i, start, n)

@@ -50,6 +50,17 @@ def attention_with_prefix(q, k, v, scale):
     return reference.attention_with_prefix(q, k, v, scale)
 
 
+def prefix_attention_varlen(q, k, v, cu_q, cu_k, scale, max_q: int, max_k: int):
+    """Prefill pieces continuing cached prefixes, packed: piece n's queries q[cu_q[n]:cu_q[n+1]] ([Tq, H, D]) are
+    the last positions of its keys k, v[cu_k[n]:cu_k[n+1]] ([Tk, KV, D]); max_q, max_k: host bounds on a piece's
+    queries and keys. Flash varlen for 16-bit CUDA tensors (one call, no repeated KV heads), else the reference
+    (one attention_with_prefix per piece: the same numbers as calling it piece by piece)."""
+    if use_sdpa(q):
+        from .flash_varlen import varlen_prefix_causal
+        return varlen_prefix_causal(q, k, v, cu_q, cu_k, scale, max_q, max_k)
+    return reference.prefix_attention_varlen(q, k, v, cu_q, cu_k, scale)
+
+
 def paged_decode_attention(q, K, V, block_tables, context_lens, block_size: int, scale: float, out=None):
     if use_triton(q):
         from .triton import paged_decode_attention as f
@@ -58,4 +69,4 @@ def paged_decode_attention(q, K, V, block_tables, context_lens, block_size: int,
 
 
 __all__ = ["attention_with_prefix", "causal_attention_varlen", "paged_decode_attention", "aligned_causal_attention",
-           "aligned_paged_attention"]
+           "aligned_paged_attention", "prefix_attention_varlen"]

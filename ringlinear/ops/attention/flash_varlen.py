@@ -19,6 +19,8 @@ def _kwargs() -> tuple[tuple[str, object], ...]:
     kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}  # causal: no right window
     if "enable_gqa" in params:  # newer torch asks for GQA explicitly; 2.11 takes fewer kv heads as they are
         kw["enable_gqa"] = True
+    if "num_splits" in params:  # newer torch may split keys by max_k, which depends on the batch: one split
+        kw["num_splits"] = 1
     return tuple(kw.items())
 
 
@@ -28,3 +30,16 @@ def varlen_causal(q, k, v, cu_seqlens, scale: float, max_seqlen: int):
     from torch.nn.attention.varlen import varlen_attn
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     return varlen_attn(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen), scale=scale, **dict(_kwargs()))
+
+
+def varlen_prefix_causal(q, k, v, cu_q, cu_k, scale: float, max_q: int, max_k: int):
+    """Pieces continuing a cached prefix in one call: piece n's queries q[cu_q[n]:cu_q[n+1]] are the last of its
+    keys k, v[cu_k[n]:cu_k[n+1]]. The flash kernel aligns the causal mask to the bottom right when a sequence has
+    fewer queries than keys (query i sees keys up to i + Tk - Tq; FA2's documented behaviour), which is that
+    contract; tests/ops/test_flash_varlen.py::test_prefix_pieces_are_bottom_right_aligned checks it on CUDA (the
+    branch waits for its first GPU run, 2026-12-01). Returns [Tq, H, D]."""
+    from torch.nn.attention.varlen import varlen_attn
+    cq = cu_q.to(device=q.device, dtype=torch.int32)
+    ck = cu_k.to(device=q.device, dtype=torch.int32)
+    return varlen_attn(q, k, v, cq, ck, int(max_q), int(max_k), scale=scale, **dict(_kwargs()))
+

@@ -26,6 +26,16 @@ def attention_with_prefix(q, k, v, scale):
     return o.transpose(0, 1).to(q.dtype)
 
 
+def prefix_attention_varlen(q, k, v, cu_q, cu_k, scale):
+    """Packed pieces continuing a cached prefix. Piece n: queries q[cu_q[n]:cu_q[n+1]] are the last of the keys
+    k, v[cu_k[n]:cu_k[n+1]] (bottom-right causal, as attention_with_prefix). q [Tq, H, D], k, v [Tk, KV, D]."""
+    out = torch.empty_like(q)
+    qs, ks = cu_q.tolist(), cu_k.tolist()
+    for n in range(len(qs) - 1):
+        out[qs[n]:qs[n + 1]] = attention_with_prefix(q[qs[n]:qs[n + 1]], k[ks[n]:ks[n + 1]], v[ks[n]:ks[n + 1]], scale)
+    return out
+
+
 def causal_attention_varlen(q, k, v, cu_seqlens, scale):
     """Packed sequences without cache. q [T, H, D], k, v [T, KV, D], cu_seqlens [N+1]. Returns [T, H, D]."""
     out = torch.empty_like(q)
