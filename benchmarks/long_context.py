@@ -19,7 +19,7 @@ also reports GPU-seconds per million tokens (1e6 / tok/s on this one GPU).
 
 Prints a table and a final JSON line; writes JSON (and a PNG when matplotlib is present) to --out.
 Run: PYTHONPATH=. python benchmarks/long_context.py [--quick] [--models hybrid,softmax_twin,qwen3-8b]
-     [--only prefill --prefill-lengths 4096] [--prefill-graphs] [--models flash,qwen3-32b --fp8]
+     [--only prefill --prefill-lengths 4096] [--eager-prefill] [--models flash,qwen3-32b --fp8]
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def random_model(cfg, dev, seed=0, fp8=False):
     return m.eval()
 
 
-def engine_for(model, num_seqs, tokens_per_seq, chunk, cuda_graphs=True, budget=None, prefill_graphs=False):
+def engine_for(model, num_seqs, tokens_per_seq, chunk, cuda_graphs=True, budget=None, prefill_graphs=True):
     bs = 16
     blocks = num_seqs * (-(-tokens_per_seq // bs) + 1) + 1
     cfg = EngineConfig(max_num_seqs=num_seqs, max_num_batched_tokens=budget or max(chunk, num_seqs),
@@ -129,8 +129,9 @@ def time_prefill(eng, T, vocab, dev, repeat=5) -> float:
     return statistics.median(times[1:])
 
 
-def bench_prefill(model, T, chunk, prefill_graphs=False):
-    """prefill_graphs: the prompt's one step replayed from a CUDA graph (EngineConfig.prefill_cuda_graphs)."""
+def bench_prefill(model, T, chunk, prefill_graphs=True):
+    """prefill_graphs: the prompt's step replayed from a CUDA graph when it is short enough (as the engine does by
+    default; prefill_graph.MAX_GRAPH_TOKENS). Off: every step eager and no graphs captured at all."""
     dev = next(model.parameters()).device
     eng = engine_for(model, 1, T + 8, chunk, cuda_graphs=prefill_graphs, prefill_graphs=prefill_graphs)
     dt = time_prefill(eng, T, model.config.vocab_size, dev)
@@ -233,8 +234,8 @@ def main():
     ap.add_argument("--fp8", action="store_true",
                     help="every model with FP8 weights (blockwise e4m3, as --quantization fp8 serves them): e.g. "
                          "--models flash,qwen3-32b --fp8, the paper's Fig. 8 comparison on one H200")
-    ap.add_argument("--prefill-graphs", action="store_true",
-                    help="prefill steps replayed from CUDA graphs (EngineConfig.prefill_cuda_graphs; both models)")
+    ap.add_argument("--eager-prefill", action="store_true",
+                    help="no prefill CUDA graphs (EngineConfig.prefill_cuda_graphs=False; both models)")
     args = ap.parse_args()
     if args.plot_from:
         plot(json.load(open(args.plot_from)), os.path.dirname(os.path.abspath(args.plot_from)))
@@ -259,7 +260,7 @@ def main():
     steps = 8 if args.quick else 24
     models = {n: MODELS[n]() for n in names}
     res = {"card": card, "copy_bw_TBps": bw / 1e12, "date": time.strftime("%Y-%m-%d"), "prefill": {}, "decode": {},
-           "prefill_graphs": args.prefill_graphs, "fp8": args.fp8}
+           "prefill_graphs": not args.eager_prefill, "fp8": args.fp8}
     for name, cfg in models.items():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -279,7 +280,7 @@ def main():
         for T in (prefill_T if args.only != "decode" else []):
             torch.cuda.reset_peak_memory_stats()
             try:  # the whole prompt in one engine step (the best case for both models)
-                tps, dt, peak = bench_prefill(model, T, chunk=-(-T // 64) * 64, prefill_graphs=args.prefill_graphs)
+                tps, dt, peak = bench_prefill(model, T, chunk=-(-T // 64) * 64, prefill_graphs=not args.eager_prefill)
             except Exception as e:  # record and go on: one failing point must not lose the others
                 res["prefill"][name][T] = {"error": f"{type(e).__name__}: {e}"}
                 print(f"  prefill T={T}: FAILED {type(e).__name__}: {e}", flush=True)

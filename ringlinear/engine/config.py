@@ -31,8 +31,9 @@ class EngineConfig:
     cuda_graphs: bool = True             # replay decode steps from CUDA graphs (CUDA only)
     cuda_graph_max_batch: int = 64
     # Replay steps of fresh prompt pieces (up to 8, at most max_num_batched_tokens tokens) from CUDA graphs
-    # (prefill_graph.py). Off until measured on a GPU.
-    prefill_cuda_graphs: bool = False
+    # (prefill_graph.py); needs cuda_graphs too. On: a 1K prefill of the Ring-mini shape took 13.7 instead of 40 ms
+    # on an H200 (BENCHMARKS.md).
+    prefill_cuda_graphs: bool = True
     cpu_threads: int | None = None       # torch intra-op threads on CPU (None: leave torch's default)
     # "aligned": every position computed with the arithmetic of the training forward in aligned mode, whatever the
     # batch, chunking or decode step (docs/numerics.md); implies batch invariance. "default": the fastest kernels.

@@ -2,7 +2,7 @@
 for prompt log-probs also get every prompt position of their piece scored (only theirs: others pay nothing).
 
 CPU: eager, with `RowBlockMode` (batch-invariant GEMMs) on by default. CUDA: all-decode steps replay a CUDA graph
-when `config.cuda_graphs` (cuda_graph.py); steps of fresh prompt pieces too when `config.prefill_cuda_graphs`
+when `config.cuda_graphs` (cuda_graph.py); steps of fresh prompt pieces too unless `config.prefill_cuda_graphs` is off
 (prefill_graph.py); the rest run eagerly.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ class ModelRunner:
             return
         if self.config.cuda_graphs:
             self._capture(self.max_model_len)
-        if self.config.prefill_cuda_graphs:
+        if self.config.cuda_graphs and self.config.prefill_cuda_graphs:
             self._capture_prefill()
 
     def drop_graphs(self) -> None:
@@ -81,11 +81,12 @@ class ModelRunner:
             log.info("prefill CUDA graphs are off: %s weights (the fp32 reference attention reads its offsets on the "
                      "host, which capture refuses)", dtype)
             return
-        step = StaticPrefillStep(self.model, self.kv, self.states, self.config.max_num_batched_tokens,
+        buckets = prefill_buckets(self.config.max_num_batched_tokens)
+        step = StaticPrefillStep(self.model, self.kv, self.states, buckets[-1],
                                  [s for s in (1, 2, 4, 8) if s <= self.config.max_num_seqs], self.device)
         try:
             with torch.inference_mode():
-                self.prefill_graphs = PrefillGraphs(step, prefill_buckets(self.config.max_num_batched_tokens))
+                self.prefill_graphs = PrefillGraphs(step, buckets)
             log.info("captured CUDA graphs for prefill steps of %s tokens", self.prefill_graphs.buckets)
         except Exception as e:  # as for decode: an optimisation, logged, never a refusal to serve
             log.warning("prefill CUDA graph capture failed (%s: %s); prefill runs eagerly", type(e).__name__, e)

@@ -5,9 +5,9 @@ Why: a prefill of a few thousand tokens is host-bound on an H200 (docs/serving.m
 the Ring-mini shape keeps the GPU busy ~25 ms of its 35-45 ms, the rest being ~300 Triton launches and their Python
 wrappers. A replay costs one launch.
 
-Off by default (`EngineConfig.prefill_cuda_graphs`): written 2026-12-01 with CPU tests only, on by default once
-tests/engine/test_cuda.py passes and the 4K benchmark shows the gain on a GPU. A graph per (T, S): T tokens
-(a bucket: powers of two up to the step budget) and S piece slots (1, 2, 4, 8). It sees static buffers: ids,
+On by default (`EngineConfig.prefill_cuda_graphs`) since tests/engine/test_cuda.py passed on an H200 and a 1K
+prefill of the Ring-mini shape went from 40 to 13.7 ms there (2026-12-01, BENCHMARKS.md). A graph per (T, S): T
+tokens (a bucket: powers of two up to the step budget, at most MAX_GRAPH_TOKENS) and S piece slots (1, 2, 4, 8). It sees static buffers: ids,
 positions and KV write rows [T], offsets [S + 2] and state slots [S + 1]. The live pieces come first, unused piece
 slots have length 0, and the padding tokens form the last sequence, written to the scratch slot and the scratch KV
 block. Every op of the prefill forward takes its offsets from the device, and the lightning launch plan depends
@@ -117,8 +117,14 @@ class StaticPrefillStep:
         return self.model.compute_logits(hidden[self.last_rows[S]])
 
 
+# Largest step replayed from a graph. Host work is a fixed ~10-25 ms per step: it is most of a 1K step (40 ms eager,
+# 13.7 ms replayed on an H200) and 8% of a 4K one; past 8K the graph's memory pool would buy almost nothing.
+MAX_GRAPH_TOKENS = 8192
+
+
 def prefill_buckets(max_tokens: int, smallest: int = 256) -> list[int]:
     """Token buckets: powers of two from `smallest` up to the step budget (the budget itself last)."""
+    max_tokens = min(max_tokens, MAX_GRAPH_TOKENS)
     sizes, t = [], smallest
     while t < max_tokens:
         sizes.append(t)

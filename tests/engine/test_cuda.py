@@ -88,7 +88,7 @@ def test_prefill_graphs_match_eager(make_llm, random_prompts):
     graph gives the eager step's logits, live state slots and live KV rows within bf16 tolerances."""
     kw = dict(device="cuda", dtype="bfloat16", enable_prefix_caching=False, max_num_batched_tokens=1024,
               prefill_chunk=256)
-    graphed = make_llm(prefill_cuda_graphs=True, **kw)
+    graphed = make_llm(**kw)  # on by default
     pg = graphed.engine.runner.prefill_graphs
     assert pg is not None, "prefill CUDA graph capture failed (see the warning in the log)"
     assert pg.buckets == [256, 512, 1024]
@@ -96,7 +96,7 @@ def test_prefill_graphs_match_eager(make_llm, random_prompts):
     orig = pg.run
     pg.run = lambda entries: shapes.append((pg.step.shape_for(entries, pg.buckets),
                                             sum(e.num_tokens for e in entries))) or orig(entries)
-    plain = make_llm(**kw)
+    plain = make_llm(prefill_cuda_graphs=False, **kw)
     assert plain.engine.runner.prefill_graphs is None
     sp = SamplingParams(max_tokens=6, temperature=0, logprobs=True, ignore_eos=True)
     # 300 tokens: a 256 piece, then eager; 3 x 100 twice: (512, 4) with padding, replayed again; 6 short; 2 x 256

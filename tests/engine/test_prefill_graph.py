@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from ringlinear.engine import SamplingParams
-from ringlinear.engine.prefill_graph import PrefillGraphs, StaticPrefillStep, prefill_buckets
+from ringlinear.engine.prefill_graph import MAX_GRAPH_TOKENS, PrefillGraphs, StaticPrefillStep, prefill_buckets
 
 
 
 def _static(eng, buckets=(64, 128, 256), slots=(1, 2, 4, 8)):
-    step = StaticPrefillStep(eng.model, eng.kv, eng.states, max(buckets), list(slots), torch.device("cpu"))
+    step = StaticPrefillStep(eng.model, eng.kv, eng.states, max(buckets), list(slots), eng.runner.device)
     return PrefillGraphs(step, list(buckets), capture=False)
 
 
@@ -80,18 +80,23 @@ def test_buckets():
     assert prefill_buckets(1024) == [256, 512, 1024]
     assert prefill_buckets(3000) == [256, 512, 1024, 2048, 3000]
     assert prefill_buckets(128) == [128]
+    assert prefill_buckets(131072) == [256, 512, 1024, 2048, 4096, MAX_GRAPH_TOKENS]  # longer steps run eagerly
 
 
 def test_static_prefill_through_the_triton_kernels(make_llm, random_prompts, run_engine, monkeypatch):
     """The same comparison with every op on its Triton kernel (the interpreter on CPU): the segmented lightning
     plan (a 512-token bucket is cut into segments) and the padded offsets as a GPU runs them. The plans differ from
-    the eager step's, so log-probs are compared with a tolerance, up to the first differing greedy token."""
+    the eager step's, so log-probs are compared with a tolerance, up to the first differing greedy token. Where CUDA
+    is present the kernels run on it (fp32 weights, so the same tolerance holds): the interpreter takes CPU tensors
+    only when TRITON_INTERPRET is set, which tests/conftest.py does only without CUDA."""
     pytest.importorskip("triton")
     monkeypatch.setenv("RINGLINEAR_BACKEND", "triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     seed = int(torch.randint(0, 10**6, (1,)))
     prompts = random_prompts(2, 300, 420, seed=seed) + random_prompts(2, 2, 60, seed=seed + 1)
     sp = SamplingParams(max_tokens=3, temperature=0.0, logprobs=True, ignore_eos=True)
-    kw = dict(enable_prefix_caching=False, max_num_batched_tokens=512, prefill_chunk=512)
+    kw = dict(device=dev, dtype="float32", enable_prefix_caching=False, max_num_batched_tokens=512,
+              prefill_chunk=512)
     want = _run(make_llm(**kw).engine, prompts, [sp] * 4, run_engine)
     eng = make_llm(**kw).engine
     graphs = _static(eng, buckets=(128, 256, 512))
