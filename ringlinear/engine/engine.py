@@ -5,7 +5,6 @@ Synchronous and single-threaded; `AsyncEngine` (async_engine.py) runs it on a ba
 """
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
 import os
@@ -154,13 +153,6 @@ class LLMEngine:
                  self.max_model_len, self.runner.batch_invariant, self.runner.graphs is not None,
                  "off" if not caching else f"on ({self.prefix_cache.snapshots.num} snapshots every "
                  f"{config.state_snapshot_interval} tokens, {self.prefix_cache.snapshots.memory_bytes() / 2**20:.1f} MiB)")
-        # What exists now (modules, kernels, the imported libraries: ~2e5 objects) lives as long as the engine.
-        # Frozen, it is left out of Python's full collections, which a busy engine triggers every few steps and
-        # which otherwise walk all of it (95 ms on a 2-core box) inside a step (docs/serving.md, "Host pauses").
-        # Collected first, so garbage that exists now (an earlier engine, in a process that builds several) is
-        # freed rather than frozen with the rest.
-        gc.collect()
-        gc.freeze()
 
     def _cache_budget(self, device) -> int:
         """Bytes for the KV cache (and the state snapshots) when --num-kv-blocks is not given."""
