@@ -6,9 +6,9 @@ the Ring-mini shape keeps the GPU busy ~25 ms of its 35-45 ms, the rest being ~3
 wrappers. A replay costs one launch.
 
 On by default (`EngineConfig.prefill_cuda_graphs`) since tests/engine/test_cuda.py passed on an H200 and a 1K
-prefill of the Ring-mini shape went from 40 to 13.7 ms there (2026-12-01, BENCHMARKS.md). A graph per (T, S): T
-tokens (a bucket: powers of two up to the step budget, at most MAX_GRAPH_TOKENS) and S piece slots (1, 2, 4, 8). It sees static buffers: ids,
-positions and KV write rows [T], offsets [S + 2] and state slots [S + 1]. The live pieces come first, unused piece
+prefill of the Ring-mini shape went from 40.9 to 14.0 ms there (2026-12-01, BENCHMARKS.md). A graph per (T, S):
+T tokens (a bucket: powers of two up to the step budget, at most MAX_GRAPH_TOKENS) and S piece slots (1, 2, 4,
+8). It sees static buffers: ids, positions and KV write rows [T], offsets [S + 2] and state slots [S + 1]. The live pieces come first, unused piece
 slots have length 0, and the padding tokens form the last sequence, written to the scratch slot and the scratch KV
 block. Every op of the prefill forward takes its offsets from the device, and the lightning launch plan depends
 only on S and T (always segmented), so one graph serves every mix of lengths that fits. Each piece attends only
@@ -117,8 +117,9 @@ class StaticPrefillStep:
         return self.model.compute_logits(hidden[self.last_rows[S]])
 
 
-# Largest step replayed from a graph. Host work is a fixed ~10-25 ms per step: it is most of a 1K step (40 ms eager,
-# 13.7 ms replayed on an H200) and 8% of a 4K one; past 8K the graph's memory pool would buy almost nothing.
+# Largest step replayed from a graph. The host's launch work (~25 ms a step on an H200 host) runs ahead of the
+# kernels: it is most of a 1K step (40.9 ms eager, 14.0 ms replayed) but hides behind a 4K step's ~25 ms of kernels
+# (30.7 vs 28.2 ms); past 8K a graph's memory pool would buy almost nothing.
 MAX_GRAPH_TOKENS = 8192
 
 
