@@ -18,7 +18,8 @@ def test_fp8_kernels_compile_for_sm90():
     out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     table = {line.split()[0]: line.split() for line in out.stdout.splitlines()[1:] if line.strip()}
-    for k in ("_gateup_kernel", "_rows_kernel", "_dswiglu_kernel", "_wgrad_kernel"):
+    for k in ("_gateup_kernel", "_rows_kernel", "_dswiglu_kernel", "_wgrad_kernel", "_gateup_kernel@64",
+              "_rows_kernel@64"):
         assert table[k][-1] == "True", f"{k} does not use wgmma:\n{out.stdout}"
     for k in ("_quant_kernel", "_weight_kernel", "_rms_rows_kernel", "_rms_cols_kernel", "_swiglu_kernel",
               "_sorted_cols_kernel"):

@@ -167,6 +167,33 @@ def test_deterministic_and_batch_invariant(moe):
     assert torch.equal(full[:5 * K_TOP], down(5))   # a token's rows do not depend on the rest of the batch
 
 
+def test_row_results_do_not_depend_on_the_tile_tier():
+    """Forward GEMMs take 64-row tiles below LARGE_ROWS_PER_EXPERT rows per expert and 128-row tiles from there
+    (TG.SMALL_CFG / TG.CFG): a token's gate/up-then-down rows are bitwise the same in a call of each tier."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, (1,))))
+    n = 2 * TG.LARGE_ROWS_PER_EXPERT * E // K_TOP + 8          # enough rows per expert for the large tier
+    x = torch.randn(n, H, generator=g).to(torch.bfloat16).to(DEV)
+    w13 = wq((torch.randn(E, 2 * INTER, H, generator=g) * H ** -0.5).to(DEV))
+    w2 = wq((torch.randn(E, H, INTER, generator=g) * INTER ** -0.5).to(DEV))
+    idx = torch.stack([torch.randperm(E, generator=g)[:K_TOP] for _ in range(n)]).to(DEV)
+
+    def forward(m):
+        pair, eoff = make_plan(idx[:m], E)
+        (xq, xs), _ = TQ.quantize(x[:m], R.E4M3, False, cnt())
+        _, (hq, hs), _ = TG.gateup(xq, xs, w13[0], w13[1], pair, eoff, K_TOP, torch.bfloat16, False, False, cnt())
+        o = torch.empty(m * K_TOP, H, dtype=torch.bfloat16, device=DEV)
+        return TG.rows_gemm(hq, hs, w2[0], w2[1], pair, eoff, K_TOP, o, a_gather=False), hq, pair
+
+    assert TG._cfg(n * K_TOP, E, True) is TG.CFG and TG._cfg(7 * K_TOP, E, True) is TG.SMALL_CFG
+    big, big_h, big_pair = forward(n)
+    small, small_h, small_pair = forward(7)
+    assert torch.equal(big[:7 * K_TOP], small)
+    # h rows (the down GEMM's FP8 input) too: sorted rows, so compare per (token, slot) pair
+    row_of = {int(p): i for i, p in enumerate(big_pair.tolist())}
+    for i, p in enumerate(small_pair.tolist()):
+        assert torch.equal(small_h[i].view(torch.uint8), big_h[row_of[p]].view(torch.uint8)), p
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuBLAS blockwise scaled_mm, sm_90)")
 def test_torch_scaled_mm_path_matches_triton():
     from ringlinear.ops.fp8 import torch_mm

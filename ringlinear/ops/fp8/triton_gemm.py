@@ -22,14 +22,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ..moe.triton_gemm import _row_tile
+from ..moe.triton_gemm import LARGE_ROWS_PER_EXPERT, _row_tile
 from .reference import FP8_MAX, TILE, row_tile_bound
 from .triton_quant import TL_FP8, count_nonfinite, store_cols, store_rows
 
-# One tile shape everywhere: the quantising epilogues need 128-row x 128-column tiles (a 1x128 tile per row and
-# per column), a 128-column tile is exactly one weight block (one scalar scale per K step), and keeping BLOCK_M
-# fixed keeps a row's result independent of the batch. Warps and stages only change speed, not the numbers.
+# The default tile: the quantising epilogues need 128-row x 128-column tiles (a 1x128 tile per row and per column),
+# and a 128-column tile is exactly one weight block (one scalar scale per K step). Warps and stages only change
+# speed, not the numbers.
 CFG = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+# Forward GEMMs over few rows per expert (decode, short prefill: fewer than LARGE_ROWS_PER_EXPERT on average) stream
+# weights and waste most of a 128-row tile: 64-row tiles of one warpgroup, as the bf16 fused MoE's small tier.
+# Only where no 128-row column tile is stored (gateup without SAVE, rows_gemm). Both tiles are whole wgmma m64
+# steps over the same 128-long K blocks, so a row's result does not depend on the tier (tests/ops/test_fp8_gemm.py
+# checks a token's rows bitwise between a call in each tier on the GPU).
+SMALL_CFG = dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3)
 
 
 def dense_eoff(T, device):
@@ -199,13 +205,19 @@ def _wgrad_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, eoff_ptr, out_ptr, lda, ldb, str
 
 # ---- launchers ----------------------------------------------------------------------------------------------------
 
-def _grid_rows(nk, E, ncols):
-    return (row_tile_bound(nk, E) * (ncols // CFG["BLOCK_N"]),)
+def _cfg(nk, E, small_ok):
+    return SMALL_CFG if small_ok and nk < LARGE_ROWS_PER_EXPERT * E else CFG
 
 
-def _opts():
-    return dict(BLOCK_M=CFG["BLOCK_M"], BLOCK_N=CFG["BLOCK_N"], num_warps=CFG["num_warps"],
-                num_stages=CFG["num_stages"])
+def _grid_rows(nk, E, ncols, cfg=CFG):
+    """Programs: row tiles (each expert adds at most one partial tile) x column tiles."""
+    tiles = max(min(nk, -(-nk // cfg["BLOCK_M"]) + E), 1)
+    return (tiles * (ncols // cfg["BLOCK_N"]),)
+
+
+def _opts(cfg=CFG):
+    return dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"])
 
 
 def gateup(xq, xs, w, ws, pair, eoff, top_k, out_dtype, save, pow2, counter):
@@ -222,9 +234,10 @@ def gateup(xq, xs, w, ws, pair, eoff, top_k, out_dtype, save, pow2, counter):
     hqt = torch.empty(inter, slots * TILE if save else 1, dtype=torch.float8_e4m3fn, device=dev)
     hst = torch.empty(slots if save else 1, inter, dtype=torch.float32, device=dev)
     if nk:
-        _gateup_kernel[_grid_rows(nk, E, inter)](
+        cfg = _cfg(nk, E, small_ok=not save)  # SAVE stores 128-row column tiles
+        _gateup_kernel[_grid_rows(nk, E, inter, cfg)](
             xq, xs, w, ws, pair, eoff, ab, hq, hs, hqt, hst, counter, xq.shape[0], nk, hqt.stride(0), w.stride(0),
-            ws.stride(0), I=inter, H=H, TOPK=top_k, E=E, SAVE=save, POW2=pow2, **_opts())
+            ws.stride(0), I=inter, H=H, TOPK=top_k, E=E, SAVE=save, POW2=pow2, **_opts(cfg))
     return (ab if save else None), (hq, hs), ((hqt, hst) if save else None)
 
 
@@ -233,9 +246,10 @@ def rows_gemm(aq, as_, b, bs, pair, eoff, top_k, out, a_gather):
     E, nout, K = b.shape
     nk = pair.numel()
     if nk:
-        _rows_kernel[_grid_rows(nk, E, nout)](aq, as_, b, bs, pair, eoff, out, aq.shape[0], b.stride(0),
-                                              bs.stride(0), out.stride(0), K=K, NOUT=nout, TOPK=top_k, E=E,
-                                              A_GATHER=a_gather, **_opts())
+        cfg = _cfg(nk, E, small_ok=True)
+        _rows_kernel[_grid_rows(nk, E, nout, cfg)](aq, as_, b, bs, pair, eoff, out, aq.shape[0], b.stride(0),
+                                                   bs.stride(0), out.stride(0), K=K, NOUT=nout, TOPK=top_k, E=E,
+                                                   A_GATHER=a_gather, **_opts(cfg))
     return out
 
 
