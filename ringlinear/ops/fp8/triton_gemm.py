@@ -220,7 +220,7 @@ def _opts(cfg=CFG):
                 num_stages=cfg["num_stages"])
 
 
-def gateup(xq, xs, w, ws, pair, eoff, top_k, out_dtype, save, pow2, counter):
+def gateup(xq, xs, w, ws, pair, eoff, top_k, out_dtype, save, pow2, counter, cfg=None):
     """x rows (xq [N, H], xs [H/128, N]), W13 (w [E, 2I, H], ws [E, 2I/128, H/128]) -> (ab [NK, 2I] or None,
     h rows (hq [NK, I], hs [I/128, NK]), h cols (hqt [I, slots*128], hst [slots, I]) or None)."""
     E, I2, H = w.shape
@@ -234,19 +234,19 @@ def gateup(xq, xs, w, ws, pair, eoff, top_k, out_dtype, save, pow2, counter):
     hqt = torch.empty(inter, slots * TILE if save else 1, dtype=torch.float8_e4m3fn, device=dev)
     hst = torch.empty(slots if save else 1, inter, dtype=torch.float32, device=dev)
     if nk:
-        cfg = _cfg(nk, E, small_ok=not save)  # SAVE stores 128-row column tiles
+        cfg = cfg or _cfg(nk, E, small_ok=not save)  # SAVE stores 128-row column tiles
         _gateup_kernel[_grid_rows(nk, E, inter, cfg)](
             xq, xs, w, ws, pair, eoff, ab, hq, hs, hqt, hst, counter, xq.shape[0], nk, hqt.stride(0), w.stride(0),
             ws.stride(0), I=inter, H=H, TOPK=top_k, E=E, SAVE=save, POW2=pow2, **_opts(cfg))
     return (ab if save else None), (hq, hs), ((hqt, hst) if save else None)
 
 
-def rows_gemm(aq, as_, b, bs, pair, eoff, top_k, out, a_gather):
+def rows_gemm(aq, as_, b, bs, pair, eoff, top_k, out, a_gather, cfg=None):
     """out[pair] = A_row B_e^T: A (aq [NA, K], as_ [K/128, NA]), B (b [E, NOUT, K], bs [E, NOUT/128, K/128])."""
     E, nout, K = b.shape
     nk = pair.numel()
     if nk:
-        cfg = _cfg(nk, E, small_ok=True)
+        cfg = cfg or _cfg(nk, E, small_ok=True)
         _rows_kernel[_grid_rows(nk, E, nout, cfg)](aq, as_, b, bs, pair, eoff, out, aq.shape[0], b.stride(0),
                                                    bs.stride(0), out.stride(0), K=K, NOUT=nout, TOPK=top_k, E=E,
                                                    A_GATHER=a_gather, **_opts(cfg))
