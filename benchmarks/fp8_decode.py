@@ -1,14 +1,18 @@
-"""FP8 grouped expert GEMMs (gate/up then down, ops/fp8/triton_gemm.py) at decode and short-prefill shapes: each
-tile tier forced in turn, same inputs, same process.
+"""FP8 GEMMs at decode and short-prefill shapes, same inputs, same process: (1) the grouped expert GEMMs (gate/up
+then down, ops/fp8/triton_gemm.py) with each tile tier forced in turn; (2) dense projections: our Triton GEMM (the
+one-expert plan) against torch's blockwise scaled_mm (cuBLASLt) and the bf16 GEMM of the same weights.
 
 Tiers: the 128-row tile of 8 warps (`CFG`, what the training GEMMs use) and 64-row tiles of 4 or 8 warps
 (`SMALL_CFG` is the 8-warp one, chosen below LARGE_ROWS_PER_EXPERT rows per expert). Routing: random top-8 of 256
 experts. Time: one CUDA graph of 20 calls, replayed 5 times after a warm replay; GB/s = FP8 bytes of the experts
 the batch touches / time (the bandwidth a decode step needs from these GEMMs). Every tier's output is compared
-bitwise with the 128-row tile's. Prints a table and a final JSON line.
+bitwise with the 128-row tile's. Dense: the linear-attention layers' query_key_value (N = 3h) and an h x h
+projection of each shape at M = 32 and 64 rows; GB/s = weight bytes / time (FP8 1 byte, bf16 2); our GEMM's
+relative difference to cuBLAS's is printed (the same products, different summation). Prints tables and a final
+JSON line.
 
-    PYTHONPATH=. python benchmarks/fp8_grouped.py                 # one GPU, about 30 s
-    PYTHONPATH=. python benchmarks/fp8_grouped.py --device cpu    # toy sizes on the Triton interpreter: checks the script
+    PYTHONPATH=. python benchmarks/fp8_decode.py                 # one GPU (its grouped half took 27 s on an H200)
+    PYTHONPATH=. python benchmarks/fp8_decode.py --device cpu    # toy sizes on the Triton interpreter: checks the script
 """
 from __future__ import annotations
 
@@ -94,7 +98,47 @@ def main():
                 res["points"].append(p)
                 print(f"{name:<11}{T:>7}  {tier:<18}{us:>9.1f}{p['GBps']:>8.0f}  {p['bitwise']}"
                       f"{'   (the default)' if p['default'] else ''}", flush=True)
+    res["dense"] = dense_section(dev, toy, TG, TQ, R)
     print(json.dumps(res))
+
+
+def dense_section(dev, toy, TG, TQ, R):
+    """Dense projections at decode row counts: Triton (one-expert plan) vs cuBLASLt scaled_mm vs bf16."""
+    from ringlinear.ops.fp8 import torch_mm
+    shapes = [("toy", 256, 512, (8,))] if toy else \
+        [("Ring-mini", 2048, 6144, (32, 64)), ("Ring-mini", 2048, 2048, (32, 64)),
+         ("Ring-flash", 4096, 12288, (32, 64)), ("Ring-flash", 4096, 4096, (32, 64))]
+    cnt = torch.zeros(1, dtype=torch.int64, device=dev)
+    out = []
+    print(f"\n{'shape':<11}{'K':>6}{'N':>7}{'M':>5}  {'Triton us':>10}{'cuBLAS us':>10}{'bf16 us':>9}  "
+          f"{'Triton GB/s':>11}{'cuBLAS GB/s':>12}  rel diff")
+    for name, K, N, ms in shapes:
+        w = torch.randn(N, K, device=dev) * K ** -0.5
+        wq, ws, _, _ = weights(1, N, K, dev, TQ, R)
+        wq, ws = wq[0], ws[0]
+        wb = w.to(torch.bfloat16)
+        for M in ms:
+            x = torch.randn(M, K, device=dev).to(torch.bfloat16)
+            (xq, xs), _ = TQ.quantize(x, R.E4M3, False, cnt)
+            pair, eoff = TG.identity_plan(M, dev)
+
+            def tri():
+                o = torch.empty(M, N, dtype=torch.bfloat16, device=dev)
+                return TG.rows_gemm(xq, xs, wq[None], ws[None], pair, eoff, 1, o, a_gather=False)
+            t_us = time_us(tri, dev)
+            p = {"shape": name, "K": K, "N": N, "M": M, "triton_us": t_us, "triton_GBps": N * K / t_us / 1e3}
+            if dev.type == "cuda":
+                def cub():
+                    return torch_mm.fprop(xq, xs, wq, ws, torch.bfloat16)
+                c_us, b_us = time_us(cub, dev), time_us(lambda: torch.nn.functional.linear(x, wb), dev)
+                a, b = tri().double(), cub().double()
+                p.update(cublas_us=c_us, cublas_GBps=N * K / c_us / 1e3, bf16_us=b_us,
+                         rel_diff=((a - b).norm() / b.norm()).item())
+            out.append(p)
+            print(f"{name:<11}{K:>6}{N:>7}{M:>5}  {t_us:>10.1f}{p.get('cublas_us', float('nan')):>10.1f}"
+                  f"{p.get('bf16_us', float('nan')):>9.1f}  {p['triton_GBps']:>11.0f}"
+                  f"{p.get('cublas_GBps', float('nan')):>12.0f}  {p.get('rel_diff', float('nan')):.1e}", flush=True)
+    return out
 
 
 if __name__ == "__main__":
