@@ -1,0 +1,145 @@
+"""Where a decode step's time goes against its bandwidth floor (issue 15: >= 80% of the floor at batch 64, 4K-64K).
+
+One `LLMEngine.step()` of B sequences decoding at context C (the KV cache and states filled with random values
+instead of a prefill, the scheduler, block tables and slots real: benchmarks/long_context.py's method), random
+weights of the chosen shape. Reports, per (B, C):
+- wall: median time of `--repeat` steps, synchronised (what long_context.py's decode figures divide by);
+- GPU busy: the union of the kernel intervals of `--profile-steps` profiled steps, per step (kernels replayed from
+  a CUDA graph included, as the profiler records them);
+- floor: (weight bytes the step reads, each expert some token routes to counted once, + KV read + linear states read
+  and written) / the measured copy bandwidth;
+- floor / wall (the figure the target is about), busy / wall (the rest is host time between steps and launch gaps:
+  lowering it is host work) and floor / busy (the kernels' own efficiency);
+- the kernels taking the most GPU time.
+
+    PYTHONPATH=. python benchmarks/decode_step.py                         # one GPU: hybrid, B=64, C=4K and 32K
+    PYTHONPATH=. python benchmarks/decode_step.py --model flash --fp8 --batch 32 --contexts 16384
+    PYTHONPATH=. python benchmarks/decode_step.py --device cpu            # tiny preset, wall only: checks the script
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from long_context import MODELS, copy_bandwidth, engine_for, random_model, sync, touched_weight_bytes
+from ringlinear.engine.sampling_params import SamplingParams
+from ringlinear.models.presets import get_preset
+
+
+def decode_engine(model, B, C, steps):
+    """An engine with B requests at context C, their prefill skipped (random cache contents), all decoding."""
+    cfg = model.config
+    dev = next(model.parameters()).device
+    chunk = -(-C // 64) * 64
+    eng = engine_for(model, B, C + steps + 16, chunk, budget=B * chunk)
+    for d in (eng.kv.k, eng.kv.v):
+        for t in d.values():
+            t.normal_()
+    for t in eng.states.states.values():
+        t.normal_()
+    real = eng.runner.execute
+
+    def execute(batch):  # the prefill pieces' cache is already filled: skip their compute
+        if batch.all_decode:
+            return real(batch)
+        return torch.zeros(sum(1 for s in batch.seqs if s.sample), cfg.vocab_size, device=dev)
+    eng.runner.execute = execute
+    for _ in range(B):
+        eng.add_request(torch.randint(10, cfg.vocab_size, (C,)).tolist(),
+                        SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True))
+    while len(eng.scheduler.waiting) or any(s.num_uncomputed > 1 for s in eng.scheduler.running):
+        eng.step()
+    for _ in range(3):  # warm-up decode steps (graph capture happened at build)
+        eng.step()
+    return eng
+
+
+def floor_bytes(model, B, C) -> float:
+    cfg = model.config
+    n_sm = len(cfg.softmax_layers)
+    state_b = (cfg.num_hidden_layers - n_sm) * cfg.num_attention_heads * cfg.head_dim_ ** 2 * 4 * 2
+    kv_b = C * n_sm * 2 * cfg.num_key_value_heads * cfg.head_dim_ * 2
+    return touched_weight_bytes(model, B) + B * (state_b + kv_b)
+
+
+def gpu_busy_ms(eng, dev, steps, top):
+    """(busy ms per step, [(kernel, ms per step)] of the `top` largest) over `steps` profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.step()
+        sync(dev)
+    ev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy, end = 0.0, float("-inf")
+    for s, e in sorted((e.time_range.start, e.time_range.end) for e in ev):
+        busy += max(0.0, e - max(s, end))
+        end = max(end, e)
+    per = {}
+    for e in ev:
+        per[e.name] = per.get(e.name, 0.0) + (e.time_range.end - e.time_range.start)
+    ranked = sorted(per.items(), key=lambda kv: -kv[1])[:top]
+    return busy / 1e3 / steps, [(n, t / 1e3 / steps) for n, t in ranked]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--model", default="hybrid", choices=sorted(MODELS))
+    ap.add_argument("--fp8", action="store_true", help="FP8 weights (as --quantization fp8 serves them)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--contexts", default="4096,32768", help="comma list of decode contexts")
+    ap.add_argument("--repeat", type=int, default=20, help="timed steps per point")
+    ap.add_argument("--profile-steps", type=int, default=5)
+    ap.add_argument("--top", type=int, default=12, help="kernels listed per point")
+    args = ap.parse_args()
+    try:
+        contexts = [int(x) for x in args.contexts.split(",")]
+    except ValueError:
+        raise SystemExit("--contexts: comma-separated integers, e.g. 4096,32768")
+    if min(contexts) < 1 or args.batch < 1:
+        raise SystemExit("--batch and --contexts must be >= 1")
+    dev = torch.device(args.device)
+    cpu = dev.type == "cpu"
+    if not cpu and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here (--device cpu runs the tiny preset as a smoke check)")
+    cfg = get_preset("tiny") if cpu else MODELS[args.model]()
+    model = random_model(cfg, dev, fp8=args.fp8)
+    card = "cpu" if cpu else torch.cuda.get_device_name(dev)
+    bw = None if cpu else copy_bandwidth(dev)
+    res = {"card": card, "date": time.strftime("%Y-%m-%d"), "model": "tiny" if cpu else args.model,
+           "fp8": args.fp8, "copy_bw_TBps": bw / 1e12 if bw else None, "points": []}
+    print(f"{card}, {res['model']}{' FP8' if args.fp8 else ''}, batch {args.batch}"
+          + (f", copy bandwidth {bw / 1e12:.2f} TB/s" if bw else ""), flush=True)
+    for C in contexts:
+        eng = decode_engine(model, args.batch, C, args.repeat + args.profile_steps + 8)
+        walls = []
+        for _ in range(args.repeat):
+            sync(dev)
+            t0 = time.perf_counter()
+            eng.step()
+            sync(dev)
+            walls.append((time.perf_counter() - t0) * 1e3)
+        p = {"batch": args.batch, "context": C, "wall_ms": statistics.median(walls)}
+        if not cpu:
+            p["busy_ms"], kernels = gpu_busy_ms(eng, dev, args.profile_steps, args.top)
+            p["floor_ms"] = floor_bytes(model, args.batch, C) / bw * 1e3
+            p.update(floor_of_wall=p["floor_ms"] / p["wall_ms"], busy_of_wall=p["busy_ms"] / p["wall_ms"],
+                     floor_of_busy=p["floor_ms"] / p["busy_ms"], kernels=kernels)
+            print(f"\nC={C}: wall {p['wall_ms']:.2f} ms, GPU busy {p['busy_ms']:.2f} ms, floor {p['floor_ms']:.2f} ms"
+                  f" -> floor/wall {p['floor_of_wall']:.0%}, busy/wall {p['busy_of_wall']:.0%}, floor/busy "
+                  f"{p['floor_of_busy']:.0%}", flush=True)
+            for name, ms in kernels:
+                print(f"  {ms:8.3f} ms  {name[:110]}")
+        else:
+            print(f"C={C}: wall {p['wall_ms']:.2f} ms (CPU: no profile, no floor)", flush=True)
+        res["points"].append(p)
+        del eng
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
