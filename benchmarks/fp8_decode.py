@@ -23,9 +23,9 @@ import time
 
 import torch
 
-def weights(E, n, k, dev, TQ, R):
-    """Random [E, n, k] weights quantised to (codes, scales, transposed codes, transposed scales)."""
-    w = torch.randn(E, n, k, device=dev) * k ** -0.5
+def weights(E, n, k, dev, TQ, R, w=None):
+    """Random (or the given) [E, n, k] weights quantised to (codes, scales, transposed codes, transposed scales)."""
+    w = torch.randn(E, n, k, device=dev) * k ** -0.5 if w is None else w
     out = (torch.empty(E, n, k, dtype=R.E4M3, device=dev), torch.empty(E, n // 128, k // 128, device=dev),
            torch.empty(E, k, n, dtype=R.E4M3, device=dev), torch.empty(E, k // 128, n // 128, device=dev))
     TQ.quantize_weight_into(w, *out, False, torch.zeros(1, dtype=torch.int64, device=dev))
@@ -111,10 +111,10 @@ def dense_section(dev, toy, TG, TQ, R):
     cnt = torch.zeros(1, dtype=torch.int64, device=dev)
     out = []
     print(f"\n{'shape':<11}{'K':>6}{'N':>7}{'M':>5}  {'Triton us':>10}{'cuBLAS us':>10}{'bf16 us':>9}  "
-          f"{'Triton GB/s':>11}{'cuBLAS GB/s':>12}  rel diff")
+          f"{'Triton GB/s':>11}{'cuBLAS GB/s':>12}{'bf16 GB/s':>10}  rel diff")
     for name, K, N, ms in shapes:
         w = torch.randn(N, K, device=dev) * K ** -0.5
-        wq, ws, _, _ = weights(1, N, K, dev, TQ, R)
+        wq, ws, _, _ = weights(1, N, K, dev, TQ, R, w[None])   # the bf16 GEMM below reads the same weights
         wq, ws = wq[0], ws[0]
         wb = w.to(torch.bfloat16)
         for M in ms:
@@ -132,12 +132,13 @@ def dense_section(dev, toy, TG, TQ, R):
                     return torch_mm.fprop(xq, xs, wq, ws, torch.bfloat16)
                 c_us, b_us = time_us(cub, dev), time_us(lambda: torch.nn.functional.linear(x, wb), dev)
                 a, b = tri().double(), cub().double()
-                p.update(cublas_us=c_us, cublas_GBps=N * K / c_us / 1e3, bf16_us=b_us,
+                p.update(cublas_us=c_us, cublas_GBps=N * K / c_us / 1e3, bf16_us=b_us, bf16_GBps=2 * N * K / b_us / 1e3,
                          rel_diff=((a - b).norm() / b.norm()).item())
             out.append(p)
             print(f"{name:<11}{K:>6}{N:>7}{M:>5}  {t_us:>10.1f}{p.get('cublas_us', float('nan')):>10.1f}"
                   f"{p.get('bf16_us', float('nan')):>9.1f}  {p['triton_GBps']:>11.0f}"
-                  f"{p.get('cublas_GBps', float('nan')):>12.0f}  {p.get('rel_diff', float('nan')):.1e}", flush=True)
+                  f"{p.get('cublas_GBps', float('nan')):>12.0f}{p.get('bf16_GBps', float('nan')):>10.0f}  "
+                  f"{p.get('rel_diff', float('nan')):.1e}", flush=True)
     return out
 
 

@@ -180,7 +180,7 @@ def bench_decode(model, B, C, steps, bw):
     dev = next(model.parameters()).device
     # The whole fake prefill is scheduled in one step (no compute), so every request decodes from step 2 on.
     chunk = -(-C // 64) * 64
-    eng = engine_for(model, B, C + steps + 8, chunk, budget=B * chunk)
+    eng = engine_for(model, B, C + steps + 8, chunk, budget=B * chunk, prefill_graphs=False)  # prefill is faked
     for d in (eng.kv.k, eng.kv.v):  # random cache contents: a real prefill's cost without running it
         for t in d.values():
             t.normal_()
@@ -235,7 +235,7 @@ def main():
                     help="every model with FP8 weights (blockwise e4m3, as --quantization fp8 serves them): e.g. "
                          "--models flash,qwen3-32b --fp8, the paper's Fig. 8 comparison on one H200")
     ap.add_argument("--eager-prefill", action="store_true",
-                    help="no prefill CUDA graphs (EngineConfig.prefill_cuda_graphs=False; both models)")
+                    help="prefill points: no CUDA graphs at all (the decode points never use prefill graphs)")
     args = ap.parse_args()
     if args.plot_from:
         plot(json.load(open(args.plot_from)), os.path.dirname(os.path.abspath(args.plot_from)))

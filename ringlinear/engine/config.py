@@ -31,8 +31,8 @@ class EngineConfig:
     cuda_graphs: bool = True             # replay decode steps from CUDA graphs (CUDA only)
     cuda_graph_max_batch: int = 64
     # Replay steps of fresh prompt pieces (up to 8, at most prefill_graph.MAX_GRAPH_TOKENS tokens) from CUDA graphs
-    # (prefill_graph.py); needs cuda_graphs too. On: a 1K prefill of the Ring-mini shape took 14.0 instead of 40.9 ms
-    # on an H200 (BENCHMARKS.md).
+    # (prefill_graph.py); needs cuda_graphs too. On: a 1K prefill of the Ring-mini shape in one step took 14.0
+    # instead of 40.9 ms on an H200 (BENCHMARKS.md); only steps of fresh pieces replay (docs/serving.md).
     prefill_cuda_graphs: bool = True
     cpu_threads: int | None = None       # torch intra-op threads on CPU (None: leave torch's default)
     # "aligned": every position computed with the arithmetic of the training forward in aligned mode, whatever the

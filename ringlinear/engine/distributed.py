@@ -16,6 +16,7 @@ starts at token 0, which is where rank 0's scheduler handed it a zeroed slot.
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 import signal
@@ -190,6 +191,8 @@ def _rank_main(rank, world, port, model_dir, config, random_weights, errors):
     try:
         info = _join(rank, world, port, rank_device(config, rank))
         engine = LLMEngine(model_dir, config, random_weights=random_weights, _rank=info)
+        gc.collect()  # as the server does on rank 0 (server/cli.build_engine): this process lives until exit, and
+        gc.freeze()   # a full collection here would stall every rank's step through the collectives
         _follow(engine, info)
         dist.destroy_process_group()
     except Exception as e:  # noqa: BLE001  (reported to rank 0, which raises it)

@@ -84,10 +84,14 @@ class ModelRunner:
         buckets = prefill_buckets(self.config.max_num_batched_tokens)
         step = StaticPrefillStep(self.model, self.kv, self.states, buckets[-1],
                                  [s for s in (1, 2, 4, 8) if s <= self.config.max_num_seqs], self.device)
+        before = torch.cuda.memory_reserved(self.device)
         try:
             with torch.inference_mode():
                 self.prefill_graphs = PrefillGraphs(step, buckets)
-            log.info("captured CUDA graphs for prefill steps of %s tokens", self.prefill_graphs.buckets)
+            # The pool is the graphs' own: eager steps (mixed, continuing, > 8 pieces) allocate beside it, inside
+            # the headroom the KV cache left (the cache was sized before capture)
+            log.info("captured CUDA graphs for prefill steps of %s tokens (%.0f MiB of graph memory)",
+                     self.prefill_graphs.buckets, (torch.cuda.memory_reserved(self.device) - before) / 2**20)
         except Exception as e:  # as for decode: an optimisation, logged, never a refusal to serve
             log.warning("prefill CUDA graph capture failed (%s: %s); prefill runs eagerly", type(e).__name__, e)
             self.prefill_graphs = None

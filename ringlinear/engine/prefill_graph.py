@@ -13,8 +13,8 @@ slots have length 0, and the padding tokens form the last sequence, written to t
 block. Every op of the prefill forward takes its offsets from the device, and the lightning launch plan depends
 only on S and T (always segmented), so one graph serves every mix of lengths that fits. Each piece attends only
 to its own tokens and starts from its own (zeroed) state slot, so the padding does not reach the live rows.
-16-bit weights, default numerics, one GPU (model_runner.py logs why otherwise). `StaticPrefillStep` also runs
-eagerly (tests check it on CPU against the eager path).
+16-bit or FP8 weights, default numerics, one GPU (model_runner.py logs why otherwise; engine.py for several
+ranks). `StaticPrefillStep` also runs eagerly (tests check it on CPU against the eager path).
 """
 from __future__ import annotations
 

@@ -52,8 +52,10 @@ class Rollout:
         device = next(policy.parameters()).device
         bs = 16
         blocks = max_num_seqs * -(-(max_new_tokens + PROMPT_ALLOWANCE) // bs)
+        # No prefill graphs: wake() would recapture them every RL step (12 graphs at the default budget), and
+        # a rollout replays one at most on its first step (fresh pieces only, at most 8 of them).
         cfg = EngineConfig(max_num_seqs=max_num_seqs, device=str(device), num_kv_blocks=blocks, block_size=bs,
-                           numerics=numerics)
+                           numerics=numerics, prefill_cuda_graphs=False)
         self.engine = LLMEngine(config=cfg, model=policy, tokenizer=tokenizer)
         self.keep_cache = keep_cache
         if not keep_cache:

@@ -57,12 +57,14 @@ def test_a_given_model_must_match_the_quantization(fp8_dir):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fp8_decode_captures_cuda_graphs_and_matches_eager(fp8_dir, random_prompts, monkeypatch):
-    """On the GPU: the FP8 path has no host sync, so decode steps capture; graphed tokens equal eager ones."""
+    """On the GPU: the FP8 path has no host sync, so decode steps and fresh prefill steps capture; graphed tokens
+    equal eager ones."""
     monkeypatch.setenv("RINGLINEAR_BACKEND", "auto")
     kw = dict(quantization="fp8", device="cuda", dtype="bfloat16", max_num_seqs=8, num_kv_blocks=256,
               prefill_chunk=64, max_num_batched_tokens=256, cuda_graph_max_batch=8)
     graphed = LLM(fp8_dir, cuda_graphs=True, **kw)
     assert graphed.engine.runner.graphs is not None, "CUDA graph capture failed (see the warning in the log)"
+    assert graphed.engine.runner.prefill_graphs is not None, "prefill graph capture failed (see the log)"
     eager = LLM(fp8_dir, cuda_graphs=False, **kw)
     prompts = random_prompts(6, 1, 150, seed=61)
     sp = SamplingParams(max_tokens=16, temperature=0, logprobs=True, ignore_eos=True)

@@ -86,6 +86,8 @@ def compile_all(all_shapes=False):
         pd = torch.empty(nd, dtype=torch.int32)
         _, (hq, hs), _ = TG.gateup(xq[:32], xs[:, :32], w13[0], w13[1], pd, eoff, k, torch.bfloat16, False, False, c)
         TG.rows_gemm(hq, hs, w2[0], w2[1], pd, eoff, k, torch.empty(nd, H, dtype=torch.bfloat16), a_gather=False)
+        TG.rows_gemm(torch.empty(nd, inter, dtype=R.E5M2), hs, w2[0], w2[1], pd, eoff, k,  # dx from e5m2 grads
+                     torch.empty(nd, H, dtype=torch.bfloat16), a_gather=False)
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     rows = []
     with tempfile.TemporaryDirectory() as d:

@@ -168,8 +168,9 @@ def test_deterministic_and_batch_invariant(moe):
 
 
 def test_row_results_do_not_depend_on_the_tile_tier():
-    """Forward GEMMs take 64-row tiles below LARGE_ROWS_PER_EXPERT rows per expert and 128-row tiles from there
-    (TG.SMALL_CFG / TG.CFG): a token's gate/up-then-down rows are bitwise the same in a call of each tier."""
+    """gateup (without SAVE) and rows_gemm take 64-row tiles below LARGE_ROWS_PER_EXPERT rows per expert and
+    128-row tiles from there (TG.SMALL_CFG / TG.CFG): a token's gate/up-then-down rows, and its dx rows from e5m2
+    gradients, are bitwise the same in a call of each tier."""
     g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, (1,))))
     n = 2 * TG.LARGE_ROWS_PER_EXPERT * E // K_TOP + 8          # enough rows per expert for the large tier
     x = torch.randn(n, H, generator=g).to(torch.bfloat16).to(DEV)
@@ -192,6 +193,16 @@ def test_row_results_do_not_depend_on_the_tile_tier():
     row_of = {int(p): i for i, p in enumerate(big_pair.tolist())}
     for i, p in enumerate(small_pair.tolist()):
         assert torch.equal(small_h[i].view(torch.uint8), big_h[row_of[p]].view(torch.uint8)), p
+    # rows_gemm over e5m2 rows, as backward's dx GEMM takes gradients: one fixed row per (token, slot) pair,
+    # quantised per row, so both calls see the same FP8 rows in their own sorted order
+    grad = torch.randn(n * K_TOP, INTER, generator=g).to(torch.bfloat16).to(DEV)
+
+    def dx(m):
+        pair, eoff = make_plan(idx[:m], E)
+        (aq, as_), _ = TQ.quantize(grad[pair.long()], R.E5M2, False, cnt())
+        o = torch.empty(m * K_TOP, H, dtype=torch.bfloat16, device=DEV)
+        return TG.rows_gemm(aq, as_, w2[0], w2[1], pair, eoff, K_TOP, o, a_gather=False)
+    assert torch.equal(dx(n)[:7 * K_TOP], dx(7))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuBLAS blockwise scaled_mm, sm_90)")

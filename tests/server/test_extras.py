@@ -117,8 +117,10 @@ def test_chat_template_flag_replaces_the_checkpoints(tiny_dir, tmp_path):
                                       "--chat-template", str(path)])
     import gc
     gc.unfreeze()
-    engine = build_engine(args)
-    assert engine.chat_prompt([{"role": "user", "content": "hi"}]) == "[user] hi\n[assistant] "
-    # the server's engine lives until exit: what exists once it is built is left out of full collections
-    assert gc.get_freeze_count() > 1000
-    gc.unfreeze()  # back to the oldest generation: later collections see them again
+    try:
+        engine = build_engine(args)
+        assert engine.chat_prompt([{"role": "user", "content": "hi"}]) == "[user] hi\n[assistant] "
+        # the server's engine lives until exit: what exists once it is built is left out of full collections
+        assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()  # back to the oldest generation: later collections see them again

@@ -36,8 +36,8 @@ def varlen_prefix_causal(q, k, v, cu_q, cu_k, scale: float, max_q: int, max_k: i
     """Pieces continuing a cached prefix in one call: piece n's queries q[cu_q[n]:cu_q[n+1]] are the last of its
     keys k, v[cu_k[n]:cu_k[n+1]]. The flash kernel aligns the causal mask to the bottom right when a sequence has
     fewer queries than keys (query i sees keys up to i + Tk - Tq; FA2's documented behaviour), which is that
-    contract; tests/ops/test_flash_varlen.py::test_prefix_pieces_are_bottom_right_aligned checks it on CUDA (the
-    branch waits for its first GPU run, 2026-12-01). Returns [Tq, H, D]."""
+    contract; tests/ops/test_flash_varlen.py::test_prefix_pieces_are_bottom_right_aligned checks it on CUDA (passed
+    on an H200, 2026-12-01). Returns [Tq, H, D]."""
     from torch.nn.attention.varlen import varlen_attn
     cq = cu_q.to(device=q.device, dtype=torch.int32)
     ck = cu_k.to(device=q.device, dtype=torch.int32)

@@ -30,11 +30,12 @@ from .triton_quant import TL_FP8, count_nonfinite, store_cols, store_rows
 # and a 128-column tile is exactly one weight block (one scalar scale per K step). Warps and stages only change
 # speed, not the numbers.
 CFG = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
-# Forward GEMMs over few rows per expert (decode, short prefill: fewer than LARGE_ROWS_PER_EXPERT on average) stream
-# weights and waste most of a 128-row tile: 64-row tiles of one warpgroup, as the bf16 fused MoE's small tier.
-# Only where no 128-row column tile is stored (gateup without SAVE, rows_gemm). Both tiles are whole wgmma m64
-# steps over the same 128-long K blocks, so a row's result does not depend on the tier (tests/ops/test_fp8_gemm.py
-# checks a token's rows bitwise between a call in each tier on the GPU).
+# GEMMs over few rows per expert (decode, short prefill, small training batches: fewer than LARGE_ROWS_PER_EXPERT
+# on average) stream weights and waste most of a 128-row tile: 64-row tiles (8 warps: two warpgroups), as
+# the bf16 fused MoE's small tier. Only where no 128-row column tile is stored: gateup without SAVE and rows_gemm
+# (the down forward, dx in backward, the dense Triton fallback). Both tiles are whole wgmma m64 steps over the same
+# 128-long K blocks, so a row's result does not depend on the tier (tests/ops/test_fp8_gemm.py checks a token's
+# rows bitwise between a call in each tier, e4m3 and e5m2 A operands, on the GPU).
 SMALL_CFG = dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3)
 
 
@@ -235,6 +236,9 @@ def gateup(xq, xs, w, ws, pair, eoff, top_k, out_dtype, save, pow2, counter, cfg
     hst = torch.empty(slots if save else 1, inter, dtype=torch.float32, device=dev)
     if nk:
         cfg = cfg or _cfg(nk, E, small_ok=not save)  # SAVE stores 128-row column tiles
+        if save and cfg["BLOCK_M"] != TILE:
+            raise ValueError(f"gateup with save=True needs {TILE}-row tiles (its column-quantised copies), got "
+                             f"BLOCK_M={cfg['BLOCK_M']}")
         _gateup_kernel[_grid_rows(nk, E, inter, cfg)](
             xq, xs, w, ws, pair, eoff, ab, hq, hs, hqt, hst, counter, xq.shape[0], nk, hqt.stride(0), w.stride(0),
             ws.stride(0), I=inter, H=H, TOPK=top_k, E=E, SAVE=save, POW2=pow2, **_opts(cfg))
