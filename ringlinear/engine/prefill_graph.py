@@ -6,13 +6,14 @@ the Ring-mini shape keeps the GPU busy ~25 ms of its 35-45 ms, the rest being ~3
 wrappers. A replay costs one launch.
 
 On by default (`EngineConfig.prefill_cuda_graphs`) since tests/engine/test_cuda.py passed on an H200 and a 1K
-prefill of the Ring-mini shape went from 40.9 to 14.0 ms there (2026-12-01, BENCHMARKS.md). A graph per (T, S):
-T tokens (a bucket: powers of two up to the step budget, at most MAX_GRAPH_TOKENS) and S piece slots (1, 2, 4,
-8). It sees static buffers: ids, positions and KV write rows [T], offsets [S + 2] and state slots [S + 1]. The live pieces come first, unused piece
-slots have length 0, and the padding tokens form the last sequence, written to the scratch slot and the scratch KV
-block. Every op of the prefill forward takes its offsets from the device, and the lightning launch plan depends
-only on S and T (always segmented), so one graph serves every mix of lengths that fits. Each piece attends only
-to its own tokens and starts from its own (zeroed) state slot, so the padding does not reach the live rows.
+prefill of the Ring-mini shape went from 40.9 to 14.0 ms there (2026-12-01, BENCHMARKS.md). A graph per (T, S): T
+tokens (a bucket: powers of two up to the step budget, at most MAX_GRAPH_TOKENS) and S piece slots (1, 2, 4, 8). It
+sees static buffers: ids, positions and KV write rows [T], offsets [S + 2] and state slots [S + 1]. The live pieces
+come first, unused piece slots have length 0, and the padding tokens form the last sequence, written to the scratch
+slot and the scratch KV block. Every op of the prefill forward takes its offsets from the device, and the lightning
+launch plan depends only on S and T (always segmented), so one graph serves every mix of lengths that fits. Each
+piece attends only to its own tokens and starts from its own (zeroed) state slot, so the padding does not reach the
+live rows.
 16-bit or FP8 weights, default numerics, one GPU (model_runner.py logs why otherwise; engine.py for several
 ranks). `StaticPrefillStep` also runs eagerly (tests check it on CPU against the eager path).
 """
