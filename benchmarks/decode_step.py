@@ -26,45 +26,8 @@ import time
 
 import torch
 
-from long_context import MODELS, copy_bandwidth, engine_for, random_model, sync, touched_weight_bytes
-from ringlinear.engine.sampling_params import SamplingParams
+from long_context import MODELS, copy_bandwidth, decode_engine, floor_bytes, random_model, sync
 from ringlinear.models.presets import get_preset
-
-
-def decode_engine(model, B, C, steps):
-    """An engine with B requests at context C, their prefill skipped (random cache contents), all decoding."""
-    cfg = model.config
-    dev = next(model.parameters()).device
-    chunk = -(-C // 64) * 64
-    eng = engine_for(model, B, C + steps + 16, chunk, budget=B * chunk, prefill_graphs=False)  # prefill is faked
-    for d in (eng.kv.k, eng.kv.v):
-        for t in d.values():
-            t.normal_()
-    for t in eng.states.states.values():
-        t.normal_()
-    real = eng.runner.execute
-
-    def execute(batch):  # the prefill pieces' cache is already filled: skip their compute
-        if batch.all_decode:
-            return real(batch)
-        return torch.zeros(sum(1 for s in batch.seqs if s.sample), cfg.vocab_size, device=dev)
-    eng.runner.execute = execute
-    for _ in range(B):
-        eng.add_request(torch.randint(10, cfg.vocab_size, (C,)).tolist(),
-                        SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True))
-    while len(eng.scheduler.waiting) or any(s.num_uncomputed > 1 for s in eng.scheduler.running):
-        eng.step()
-    for _ in range(3):  # warm-up decode steps (graph capture happened at build)
-        eng.step()
-    return eng
-
-
-def floor_bytes(model, B, C) -> float:
-    cfg = model.config
-    n_sm = len(cfg.softmax_layers)
-    state_b = (cfg.num_hidden_layers - n_sm) * cfg.num_attention_heads * cfg.head_dim_ ** 2 * 4 * 2
-    kv_b = C * n_sm * 2 * cfg.num_key_value_heads * cfg.head_dim_ * 2
-    return touched_weight_bytes(model, B) + B * (state_b + kv_b)
 
 
 def gpu_busy_ms(eng, dev, steps, top):
@@ -116,7 +79,11 @@ def main():
     print(f"{card}, {res['model']}{' FP8' if args.fp8 else ''}, batch {args.batch}"
           + (f", copy bandwidth {bw / 1e12:.2f} TB/s" if bw else ""), flush=True)
     for C in contexts:
-        eng = decode_engine(model, args.batch, C, args.repeat + args.profile_steps + 8)
+        eng = decode_engine(model, args.batch, C, args.repeat + args.profile_steps + 16)
+        while len(eng.scheduler.waiting) or any(s.num_uncomputed > 1 for s in eng.scheduler.running):
+            eng.step()  # the faked prefill
+        for _ in range(3):  # warm-up decode steps (graph capture happened at build)
+            eng.step()
         walls = []
         for _ in range(args.repeat):
             sync(dev)

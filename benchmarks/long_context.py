@@ -175,28 +175,44 @@ def touched_weight_bytes(model, B):
     return total + B * cfg.hidden_size * 2
 
 
-def bench_decode(model, B, C, steps, bw):
+def decode_engine(model, B, C, max_tokens):
+    """An engine with B requests of C-token prompts whose prefill is faked: the KV cache and states hold random
+    values (a real prefill's cost without running it), prefill pieces return zero logits, decode runs for real.
+    The whole fake prefill is scheduled in one step, so every request decodes from step 2 on."""
     cfg = model.config
     dev = next(model.parameters()).device
-    # The whole fake prefill is scheduled in one step (no compute), so every request decodes from step 2 on.
     chunk = -(-C // 64) * 64
-    eng = engine_for(model, B, C + steps + 8, chunk, budget=B * chunk, prefill_graphs=False)  # prefill is faked
-    for d in (eng.kv.k, eng.kv.v):  # random cache contents: a real prefill's cost without running it
+    eng = engine_for(model, B, C + max_tokens + 4, chunk, budget=B * chunk, prefill_graphs=False)
+    for d in (eng.kv.k, eng.kv.v):
         for t in d.values():
             t.normal_()
     for t in eng.states.states.values():
         t.normal_()
     real = eng.runner.execute
 
-    def execute(batch):  # prefill pieces are skipped (their cache was filled above); decode runs for real
+    def execute(batch):  # a reference cycle through the engine: callers gc.collect() after dropping it
         if batch.all_decode:
             return real(batch)
-        n = sum(1 for s in batch.seqs if s.sample)
-        return torch.zeros(n, cfg.vocab_size, device=dev)
+        return torch.zeros(sum(1 for s in batch.seqs if s.sample), cfg.vocab_size, device=dev)
     eng.runner.execute = execute
     for _ in range(B):
         eng.add_request(torch.randint(10, cfg.vocab_size, (C,)).tolist(),
-                        SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True))
+                        SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    return eng
+
+
+def floor_bytes(model, B, C) -> float:
+    """Bytes one decode step of B sequences at context C must move: touched weights, KV read, states read+written."""
+    cfg = model.config
+    n_sm = len(cfg.softmax_layers)
+    state_b = (cfg.num_hidden_layers - n_sm) * cfg.num_attention_heads * cfg.head_dim_ ** 2 * 4 * 2
+    kv_b = C * n_sm * 2 * cfg.num_key_value_heads * cfg.head_dim_ * 2
+    return touched_weight_bytes(model, B) + B * (state_b + kv_b)
+
+
+def bench_decode(model, B, C, steps, bw):
+    dev = next(model.parameters()).device
+    eng = decode_engine(model, B, C, steps + 4)
     times = []
     while eng.has_unfinished():
         all_dec = len(eng.scheduler.waiting) == 0 and all(s.num_uncomputed == 1 for s in eng.scheduler.running)
@@ -210,11 +226,7 @@ def bench_decode(model, B, C, steps, bw):
     if not times:
         raise RuntimeError("no step had every request decoding")
     step = sorted(times)[len(times) // 2]
-    n_sm = len(cfg.softmax_layers)
-    n_lin = cfg.num_hidden_layers - n_sm
-    state_b = n_lin * cfg.num_attention_heads * cfg.head_dim_ ** 2 * 4 * 2  # read + write
-    kv_b = C * n_sm * 2 * cfg.num_key_value_heads * cfg.head_dim_ * 2
-    floor = (touched_weight_bytes(model, B) + B * (state_b + kv_b)) / bw
+    floor = floor_bytes(model, B, C) / bw
     peak = peak_gib(dev)
     del eng
     return {"batch": B, "context": C, "step_ms": step * 1e3, "tok_s": B / step, "floor_ms": floor * 1e3,

@@ -130,9 +130,10 @@ def plan(topk_idx, num_experts):
     return pair, eoff
 
 
-def row_tile_bound(nk, num_experts):
-    """Slots for expert-sorted row tiles of 128 (each expert adds at most one partial tile); the kernels' bound."""
-    return max(min(nk, -(-nk // TILE) + num_experts), 1)
+def row_tile_bound(nk, num_experts, block_m=TILE):
+    """Slots for expert-sorted row tiles of block_m rows (each expert adds at most one partial tile); the kernels'
+    bound."""
+    return max(min(nk, -(-nk // block_m) + num_experts), 1)
 
 
 def sorted_tiles(eoff):

@@ -211,9 +211,8 @@ def _cfg(nk, E, small_ok):
 
 
 def _grid_rows(nk, E, ncols, cfg=CFG):
-    """Programs: row tiles (each expert adds at most one partial tile) x column tiles."""
-    tiles = max(min(nk, -(-nk // cfg["BLOCK_M"]) + E), 1)
-    return (tiles * (ncols // cfg["BLOCK_N"]),)
+    """Programs: row tiles x column tiles."""
+    return (row_tile_bound(nk, E, cfg["BLOCK_M"]) * (ncols // cfg["BLOCK_N"]),)
 
 
 def _opts(cfg=CFG):
