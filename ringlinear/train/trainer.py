@@ -24,7 +24,7 @@ from ..parallel.expert import ExpertParallel, check_expert_parallel
 from . import dist as D
 from . import fsdp
 from . import step as S
-from .async_save import AsyncSaver, model_snapshot, to_host
+from .async_save import AsyncSaver
 from .balance import MoEBalancer
 from .checkpoint import (find_resume, list_checkpoints, load_trainer_state, remove_stale_temp, rng_state,
                          save_checkpoint, set_rng_state, step_name, verify_checkpoint)
@@ -57,7 +57,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg.validate()
         self.env = env = D.setup(cfg.device)
-        self.saver = AsyncSaver() if cfg.async_save else None
+        self.saver = AsyncSaver(env.device) if cfg.async_save and env.is_main else None
         if cfg.precision == "fp8" and env.device.type != "cuda" and not cfg.fp8_emulate:
             raise ValueError(f"--precision fp8 needs a CUDA GPU with FP8 tensor cores (sm_89+); on {env.device.type} "
                              "add --fp8-emulate for the exact (slow) emulation")
@@ -179,6 +179,8 @@ class Trainer:
         return S.forward_backward(self, self._batches(step))
 
     def optimizer_step(self) -> dict:
+        if self.saver is not None:  # the step writes what a staged snapshot may still be copying
+            self.saver.before_update()
         return S.optimizer_step(self)
 
     @torch.no_grad()
@@ -230,10 +232,10 @@ class Trainer:
             if self.saver is None:
                 path = save_checkpoint(root, self.step, model, self.prep.tokenizer_dir, state, cfg.keep_last)
             else:  # the snapshot now (the weights move on), the files in the background
-                self.saver.wait()
+                model_snap, state_snap = self.saver.snapshot(model, state)
                 path = os.path.join(root, step_name(self.step))
-                self.saver.submit(path, save_checkpoint, root, self.step, model_snapshot(model),
-                                  self.prep.tokenizer_dir, to_host(state), cfg.keep_last)
+                self.saver.submit(path, save_checkpoint, root, self.step, model_snap, self.prep.tokenizer_dir,
+                                  state_snap, cfg.keep_last)
         D.barrier(env)
         return path
 

@@ -1,0 +1,140 @@
+"""The `--async-save` snapshot on CUDA: every device tensor copied into pinned host buffers on a side stream, so the
+training step does not wait for the device-to-host copy (a synchronous copy into pageable memory of a Ring-mini
+5-layer slice's ~56 GB of state stalls the step for many seconds).
+
+Ordering, all on the device, no host synchronisation at the save step:
+- the side stream waits for the current stream's work queued before the save (the state at the step);
+- every source is `record_stream`-ed on the side stream, so the caching allocator does not hand its memory to new
+  work before the copies are done (state_dict hooks or gathers may make temporaries that are dropped right away);
+- an event recorded after the last copy is the fence: whatever writes the snapshotted tensors in place (the
+  optimizer step: parameters, fp32 masters, moments; the MoE expert-bias update) must queue after it
+  (`current_stream().wait_event`, `AsyncSaver.before_update`), and the writer thread waits for it on the host
+  before it reads a buffer. The next forward and backward run meanwhile: they only read the parameters.
+
+Buffers: one host arena per snapshot layout (the (path, shape, dtype) of every tensor), allocated with the CPU
+allocator at its exact size and page-locked with cudaHostRegister once, then reused by every save of that layout:
+torch's pinned allocator rounds each allocation up to a power of two (a 1.3 GB fp32 embedding would pin 2 GiB).
+Each tensor is a separate storage over its slice of the arena (torch.frombuffer), so torch.save and safetensors
+write it alone. A save reuses the buffers only after the previous save's writer is done with them (one save in
+flight: `AsyncSaver.snapshot` waits first).
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+
+log = logging.getLogger("ringlinear.train")
+
+ALIGN = 512  # bytes between buffer starts in the arena: any dtype's alignment, and DMA-friendly
+
+
+def leaves(obj, path=()):
+    """(path, tensor) of every tensor in obj (dicts, lists, tuples), in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from leaves(v, path + (k,))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from leaves(v, path + (i,))
+
+
+def replace_leaves(obj, new):
+    """obj rebuilt with its tensors replaced, in `leaves` order, by the items of the iterator `new`; containers are
+    new objects (later changes to the originals do not reach the copy), other values as they are."""
+    if isinstance(obj, torch.Tensor):
+        return next(new)
+    if isinstance(obj, dict):
+        return {k: replace_leaves(v, new) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(replace_leaves(v, new) for v in obj)
+    return obj
+
+
+def _unregister(ptr: int) -> None:
+    err = int(torch.cuda.cudart().cudaHostUnregister(ptr))
+    if err != 0:  # a finalizer cannot raise; the memory is freed either way
+        log.error("cudaHostUnregister of a save-staging arena failed (cudaError %d)", err)
+
+
+class PinnedPool:
+    """Host buffers of one snapshot layout, kept across saves; a new layout replaces them all."""
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self.layout = None
+        self.bufs: list[torch.Tensor] = []
+        self.arena_bytes = 0
+
+    def buffers(self, layout: list[tuple]) -> list[torch.Tensor]:
+        """One contiguous host tensor per (path, shape, dtype) of layout, the same objects as the previous call's
+        when the layout is unchanged. The caller guarantees nothing reads or writes the previous buffers any
+        more."""
+        if layout == self.layout:
+            return self.bufs
+        self.bufs, self.layout = [], None  # the old arena goes (and is unregistered) once its views are dropped
+        sizes = [torch.Size(shape).numel() * dt.itemsize for _, shape, dt in layout]
+        offsets, total = [], 0
+        for n in sizes:
+            offsets.append(total)
+            total += -(-n // ALIGN) * ALIGN
+        arena = torch.empty(max(total, 1), dtype=torch.uint8)  # exact size, not rounded to a power of two
+        if self.pin:
+            err = int(torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), arena.numel(), 0))
+            if err != 0:
+                raise RuntimeError(f"cannot page-lock {arena.numel() / 2**30:.1f} GiB of host memory for the "
+                                   f"async-save snapshot (cudaHostRegister: cudaError {err}); free host RAM or drop "
+                                   "--async-save")
+            fin = weakref.finalize(arena, _unregister, arena.data_ptr())
+            fin.atexit = False  # at exit the process's memory goes anyway, and CUDA may be torn down first
+        host = arena.numpy()  # frombuffer's storages keep it (and so the arena) alive
+        for (_, shape, dt), off, n in zip(layout, offsets, sizes):
+            if n == 0:
+                self.bufs.append(torch.empty(shape, dtype=dt))
+                continue
+            self.bufs.append(torch.frombuffer(host, dtype=torch.uint8, count=n, offset=off).view(dt).view(shape))
+        if self.pin and self.bufs and not next((b for b in self.bufs if b.numel()), self.bufs[0]).is_pinned():
+            raise RuntimeError("the async-save staging arena is registered but torch does not see it as pinned")
+        self.layout, self.arena_bytes = list(layout), total
+        return self.bufs
+
+
+class Stager:
+    """Snapshots of trees of tensors (dicts, lists, tuples) into host buffers; device tensors of `device` (CUDA)
+    through pinned memory on a side stream, host tensors copied at once."""
+
+    def __init__(self, device: torch.device):
+        if device.type != "cuda":
+            raise ValueError(f"staged snapshots are for CUDA devices, not {device}")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self.pool = PinnedPool(pin=True)
+        self.stream = torch.cuda.Stream(device=device)
+
+    def snapshot(self, obj):
+        """(copy of obj on the host, (start, done) CUDA events). Returns with the copies queued, not finished: the
+        buffers may be read once `done` has completed, the sources written once the writer's stream waits on
+        it."""
+        src = list(leaves(obj))
+        bufs = self.pool.buffers([(p, tuple(t.shape), t.dtype) for p, t in src])
+        start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        side = self.stream
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            start.record(side)
+            for (path, t), b in zip(src, bufs):
+                t = t.detach()
+                if t.device.type == "cpu":  # RNG states, a gathered (FSDP) model: a host copy now
+                    b.copy_(t)
+                    continue
+                if t.device != self.device:
+                    raise ValueError(f"async save: {'/'.join(map(str, path))} is on {t.device}, the staging stream "
+                                     f"on {self.device}")
+                b.copy_(t, non_blocking=True)
+                t.record_stream(side)
+            done.record(side)
+        return replace_leaves(obj, iter(bufs)), (start, done)
