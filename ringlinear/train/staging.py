@@ -11,9 +11,9 @@ Ordering, all on the device, no host synchronisation at the save step:
   (`current_stream().wait_event`, `AsyncSaver.before_update`), and the writer thread waits for it on the host
   before it reads a buffer. The next forward and backward run meanwhile: they only read the parameters.
 
-Buffers: one host arena per snapshot layout (the (path, shape, dtype) of every tensor), allocated with the CPU
-allocator at its exact size and page-locked with cudaHostRegister once, then reused by every save of that layout:
-torch's pinned allocator rounds each allocation up to a power of two (a 1.3 GB fp32 embedding would pin 2 GiB).
+Buffers: one host arena per snapshot layout (the (path, shape, dtype) of every tensor), an anonymous mapping of
+its exact size rounded up to whole pages, page-locked with cudaHostRegister once, then reused by every save of
+that layout: torch's pinned allocator rounds each allocation up to a power of two (a 1.3 GB fp32 embedding would pin 2 GiB).
 Each tensor is a separate storage over its slice of the arena (torch.frombuffer), so torch.save and safetensors
 write it alone. A save reuses the buffers only after the previous save's writer is done with them (one save in
 flight: `AsyncSaver.snapshot` waits first).
@@ -21,6 +21,7 @@ flight: `AsyncSaver.snapshot` waits first).
 from __future__ import annotations
 
 import logging
+import mmap
 import weakref
 
 import torch
@@ -81,22 +82,27 @@ class PinnedPool:
         for n in sizes:
             offsets.append(total)
             total += -(-n // ALIGN) * ALIGN
-        arena = torch.empty(max(total, 1), dtype=torch.uint8)  # exact size, not rounded to a power of two
+        # An anonymous mapping: page-aligned and whole pages, so the registered range shares no page with other
+        # allocations (a small malloc'd arena would share one, and registering or unregistering it would reach
+        # into its neighbours).
+        size = -(-max(total, 1) // mmap.PAGESIZE) * mmap.PAGESIZE
+        arena = mmap.mmap(-1, size)
         if self.pin:
-            err = int(torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), arena.numel(), 0))
+            ptr = torch.frombuffer(arena, dtype=torch.uint8, count=1).data_ptr()
+            err = int(torch.cuda.cudart().cudaHostRegister(ptr, size, 0))
             if err != 0:
-                raise RuntimeError(f"cannot page-lock {arena.numel() / 2**30:.1f} GiB of host memory for the "
+                raise RuntimeError(f"cannot page-lock {size / 2**30:.1f} GiB of host memory for the "
                                    f"async-save snapshot (cudaHostRegister: cudaError {err}); free host RAM or drop "
                                    "--async-save")
-            fin = weakref.finalize(arena, _unregister, arena.data_ptr())
+            fin = weakref.finalize(arena, _unregister, ptr)
             fin.atexit = False  # at exit the process's memory goes anyway, and CUDA may be torn down first
-        host = arena.numpy()  # frombuffer's storages keep it (and so the arena) alive
+        host = arena  # frombuffer's storages keep the mapping alive
         for (_, shape, dt), off, n in zip(layout, offsets, sizes):
             if n == 0:
                 self.bufs.append(torch.empty(shape, dtype=dt))
                 continue
             self.bufs.append(torch.frombuffer(host, dtype=torch.uint8, count=n, offset=off).view(dt).view(shape))
-        if self.pin and self.bufs and not next((b for b in self.bufs if b.numel()), self.bufs[0]).is_pinned():
+        if self.pin and not all(b.is_pinned() for b in self.bufs if b.numel()):
             raise RuntimeError("the async-save staging arena is registered but torch does not see it as pinned")
         self.layout, self.arena_bytes = list(layout), total
         return self.bufs
