@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Step-time spike at checkpoint steps on one CUDA GPU: a synchronous save, `--async-save` with the plain pageable
-host copy, and `--async-save` with the staged copy (pinned buffers, side stream: ringlinear/train/staging.py).
+host copy, and `--async-save` with the staged copy (pinned buffers, side stream: ringlinear/train/staging.py)
+straight to the host (async-staged-host) and through a device copy where it fits (async-staged, the default).
 
 The project's own Trainer (what `ringlinear train` builds: bf16 parameters, fp32 master AdamW, the fused step) on a
 slice of Ring-mini-linear-2.0 (default 2 layers: the dense layer 0 and one MoE layer of 256 experts), random init,
 the embedded stdlib corpus; the vocabulary is the trained BPE's (--vocab-size), not Ring-mini's 157K. Every step
 is timed alone: forward, backward, optimizer, the save at save steps (as the loop calls it), then a sync of the
-training stream only (the staged copy runs on its own stream; the next optimizer step waits for it, so a copy
-longer than forward + backward shows in the step after the save). spike = step / median of the steps with no save
+training stream only (the staged copy runs on its own stream; the next optimizer step waits for its fenced part,
+so a fenced copy longer than forward + backward shows in the step after the save). spike = step / median of the steps with no save
 and not right after one - 1. snapshot = the host copy's time (pageable) or the staged copy's device time. The first
 save of the staged mode also allocates and page-locks its buffers (reused by later saves); it is reported apart.
 Before a save step the previous save's writer is waited for outside the timed step (`writer_waits_s`): a real run
@@ -37,7 +38,7 @@ from ringlinear.models.presets import get_preset
 from ringlinear.train.config import get_train_preset
 from ringlinear.train.trainer import Trainer
 
-MODES = ("sync", "async-pageable", "async-staged")
+MODES = ("sync", "async-pageable", "async-staged-host", "async-staged")
 
 
 def build(args, root, mode, tokenizer):
@@ -56,6 +57,8 @@ def build(args, root, mode, tokenizer):
     tr = Trainer(cfg)
     if mode == "async-pageable":
         tr.saver.stager = None  # AsyncSaver's plain host copy, the one `--async-save` made before staging
+    elif mode == "async-staged-host":
+        tr.saver.stager.device_copy = False  # straight to pinned memory: the next optimizer step waits for it
     return tr
 
 
@@ -96,6 +99,8 @@ def run_mode(args, root, mode, tokenizer):
     tr.wait_for_save()
     tail_wait = time.perf_counter() - t_wait
     snapshot_s = tr.saver.snapshot_s if tr.saver is not None else None  # the last save's
+    fence_s = tr.saver.fence_s if tr.saver is not None and tr.saver.stager is not None else None
+    device_copy = tr.saver.stager.last_device_copy if tr.saver is not None and tr.saver.stager else None
     quiet = [t for i, t in enumerate(times) if all(i not in (s["index"], s["index"] + 1) for s in saves)]
     med = statistics.median(quiet) if quiet else float("nan")
     for s in saves:
@@ -111,6 +116,7 @@ def run_mode(args, root, mode, tokenizer):
         torch.cuda.empty_cache()
     print(f"{mode}: median step {med:.3f} s, steps {' '.join(f'{t:.3f}' for t in times)}", flush=True)
     return {"median_step_s": med, "saves": saves, "writer_waits_s": writer_waits, "last_snapshot_s": snapshot_s,
+            "last_fence_s": fence_s, "device_copy": device_copy,
             "final_wait_s": tail_wait,
             "params": n_params, "vocab": vocab}
 
@@ -162,17 +168,19 @@ def main():
     print(f"\n{card}: {args.layers if args.device == 'cuda' else 'tiny-test'} layers, {any_res['params'] / 1e9:.2f}B "
           f"params (vocab {any_res['vocab']}), {args.batch_size} x {args.seq_len} tokens/step, save every "
           f"{args.save_every}")
-    print(f"{'mode':15s} {'median s':>9s} {'save step s':>12s} {'spike':>8s} {'next s':>8s} {'next spike':>11s} "
+    print(f"{'mode':17s} {'median s':>9s} {'save step s':>12s} {'spike':>8s} {'next s':>8s} {'next spike':>11s} "
           f"{'save() s':>9s}")
     for m, r in res.items():
         for k, s in enumerate(r["saves"]):
             nxt = "-" if s["next_s"] is None else f"{s['next_s']:.3f}"
             nsp = "-" if s["next_spike"] is None else f"{s['next_spike']:+.1%}"
             med = f"{r['median_step_s']:9.3f}" if k == 0 else " " * 9
-            print(f"{m if k == 0 else '':15s} {med} "
+            print(f"{m if k == 0 else '':17s} {med} "
                   f"{s['step_s']:12.3f} {s['spike']:+8.1%} {nxt:>8s} {nsp:>11s} {s['save_call_s']:9.3f}")
         if r["last_snapshot_s"] is not None:
-            print(f"{'':15s} last snapshot {r['last_snapshot_s']:.3f} s, final wait for the writer "
+            fence = "" if r["last_fence_s"] is None else (f" (device copy {r['last_fence_s']:.3f} s)"
+                                                          if r["device_copy"] else " (all of it fenced)")
+            print(f"{'':17s} last snapshot {r['last_snapshot_s']:.3f} s{fence}, final wait for the writer "
                   f"{r['final_wait_s']:.3f} s")
     print("notes: the first staged save also allocates and page-locks the host buffers (cudaHostRegister), later "
           "ones reuse them; the writer thread (safetensors, sha256, torch.save) shares the GIL and the CPU with "

@@ -5,9 +5,10 @@ moments, master weights) copied to host memory at the step, the way a synchronou
 then writes that snapshot through the same `save_checkpoint` (temp directory, sha256 manifest, atomic rename,
 retention after the rename), so the files, their atomicity and the exact resume are those of a synchronous save.
 
-On CUDA the copy is staged (ringlinear/train/staging.py): queued on a side stream into pinned buffers reused across
-saves, so the step does not wait for it; the optimizer step that follows waits on the device for the copy to finish
-(`before_update`) before it writes the tensors in place, and the thread waits for it before it writes files.
+On CUDA the copy is staged (ringlinear/train/staging.py): queued on a side stream, through a device copy where it
+fits, into pinned buffers reused across saves, so the step does not wait for it; the optimizer step that follows
+waits on the device for the device copy (else the host copy) to finish (`before_update`) before it writes the
+tensors in place, and the thread waits for the host copy before it writes files.
 Elsewhere (CPU training) the copy is a plain synchronous one (`to_host`, `model_snapshot`).
 
 One save is in flight at a time: the next save, the end of the run and any exception in the loop wait for it
@@ -51,9 +52,10 @@ class AsyncSaver:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._what = ""
-        self._copy = None  # (start, done) events of the staged copy: for the next submit's writer
-        self._unfenced = None  # the `done` event no update has waited for yet
+        self._copy = None  # (start, fence, done) events of the staged copy: for the next submit's writer
+        self._unfenced = None  # the `fence` event no update has waited for yet
         self.snapshot_s = None  # the last snapshot's copy time (seconds), known once its save is written
+        self.fence_s = None  # of which the part an update waits for (the device copy when there is one)
 
     def snapshot(self, model, state: dict):
         """(model snapshot, state snapshot) on the host, for `submit`. Waits for the save in flight first: its
@@ -88,8 +90,9 @@ class AsyncSaver:
             try:
                 if events is not None:
                     with torch.cuda.device(device):
-                        events[1].synchronize()  # the pinned buffers hold the step's state only from here
-                    self.snapshot_s = events[0].elapsed_time(events[1]) / 1e3
+                        events[2].synchronize()  # the pinned buffers hold the step's state only from here
+                    self.snapshot_s = events[0].elapsed_time(events[2]) / 1e3
+                    self.fence_s = events[0].elapsed_time(events[1]) / 1e3
                 fn(*args)
             except BaseException as e:  # handed to the training thread at its next wait()
                 self._error = e

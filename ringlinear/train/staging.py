@@ -110,37 +110,67 @@ class PinnedPool:
 
 class Stager:
     """Snapshots of trees of tensors (dicts, lists, tuples) into host buffers; device tensors of `device` (CUDA)
-    through pinned memory on a side stream, host tensors copied at once."""
+    through pinned memory on a side stream, host tensors copied at once.
 
-    def __init__(self, device: torch.device):
+    `device_copy`: first copy the device tensors into fresh device memory on the side stream, then from there to
+    the host. The fence is then the device-to-device copy (~56 GB in ~30 ms on an H200, overlapping the next
+    forward and backward), not the host copy (~1 s at PCIe speed, which an optimizer step right after the save
+    would wait for). None (the default) = when it fits: the run's peak allocation so far plus the state plus
+    `HEADROOM` within the GPU's memory; otherwise straight to the host (`last_device_copy` says which ran)."""
+
+    HEADROOM = 4 << 30
+
+    def __init__(self, device: torch.device, device_copy: bool | None = None):
         if device.type != "cuda":
             raise ValueError(f"staged snapshots are for CUDA devices, not {device}")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
+        self.device_copy = device_copy
+        self.last_device_copy = None
         self.pool = PinnedPool(pin=True)
         self.stream = torch.cuda.Stream(device=device)
 
+    def _fits(self, nbytes: int) -> bool:
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return torch.cuda.max_memory_allocated(self.device) + nbytes + self.HEADROOM <= total
+
     def snapshot(self, obj):
-        """(copy of obj on the host, (start, done) CUDA events). Returns with the copies queued, not finished: the
-        buffers may be read once `done` has completed, the sources written once the writer's stream waits on
-        it."""
+        """(copy of obj on the host, (start, fence, done) CUDA events). Returns with the copies queued, not
+        finished: the sources may be written once the writer's stream waits on `fence`, the buffers read once
+        `done` has completed."""
         src = list(leaves(obj))
         bufs = self.pool.buffers([(p, tuple(t.shape), t.dtype) for p, t in src])
-        start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for path, t in src:
+            if t.device.type != "cpu" and t.device != self.device:
+                raise ValueError(f"async save: {'/'.join(map(str, path))} is on {t.device}, the staging stream "
+                                 f"on {self.device}")
+        need = sum(t.numel() * t.element_size() for _, t in src if t.device.type != "cpu")
+        use_dev = self._fits(need) if self.device_copy is None else self.device_copy
+        if use_dev != self.last_device_copy:
+            log.info("async save: %.1f GiB of device state staged %s", need / 2**30,
+                     "through a device copy (the step waits for that copy only)" if use_dev else
+                     "straight to pinned host memory (a device copy does not fit: the optimizer step after the "
+                     "save waits for the host copy)")
+        self.last_device_copy = use_dev
+        start, fence, done = (torch.cuda.Event(enable_timing=True) for _ in range(3))
         side = self.stream
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             start.record(side)
-            for (path, t), b in zip(src, bufs):
+            pending = []
+            for (_, t), b in zip(src, bufs):
                 t = t.detach()
                 if t.device.type == "cpu":  # RNG states, a gathered (FSDP) model: a host copy now
                     b.copy_(t)
                     continue
-                if t.device != self.device:
-                    raise ValueError(f"async save: {'/'.join(map(str, path))} is on {t.device}, the staging stream "
-                                     f"on {self.device}")
-                b.copy_(t, non_blocking=True)
+                pending.append((t.clone() if use_dev else t, b))  # a clone made here belongs to the side stream
                 t.record_stream(side)
+            fence.record(side)
+            for t, b in pending:
+                b.copy_(t, non_blocking=True)
             done.record(side)
-        return replace_leaves(obj, iter(bufs)), (start, done)
+        # The clones go back to the side stream's pool now; only later side-stream work can reuse that memory, and
+        # it runs after these copies.
+        del pending
+        return replace_leaves(obj, iter(bufs)), (start, fence, done)

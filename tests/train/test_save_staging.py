@@ -160,7 +160,11 @@ def test_async_checkpoint_is_the_state_at_the_save_step_not_after_the_next_updat
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA: races the staged device-to-host copy against the optimizer step")
-def test_staged_copy_delayed_on_its_stream_still_captures_the_pre_step_state(tmp_path, tiny_cfg, monkeypatch):
+@pytest.mark.parametrize("device_copy", [True, False])
+def test_staged_copy_delayed_on_its_stream_still_captures_the_pre_step_state(tmp_path, tiny_cfg, monkeypatch,
+                                                                             device_copy):
     tr = _trainer(tiny_cfg, tmp_path / "r", "cuda")
     assert tr.saver.stager is not None
+    tr.saver.stager.device_copy = device_copy
     _check_checkpoint_is_the_state_before_the_next_step(tr, monkeypatch, delay_side_stream=True)
+    assert tr.saver.stager.last_device_copy is device_copy
