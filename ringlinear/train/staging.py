@@ -166,9 +166,12 @@ class Stager:
                     continue
                 pending.append((t.clone() if use_dev else t, b))  # a clone made here belongs to the side stream
                 t.record_stream(side)
-            fence.record(side)
+            if use_dev:  # the sources are read by the clones only: they may be written from here
+                fence.record(side)
             for t, b in pending:
                 b.copy_(t, non_blocking=True)
+            if not use_dev:  # the host copies read the sources themselves
+                fence.record(side)
             done.record(side)
         # The clones go back to the side stream's pool now; only later side-stream work can reuse that memory, and
         # it runs after these copies.
