@@ -52,7 +52,7 @@ class AsyncSaver:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._what = ""
-        self._copy = None  # (start, fence, done) events of the staged copy: for the next submit's writer
+        self._copy = None  # the StagedCopy in flight: for the next submit's writer
         self._unfenced = None  # the `fence` event no update has waited for yet
         self.snapshot_s = None  # the last snapshot's copy time (seconds), known once its save is written
         self.fence_s = None  # of which the part an update waits for (the device copy when there is one)
@@ -68,7 +68,7 @@ class AsyncSaver:
             self.snapshot_s = time.perf_counter() - t0
             return snap
         host, self._copy = self.stager.snapshot({"model": model.state_dict(), "state": state})
-        self._unfenced = self._copy[1]
+        self._unfenced = self._copy.fence
         return model_snapshot(model, host["model"]), host["state"]
 
     def before_update(self) -> None:
@@ -83,16 +83,13 @@ class AsyncSaver:
         staged snapshot, once its copy has finished."""
         self.wait()
         self._what = what
-        events, self._copy = self._copy, None
-        device = self.stager.device if self.stager is not None else None
+        copy, self._copy = self._copy, None
 
         def work():
             try:
-                if events is not None:
-                    with torch.cuda.device(device):
-                        events[2].synchronize()  # the pinned buffers hold the step's state only from here
-                    self.snapshot_s = events[0].elapsed_time(events[2]) / 1e3
-                    self.fence_s = events[0].elapsed_time(events[1]) / 1e3
+                if copy is not None:
+                    copy.wait()  # the pinned buffers hold the step's state only from here
+                    self.snapshot_s, self.fence_s = copy.seconds
                 fn(*args)
             except BaseException as e:  # handed to the training thread at its next wait()
                 self._error = e

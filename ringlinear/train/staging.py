@@ -6,10 +6,10 @@ Ordering, all on the device, no host synchronisation at the save step:
 - the side stream waits for the current stream's work queued before the save (the state at the step);
 - every source is `record_stream`-ed on the side stream, so the caching allocator does not hand its memory to new
   work before the copies are done (state_dict hooks or gathers may make temporaries that are dropped right away);
-- an event recorded after the last copy is the fence: whatever writes the snapshotted tensors in place (the
-  optimizer step: parameters, fp32 masters, moments; the MoE expert-bias update) must queue after it
-  (`current_stream().wait_event`, `AsyncSaver.before_update`), and the writer thread waits for it on the host
-  before it reads a buffer. The next forward and backward run meanwhile: they only read the parameters.
+- an event recorded after the copies that read the sources is the fence: whatever writes the snapshotted tensors
+  in place (the optimizer step: parameters, fp32 masters, moments; the MoE expert-bias update) must queue after it
+  (`current_stream().wait_event`, `AsyncSaver.before_update`), and the writer thread waits for the host copy
+  (`StagedCopy.wait`) before it reads a buffer. The next forward and backward run meanwhile: they only read the parameters.
 
 Buffers: one host arena per snapshot layout (the (path, shape, dtype) of every tensor), an anonymous mapping of
 its exact size rounded up to whole pages, page-locked with cudaHostRegister once, then reused by every save of
@@ -136,9 +136,8 @@ class Stager:
         return torch.cuda.max_memory_allocated(self.device) + nbytes + self.HEADROOM <= total
 
     def snapshot(self, obj):
-        """(copy of obj on the host, (start, fence, done) CUDA events). Returns with the copies queued, not
-        finished: the sources may be written once the writer's stream waits on `fence`, the buffers read once
-        `done` has completed."""
+        """(copy of obj on the host, StagedCopy). Returns with the copies queued, not finished: the sources may be
+        written once the writer's stream waits on `fence`; the buffers are read after `StagedCopy.wait()`."""
         src = list(leaves(obj))
         bufs = self.pool.buffers([(p, tuple(t.shape), t.dtype) for p, t in src])
         for path, t in src:
@@ -153,27 +152,57 @@ class Stager:
                      "straight to pinned host memory (a device copy does not fit: the optimizer step after the "
                      "save waits for the host copy)")
         self.last_device_copy = use_dev
-        start, fence, done = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        copy = StagedCopy(self.stream)
         side = self.stream
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            start.record(side)
-            pending = []
+            copy.start.record(side)
             for (_, t), b in zip(src, bufs):
                 t = t.detach()
                 if t.device.type == "cpu":  # RNG states, a gathered (FSDP) model: a host copy now
                     b.copy_(t)
                     continue
-                pending.append((t.clone() if use_dev else t, b))  # a clone made here belongs to the side stream
                 t.record_stream(side)
-            if use_dev:  # the sources are read by the clones only: they may be written from here
-                fence.record(side)
-            for t, b in pending:
+                if use_dev:  # a clone made here belongs to the side stream; its host copy waits for the writer
+                    copy.pending.append((t.clone(), b))
+                else:  # the fence (all of these) is waited for by the next update anyway
+                    b.copy_(t, non_blocking=True)
+            copy.fence.record(side)
+        return replace_leaves(obj, iter(bufs)), copy
+
+
+class StagedCopy:
+    """One snapshot in flight: events start / fence (the sources may be written after it) / done (the host
+    buffers hold the snapshot), and the device clones still to be copied to the host.
+
+    `wait` (the writer thread) copies the clones in chunks of CHUNK_BYTES, each waited for before the next is
+    queued: the copy engine runs a stream's copies in order, so a small host copy the training stream makes
+    meanwhile would otherwise wait behind the whole snapshot (measured: ~0.2 s for 12.6 GB on an H200), and the
+    training stream with it."""
+
+    CHUNK_BYTES = 256 << 20
+
+    def __init__(self, stream: torch.cuda.Stream):
+        self.stream = stream
+        self.start, self.fence, self.done = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def wait(self) -> None:
+        side = self.stream
+        with torch.cuda.device(side.device), torch.cuda.stream(side):
+            queued = 0
+            while self.pending:
+                t, b = self.pending.pop(0)  # the clone goes once its copy is queued (stream order keeps it)
                 b.copy_(t, non_blocking=True)
-            if not use_dev:  # the host copies read the sources themselves
-                fence.record(side)
-            done.record(side)
-        # The clones go back to the side stream's pool now; only later side-stream work can reuse that memory, and
-        # it runs after these copies.
-        del pending
-        return replace_leaves(obj, iter(bufs)), (start, fence, done)
+                queued += t.numel() * t.element_size()
+                del t
+                if queued >= self.CHUNK_BYTES and self.pending:
+                    side.synchronize()
+                    queued = 0
+            self.done.record(side)
+        self.done.synchronize()
+
+    @property
+    def seconds(self) -> tuple[float, float]:
+        """(start to done, start to fence) in seconds, once `wait` has returned."""
+        return self.start.elapsed_time(self.done) / 1e3, self.start.elapsed_time(self.fence) / 1e3
