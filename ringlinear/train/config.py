@@ -73,8 +73,9 @@ class TrainConfig:
     save_every: int = _f(250, "checkpoint every N steps (and at the end; 0 = only at the end)")
     keep_last: int = _f(2, "keep the last N checkpoints")
     async_save: bool = _f(False, "write checkpoints in a background thread: the step pays only for a host copy of "
-                                 "the model and optimizer state (held in RAM until written; on CUDA staged through "
-                                 "pinned RAM kept for the run); same files, atomicity and exact resume")
+                                 "the model and optimizer state (held in RAM until written; on CUDA cloned on the "
+                                 "device where it fits, then staged through pinned RAM kept for the run); same files, "
+                                 "atomicity and exact resume")
     resume: str = _f("", "'auto' = latest checkpoint in --out, or a checkpoint directory; continues exactly")
     overwrite: bool = _f(False, "start a new run in an --out that holds checkpoints of an earlier one (deletes them)")
     progress: bool = _f(True, "progress bar (tqdm) on a terminal; plain log lines otherwise")
