@@ -306,14 +306,15 @@ def profile_kernels(la, T):
 
 def tune(la, Ts):
     """Sweep launch configurations (TUNE in triton.py): backward block configs timed on the backward alone at
-    T=4K, split program targets at the longest T, decode blocks. Prints ms per config."""
+    T=4K, split program targets at the longest T, segment lengths of the split training call at T=16K (fwd+bwd,
+    grads reset as in the tables), decode blocks. Prints ms per config."""
     res = {}
     g = g_gamma_for_layer(10).cuda()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
 
-    def timed(key, fn):
+    def timed(key, fn, grad_to_none=None):
         try:
-            ms = bench_ms(fn, rep=30)
+            ms = bench_ms(fn, rep=30, grad_to_none=grad_to_none)
         except Exception as e:  # noqa: BLE001  (a config that does not compile or launch is a result too)
             ms = float("nan")
             print(f"  {key} failed: {type(e).__name__}: {str(e)[:300]}")
@@ -345,6 +346,18 @@ def tune(la, Ts):
             timed(f"fwd T={T} programs={progs}", lambda: la.lightning_attn(q, k, v, g)[0])
         timed(f"fwdbwd T={T} programs={progs}", lambda: la.lightning_attn(q, k, v, g)[0].backward(do))
     del q, k, v, do
+    if 16384 in Ts:  # the training point below its target: segment length of the split (5 x 3.3K by default)
+        T = 16384
+        q, k, v = rand_qkv(TOKENS // T, T, torch.bfloat16, requires_grad=True)
+        do = torch.randn_like(q)
+        for seg in (2048, 4096, 8192, 16384):  # 16384: one segment per sequence, through the split kernels
+            la.TUNE.clear()
+            la.TUNE["segment"] = seg
+            timed(f"fwdbwd T={T} segment={seg}", lambda: la.lightning_attn(q, k, v, g)[0].backward(do),
+                  grad_to_none=[q, k, v])
+        la.TUNE.clear()
+        timed(f"fwdbwd T={T} default", lambda: la.lightning_attn(q, k, v, g)[0].backward(do), grad_to_none=[q, k, v])
+        del q, k, v, do
     la.TUNE.clear()
     for T in (Ts[0], Ts[-1]):
         res[f"profile T={T}"] = profile_kernels(la, T)
