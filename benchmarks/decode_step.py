@@ -10,7 +10,8 @@ weights of the chosen shape. Reports, per (B, C):
   and written) / the measured copy bandwidth;
 - floor / wall (the figure the target is about), busy / wall (the rest is host time between steps and launch gaps:
   lowering it is host work) and floor / busy (the kernels' own efficiency);
-- the kernels taking the most GPU time.
+- the kernels taking the most GPU time;
+- the host split around the model call (`host_split`): time before it, in it (synchronised), after it.
 
     PYTHONPATH=. python benchmarks/decode_step.py                         # one GPU: hybrid, B=64, C=4K and 32K
     PYTHONPATH=. python benchmarks/decode_step.py --model flash --fp8 --batch 32 --contexts 16384
@@ -49,6 +50,35 @@ def gpu_busy_ms(eng, dev, steps, top):
     return busy / 1e3 / steps, [(n, t / 1e3 / steps) for n, t in ranked]
 
 
+def host_split(eng, dev, steps):
+    """Medians (ms) of where a step's wall time goes, around the model call: `pre` = step start -> the runner's
+    execute (scheduling, input lists; the GPU idles), `model` = execute until its work is done (inputs copied, graph
+    replayed, synchronised here), `post` = the rest (sampling, its host copy, outputs, bookkeeping). The sync inside
+    adds one to a step that would sync in sampling anyway."""
+    inner = eng.runner.execute
+    marks = {}
+
+    def timed(batch):
+        marks["in"] = time.perf_counter()
+        out = inner(batch)
+        sync(dev)
+        marks["out"] = time.perf_counter()
+        return out
+    eng.runner.execute = timed
+    rows = []
+    try:
+        for _ in range(steps):
+            sync(dev)
+            t0 = time.perf_counter()
+            eng.step()
+            sync(dev)
+            t1 = time.perf_counter()
+            rows.append(((marks["in"] - t0) * 1e3, (marks["out"] - marks["in"]) * 1e3, (t1 - marks["out"]) * 1e3))
+    finally:
+        eng.runner.execute = inner
+    return {k: statistics.median(r[i] for r in rows) for i, k in enumerate(("pre_ms", "model_ms", "post_ms"))}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -79,7 +109,7 @@ def main():
     print(f"{card}, {res['model']}{' FP8' if args.fp8 else ''}, batch {args.batch}"
           + (f", copy bandwidth {bw / 1e12:.2f} TB/s" if bw else ""), flush=True)
     for C in contexts:
-        eng = decode_engine(model, args.batch, C, args.repeat + args.profile_steps + 16)
+        eng = decode_engine(model, args.batch, C, 2 * args.repeat + args.profile_steps + 16)
         while len(eng.scheduler.waiting) or any(s.num_uncomputed > 1 for s in eng.scheduler.running):
             eng.step()  # the faked prefill
         for _ in range(3):  # warm-up decode steps (graph capture happened at build)
@@ -92,6 +122,10 @@ def main():
             sync(dev)
             walls.append((time.perf_counter() - t0) * 1e3)
         p = {"batch": args.batch, "context": C, "wall_ms": statistics.median(walls)}
+        p["host_split"] = host_split(eng, dev, args.repeat)
+        hs = p["host_split"]
+        print(f"C={C}: around the model call: pre {hs['pre_ms']:.3f} ms, model (synced) {hs['model_ms']:.3f} ms, "
+              f"post {hs['post_ms']:.3f} ms", flush=True)
         if not cpu:
             p["busy_ms"], kernels = gpu_busy_ms(eng, dev, args.profile_steps, args.top)
             p["floor_ms"] = floor_bytes(model, args.batch, C) / bw * 1e3
