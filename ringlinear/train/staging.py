@@ -108,6 +108,12 @@ class PinnedPool:
         return self.bufs
 
 
+def device_copy_fits(peak_bytes: int, state_bytes: int, total_bytes: int, headroom: int) -> bool:
+    """Whether a device clone of the state fits beside the run's peak so far (the clones live through the next
+    forward and backward, so they add to that peak)."""
+    return peak_bytes + state_bytes + headroom <= total_bytes
+
+
 class Stager:
     """Snapshots of trees of tensors (dicts, lists, tuples) into host buffers; device tensors of `device` (CUDA)
     through pinned memory on a side stream, host tensors copied at once.
@@ -116,7 +122,9 @@ class Stager:
     the host. The fence is then the device-to-device copy (~56 GB in ~30 ms on an H200, overlapping the next
     forward and backward), not the host copy (~1 s at PCIe speed, which an optimizer step right after the save
     would wait for). None (the default) = when it fits: the run's peak allocation so far plus the state plus
-    `HEADROOM` within the GPU's memory; otherwise straight to the host (`last_device_copy` says which ran)."""
+    `HEADROOM` within the GPU's memory; otherwise straight to the host (`last_device_copy` says which ran). The
+    choice is made at the first snapshot of a layout and kept: later peaks include the clones themselves (they live
+    through the next forward and backward), so asking again would count them twice and refuse a copy that fit."""
 
     HEADROOM = 4 << 30
 
@@ -128,24 +136,32 @@ class Stager:
         self.device = device
         self.device_copy = device_copy
         self.last_device_copy = None
+        self._chosen = None  # (layout, device copy or not) of the first snapshot of that layout
         self.pool = PinnedPool(pin=True)
         self.stream = torch.cuda.Stream(device=device)
 
     def _fits(self, nbytes: int) -> bool:
         total = torch.cuda.get_device_properties(self.device).total_memory
-        return torch.cuda.max_memory_allocated(self.device) + nbytes + self.HEADROOM <= total
+        return device_copy_fits(torch.cuda.max_memory_allocated(self.device), nbytes, total, self.HEADROOM)
 
     def snapshot(self, obj):
         """(copy of obj on the host, StagedCopy). Returns with the copies queued, not finished: the sources may be
         written once the writer's stream waits on `fence`; the buffers are read after `StagedCopy.wait()`."""
         src = list(leaves(obj))
-        bufs = self.pool.buffers([(p, tuple(t.shape), t.dtype) for p, t in src])
+        layout = [(p, tuple(t.shape), t.dtype) for p, t in src]
+        bufs = self.pool.buffers(layout)
         for path, t in src:
             if t.device.type != "cpu" and t.device != self.device:
                 raise ValueError(f"async save: {'/'.join(map(str, path))} is on {t.device}, the staging stream "
                                  f"on {self.device}")
         need = sum(t.numel() * t.element_size() for _, t in src if t.device.type != "cpu")
-        use_dev = self._fits(need) if self.device_copy is None else self.device_copy
+        if self.device_copy is not None:
+            use_dev = self.device_copy
+        elif self._chosen is not None and self._chosen[0] == layout:
+            use_dev = self._chosen[1]
+        else:
+            use_dev = self._fits(need)
+            self._chosen = (layout, use_dev)
         if use_dev != self.last_device_copy:
             log.info("async save: %.1f GiB of device state staged %s", need / 2**30,
                      "through a device copy (the step waits for that copy only)" if use_dev else

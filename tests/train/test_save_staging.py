@@ -168,3 +168,27 @@ def test_staged_copy_delayed_on_its_stream_still_captures_the_pre_step_state(tmp
     tr.saver.stager.device_copy = device_copy
     _check_checkpoint_is_the_state_before_the_next_step(tr, monkeypatch, delay_side_stream=True)
     assert tr.saver.stager.last_device_copy is device_copy
+
+
+def test_device_copy_fits_beside_the_peak_with_headroom():
+    from ringlinear.train.staging import device_copy_fits
+    gib = 1 << 30
+    assert device_copy_fits(71 * gib, 56 * gib, 139 * gib, 4 * gib)        # the 5-layer slice on an H200
+    assert not device_copy_fits(127 * gib, 56 * gib, 139 * gib, 4 * gib)   # that peak with the clones counted in
+    assert not device_copy_fits(80 * gib, 56 * gib, 139 * gib, 4 * gib)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA: the staged snapshot's device clone")
+def test_the_device_copy_choice_is_kept_for_later_saves_of_the_same_layout(tmp_path, tiny_cfg, monkeypatch):
+    tr = _trainer(tiny_cfg, tmp_path / "r", "cuda")
+    st = tr.saver.stager
+    tr.save()
+    tr.wait_for_save()
+    assert st.last_device_copy is True
+    monkeypatch.setattr(st, "_fits", lambda n: False)  # what a peak that counts the first save's clones would say
+    tr.forward_backward(1)
+    tr.optimizer_step()
+    tr.step = 2
+    tr.save()
+    tr.wait_for_save()
+    assert st.last_device_copy is True
