@@ -9,11 +9,13 @@ Ordering, all on the device, no host synchronisation at the save step:
 - an event recorded after the copies that read the sources is the fence: whatever writes the snapshotted tensors
   in place (the optimizer step: parameters, fp32 masters, moments; the MoE expert-bias update) must queue after it
   (`current_stream().wait_event`, `AsyncSaver.before_update`), and the writer thread waits for the host copy
-  (`StagedCopy.wait`) before it reads a buffer. The next forward and backward run meanwhile: they only read the parameters.
+  (`StagedCopy.wait`) before it reads a buffer. The next forward and backward run meanwhile: they only read the
+  parameters.
 
 Buffers: one host arena per snapshot layout (the (path, shape, dtype) of every tensor), an anonymous mapping of
 its exact size rounded up to whole pages, page-locked with cudaHostRegister once, then reused by every save of
-that layout: torch's pinned allocator rounds each allocation up to a power of two (a 1.3 GB fp32 embedding would pin 2 GiB).
+that layout: torch's pinned allocator rounds each allocation up to a power of two (a 1.3 GB fp32 embedding would
+pin 2 GiB).
 Each tensor is a separate storage over its slice of the arena (torch.frombuffer), so torch.save and safetensors
 write it alone. A save reuses the buffers only after the previous save's writer is done with them (one save in
 flight: `AsyncSaver.snapshot` waits first).
