@@ -36,6 +36,7 @@ import torch
 
 from ringlinear.models.presets import get_preset
 from ringlinear.train.config import get_train_preset
+from ringlinear.train.staging import StagedCopy
 from ringlinear.train.trainer import Trainer
 
 MODES = ("sync", "async-pageable", "async-staged-host", "async-staged")
@@ -142,7 +143,13 @@ def main():
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--dir", default=None, help="parent of the temp checkpoint directory (default: $TMPDIR)")
+    ap.add_argument("--chunk-mb", type=int, default=0, help="host-copy chunk of the staged snapshot (default: "
+                                                           "StagedCopy.CHUNK_BYTES, 256 MB)")
     args = ap.parse_args()
+    if args.chunk_mb < 0:
+        raise SystemExit("--chunk-mb must be >= 0")
+    if args.chunk_mb:
+        StagedCopy.CHUNK_BYTES = args.chunk_mb << 20
     modes = args.modes.split(",")
     if bad := [m for m in modes if m not in MODES]:
         raise SystemExit(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
@@ -189,7 +196,7 @@ def main():
              "measurement." if args.device == "cpu" else ""))
     print(json.dumps({"benchmark": "save_stall", "card": card, "date": datetime.date.today().isoformat(),
                       "layers": args.layers if args.device == "cuda" else "tiny-test", "seq_len": args.seq_len, "batch_size": args.batch_size,
-                      "save_every": args.save_every, "results": res}))
+                      "save_every": args.save_every, "chunk_mb": StagedCopy.CHUNK_BYTES >> 20, "results": res}))
 
 
 if __name__ == "__main__":
