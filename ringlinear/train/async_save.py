@@ -45,10 +45,10 @@ def model_snapshot(model, sd=None):
 
 class AsyncSaver:
     """`stager`: the staged CUDA snapshot (None: plain host copies; benchmarks/save_stall.py sets None on CUDA to
-    time the pageable copy)."""
+    time the pageable copy). `device_copy`: the Stager's (None = when it fits)."""
 
-    def __init__(self, device: torch.device | None = None):
-        self.stager = Stager(device) if device is not None and device.type == "cuda" else None
+    def __init__(self, device: torch.device | None = None, device_copy: bool | None = None):
+        self.stager = Stager(device, device_copy) if device is not None and device.type == "cuda" else None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._what = ""

@@ -76,6 +76,11 @@ class TrainConfig:
                                  "the model and optimizer state (held in RAM until written; on CUDA cloned on the "
                                  "device where it fits, then staged through pinned RAM kept for the run); same files, "
                                  "atomicity and exact resume")
+    async_save_device_copy: str = _f("auto", "--async-save on CUDA: clone the state on the device first, so the "
+                                             "optimizer step after a save waits only for that clone; auto = when "
+                                             "the peak so far + the state + 4 GiB fit the GPU (decided at the "
+                                             "first save), on, or off (straight to pinned memory: that step waits "
+                                             "for the host copy)", choices=["auto", "on", "off"])
     resume: str = _f("", "'auto' = latest checkpoint in --out, or a checkpoint directory; continues exactly")
     overwrite: bool = _f(False, "start a new run in an --out that holds checkpoints of an earlier one (deletes them)")
     progress: bool = _f(True, "progress bar (tqdm) on a terminal; plain log lines otherwise")
@@ -134,6 +139,8 @@ class TrainConfig:
             raise ValueError("--min-lr-ratio must be in [0, 1] and --decay-fraction in (0, 1]")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.async_save_device_copy not in ("auto", "on", "off"):
+            raise ValueError(f"--async-save-device-copy must be auto, on or off, got {self.async_save_device_copy!r}")
         if (self.fp8_experts or self.fp8_emulate) and self.precision != "fp8":
             raise ValueError("--fp8-experts and --fp8-emulate need --precision fp8")
         if self.precision == "fp8" and self.numerics == "aligned":

@@ -192,3 +192,14 @@ def test_the_device_copy_choice_is_kept_for_later_saves_of_the_same_layout(tmp_p
     tr.save()
     tr.wait_for_save()
     assert st.last_device_copy is True
+
+
+def test_async_save_device_copy_flag_is_checked_and_reaches_the_stager(tmp_path, tiny_cfg):
+    with pytest.raises(ValueError, match="--async-save-device-copy must be auto, on or off"):
+        tiny_cfg(tmp_path / "bad", device=DEVICE.type, async_save=True, async_save_device_copy="sometimes").validate()
+    tr = T.Trainer(tiny_cfg(tmp_path / "r", device=DEVICE.type, async_save=True, async_save_device_copy="off",
+                            steps=2, save_every=0, eval_every=0))
+    if CUDA:
+        assert tr.saver.stager.device_copy is False
+    else:
+        assert tr.saver.stager is None  # CPU: plain host copies, the flag has nothing to choose
