@@ -165,10 +165,11 @@ class Stager:
             use_dev = self._fits(need)
             self._chosen = (layout, use_dev)
         if use_dev != self.last_device_copy:
+            why = "--async-save-device-copy off" if self.device_copy is False else "a device copy does not fit"
             log.info("async save: %.1f GiB of device state staged %s", need / 2**30,
                      "through a device copy (the step waits for that copy only)" if use_dev else
-                     "straight to pinned host memory (a device copy does not fit: the optimizer step after the "
-                     "save waits for the host copy)")
+                     f"straight to pinned host memory ({why}: the optimizer step after the save waits for the "
+                     "host copy)")
         self.last_device_copy = use_dev
         copy = StagedCopy(self.stream)
         side = self.stream

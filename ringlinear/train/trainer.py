@@ -57,8 +57,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg.validate()
         self.env = env = D.setup(cfg.device)
-        copy = {"auto": None, "on": True, "off": False}[cfg.async_save_device_copy]
-        self.saver = AsyncSaver(env.device, device_copy=copy) if cfg.async_save and env.is_main else None
+        device_copy = {"auto": None, "on": True, "off": False}[cfg.async_save_device_copy]
+        self.saver = AsyncSaver(env.device, device_copy=device_copy) if cfg.async_save and env.is_main else None
         if cfg.precision == "fp8" and env.device.type != "cuda" and not cfg.fp8_emulate:
             raise ValueError(f"--precision fp8 needs a CUDA GPU with FP8 tensor cores (sm_89+); on {env.device.type} "
                              "add --fp8-emulate for the exact (slow) emulation")
