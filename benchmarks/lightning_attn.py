@@ -357,6 +357,13 @@ def tune(la, Ts):
                   grad_to_none=[q, k, v])
         la.TUNE.clear()
         timed(f"fwdbwd T={T} default", lambda: la.lightning_attn(q, k, v, g)[0].backward(do), grad_to_none=[q, k, v])
+        for cfg in (None, (64, (32, 4), (32, 4), (32, 4), 2)):  # whole sequences: 64- and 32-wide backward blocks
+            la.TUNE.clear()
+            la.TUNE["unsplit"] = True
+            if cfg:
+                la.TUNE["bwd"] = cfg
+            timed(f"fwdbwd T={T} unsplit bwd={cfg or 'default'}",
+                  lambda: la.lightning_attn(q, k, v, g)[0].backward(do), grad_to_none=[q, k, v])
         del q, k, v, do
     la.TUNE.clear()
     for T in (Ts[0], Ts[-1]):

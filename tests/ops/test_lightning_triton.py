@@ -215,3 +215,12 @@ def test_segmented_prefill_with_empty_sequences():
     assert rel(o, ro) < 1e-5 and rel(p1, p2) < 1e-5
     assert torch.allclose(p1[[1, 6]], pool[[1, 6]], rtol=0, atol=1e-6)  # the empty sequences' slots
     assert torch.equal(p1[[3, 5]], pool[[3, 5]])                        # slots nobody named
+
+
+def test_tune_unsplit_keeps_whole_sequences_in_training():
+    """The tuning key the benchmark uses to time whole sequences against the split: it must reach the plan."""
+    args = (2, 1024, 2, 32, 32, None, torch.device(DEV), torch.float32)
+    assert tri._Plan(*args, training=True).split  # few programs: training splits
+    tri.TUNE["unsplit"] = True
+    assert not tri._Plan(*args, training=True).split
+    run_and_compare(2, 1024, 2, 32)  # and the whole-sequence path still matches the reference

@@ -19,7 +19,8 @@ SEG_ALIGN = 64
 
 
 # Overrides for tuning and tests (the benchmark sweeps these; tests force the split path). Keys: "programs"
-# (program count a split aims for), "segment" (force splitting at this length), "fwd" (BT, BV, warps, stages),
+# (program count a split aims for), "segment" (force splitting at this length), "unsplit" (never split: whole
+# sequences even in training, for comparing against the split), "fwd" (BT, BV, warps, stages),
 # "bwd" (BT, (BK, warps) dq, (BK, warps) dk, (BV, warps) dv, stages), "decode" (BV, warps), "prec32". Empty in
 # normal use.
 TUNE: dict = {}
@@ -104,7 +105,7 @@ class _Plan:
         bk = _bwd_blocks(K, V, dtype)[1][0]
         if training and self.N * H * (K // bk) < 2 * sms:
             split, self.fwd = True, wide
-        split = split or outlier or segmented
+        split = (split or outlier or segmented) and not TUNE.get("unsplit")
         self.fwd = TUNE.get("fwd", self.fwd)
         # Aligned: one arithmetic for every call: whole sequences, one fixed config, and no fused multiply-adds
         # (the compiler contracts a*b+c into an fma or not depending on the surrounding code, which differs
