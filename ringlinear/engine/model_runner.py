@@ -108,7 +108,10 @@ class ModelRunner:
             return logits[[i for i, s in enumerate(entries) if s.sample]]
         if self.prefill_graphs is not None and all(s.start == 0 and s.num_tokens >= 2 for s in entries) and \
                 all(lo >= hi for lo, hi in scored) and self.prefill_graphs.fits(entries):
-            logits = self.prefill_graphs.run(entries)
+            # The runner's numerics mode, as on every path: a no-op where prefill graphs are captured (never with
+            # batch-invariant numerics), but tests attach them to CPU engines, which are batch invariant.
+            with self._mode():
+                logits = self.prefill_graphs.run(entries)
             return logits[[i for i, s in enumerate(entries) if s.sample]]
         ids: list[int] = []
         for s in entries:
