@@ -98,20 +98,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: Batch) -> torch.Tensor:
-        """-> logits [n_sampling, V] fp32, in the order of the sampling entries of `batch.seqs`."""
+        """-> logits [n_sampling, V] fp32, in the order of the sampling entries of `batch.seqs`. Every path runs in
+        the runner's numerics mode (a path outside it computed other bits: the static prefill once did, on the
+        batch-invariant CPU engines the tests attach it to)."""
+        with self._mode():
+            return self._execute(batch)
+
+    def _execute(self, batch: Batch) -> torch.Tensor:
         entries = batch.seqs
         scored = [prompt_positions(s.seq, s.start, s.num_tokens) for s in entries]
         if self.graphs is not None and batch.all_decode and self.graphs.fits(len(entries)) and \
                 all(lo >= hi for lo, hi in scored):
-            with self._mode():
-                logits = self.graphs.run(entries)
+            logits = self.graphs.run(entries)
             return logits[[i for i, s in enumerate(entries) if s.sample]]
         if self.prefill_graphs is not None and all(s.start == 0 and s.num_tokens >= 2 for s in entries) and \
                 all(lo >= hi for lo, hi in scored) and self.prefill_graphs.fits(entries):
-            # The runner's numerics mode, as on every path: a no-op where prefill graphs are captured (never with
-            # batch-invariant numerics), but tests attach them to CPU engines, which are batch invariant.
-            with self._mode():
-                logits = self.prefill_graphs.run(entries)
+            logits = self.prefill_graphs.run(entries)
             return logits[[i for i, s in enumerate(entries) if s.sample]]
         ids: list[int] = []
         for s in entries:
@@ -120,12 +122,11 @@ class ModelRunner:
                            [s.start for s in entries], [s.num_tokens for s in entries],
                            sum(1 for s in entries if s.is_decode), self.device, aligned=self.aligned)
         last_rows = [ctx.cu[i + 1] - 1 for i, s in enumerate(entries) if s.sample]
-        with self._mode():
-            hidden = self.model.forward_packed(torch.tensor(ids, device=self.device), ctx)
-            for i, (s, (lo, hi)) in enumerate(zip(entries, scored)):
-                if lo < hi:
-                    row = ctx.cu[i] - s.start  # hidden row of position j is row + j
-                    score_prompt(s.seq, self.model.compute_logits(hidden[row + lo:row + hi]), self.aligned)
-            if not last_rows:  # a step of prefill pieces only: nothing to sample, but keep the [n, V] shape
-                return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)
-            return self.model.compute_logits(hidden[last_rows])
+        hidden = self.model.forward_packed(torch.tensor(ids, device=self.device), ctx)
+        for i, (s, (lo, hi)) in enumerate(zip(entries, scored)):
+            if lo < hi:
+                row = ctx.cu[i] - s.start  # hidden row of position j is row + j
+                score_prompt(s.seq, self.model.compute_logits(hidden[row + lo:row + hi]), self.aligned)
+        if not last_rows:  # a step of prefill pieces only: nothing to sample, but keep the [n, V] shape
+            return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)
+        return self.model.compute_logits(hidden[last_rows])

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import mmap
 import weakref
+from collections import deque
 
 import torch
 
@@ -150,12 +151,12 @@ class Stager:
         """(copy of obj on the host, StagedCopy). Returns with the copies queued, not finished: the sources may be
         written once the writer's stream waits on `fence`; the buffers are read after `StagedCopy.wait()`."""
         src = list(leaves(obj))
-        layout = [(p, tuple(t.shape), t.dtype) for p, t in src]
-        bufs = self.pool.buffers(layout)
-        for path, t in src:
+        for path, t in src:  # before any buffer is allocated
             if t.device.type != "cpu" and t.device != self.device:
                 raise ValueError(f"async save: {'/'.join(map(str, path))} is on {t.device}, the staging stream "
                                  f"on {self.device}")
+        layout = [(p, tuple(t.shape), t.dtype) for p, t in src]
+        bufs = self.pool.buffers(layout)
         need = sum(t.numel() * t.element_size() for _, t in src if t.device.type != "cpu")
         if self.device_copy is not None:
             use_dev = self.device_copy
@@ -204,14 +205,14 @@ class StagedCopy:
     def __init__(self, stream: torch.cuda.Stream):
         self.stream = stream
         self.start, self.fence, self.done = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.pending: deque[tuple[torch.Tensor, torch.Tensor]] = deque()
 
     def wait(self) -> None:
         side = self.stream
         with torch.cuda.device(side.device), torch.cuda.stream(side):
             queued = 0
             while self.pending:
-                t, b = self.pending.pop(0)  # the clone goes once its copy is queued (stream order keeps it)
+                t, b = self.pending.popleft()  # the clone goes once its copy is queued (stream order keeps it)
                 b.copy_(t, non_blocking=True)
                 queued += t.numel() * t.element_size()
                 del t
