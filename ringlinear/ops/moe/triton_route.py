@@ -14,8 +14,9 @@ from .._triton import cdiv, next_pow2, patch_interpreter
 patch_interpreter()  # CPU interpreter fixes (runtime loop bounds, bf16 dot); no-op for compiled kernels
 
 # Logits GEMM tiles (fixed for every N: batch invariance). Splitting the experts over programs keeps a small batch
-# from streaming the whole router weight through one or two SMs.
-ROUTER_CFG = dict(BLOCK_T=64, BLOCK_E=128, BLOCK_K=64, num_warps=4, num_stages=4)
+# from streaming the whole router weight through a few SMs: 32-wide expert blocks ran the whole router (logits +
+# top-k) in 0.023 ms at 64 tokens against 0.048 ms with 128-wide ones, and within 4% at 1K-8K tokens (H200).
+ROUTER_CFG = dict(BLOCK_T=64, BLOCK_E=32, BLOCK_K=64, num_warps=4, num_stages=4)
 TOPK_CFG = dict(BLOCK_T=16, num_warps=4)   # selection: a chain of row reductions, latency-bound
 # Histogram blocks of 16 tokens: a [16, E] int32 tile stays in registers (64 tokens spilled: ~60 us; a loop over
 # 16-token sub-tiles: ~45 us, both H100/H200 measurements) at the price of a longer prefix sum over blocks.
