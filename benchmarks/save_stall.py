@@ -9,8 +9,8 @@ the embedded stdlib corpus; the vocabulary is the trained BPE's (--vocab-size), 
 is timed alone: forward, backward, optimizer, the save at save steps (as the loop calls it), then a sync of the
 training stream only (the staged copy runs on its own stream; the next optimizer step waits for its fenced part,
 so a fenced copy longer than forward + backward shows in the step after the save). spike = step / median of the steps with no save
-and not right after one - 1. snapshot = the host copy's time (pageable) or the staged copy's device time. The first
-save of the staged mode also allocates and page-locks its buffers (reused by later saves); it is reported apart.
+and not right after one - 1. snapshot = the host copy's time (pageable) or the staged copy's device time. The staged
+modes allocate and page-lock their host buffers at the first optimizer step (in the untimed warm-up).
 Before a save step the previous save's writer is waited for outside the timed step (`writer_waits_s`): a real run
 saves every few hundred steps, long after the last write ended, and that wait is the disk's, not the snapshot's.
 The corpus is cut to 16 MB (the data only feeds the steps).
@@ -189,8 +189,8 @@ def main():
                                                           if r["device_copy"] else " (all of it fenced)")
             print(f"{'':17s} last snapshot {r['last_snapshot_s']:.3f} s{fence}, final wait for the writer "
                   f"{r['final_wait_s']:.3f} s")
-    print("notes: the first staged save also allocates and page-locks the host buffers (cudaHostRegister), later "
-          "ones reuse them; the writer thread (safetensors, sha256, torch.save) shares the GIL and the CPU with "
+    print("notes: the staged modes allocate and page-lock their host buffers (cudaHostRegister) at the first "
+          "optimizer step, in the untimed warm-up, and every save reuses them; the writer thread (safetensors, sha256, torch.save) shares the GIL and the CPU with "
           "the training thread, which can slow the steps while it writes; issue #10's target is a spike <= 10%."
           + (" On CPU both async modes are the same plain copy (staging is CUDA only): a smoke run, not a "
              "measurement." if args.device == "cpu" else ""))

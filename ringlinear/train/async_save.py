@@ -71,6 +71,12 @@ class AsyncSaver:
         self._unfenced = self._copy.fence
         return model_snapshot(model, host["model"]), host["state"]
 
+    def prepare(self, model, state: dict) -> None:
+        """Allocate (and page-lock) the staged snapshot's host buffers for this model and state now; the first
+        `snapshot` of the same layout then reuses them. A no-op without staging."""
+        if self.stager is not None:
+            self.stager.prepare({"model": model.state_dict(), "state": state})
+
     def before_update(self) -> None:
         """Call before anything writes the snapshotted tensors in place (the optimizer step, the expert-bias
         update): the current stream waits on the device for the staged copy (no host sync). A no-op otherwise."""

@@ -59,6 +59,7 @@ class Trainer:
         self.env = env = D.setup(cfg.device)
         device_copy = {"auto": None, "on": True, "off": False}[cfg.async_save_device_copy]
         self.saver = AsyncSaver(env.device, device_copy=device_copy) if cfg.async_save and env.is_main else None
+        self._save_buffers_ready = False
         if cfg.precision == "fp8" and env.device.type != "cuda" and not cfg.fp8_emulate:
             raise ValueError(f"--precision fp8 needs a CUDA GPU with FP8 tensor cores (sm_89+); on {env.device.type} "
                              "add --fp8-emulate for the exact (slow) emulation")
@@ -182,7 +183,16 @@ class Trainer:
     def optimizer_step(self) -> dict:
         if self.saver is not None:  # the step writes what a staged snapshot may still be copying
             self.saver.before_update()
-        return S.optimizer_step(self)
+        out = S.optimizer_step(self)
+        if self.saver is not None and not self._save_buffers_ready:
+            # The snapshot's layout exists once the optimizer state does: its pinned host buffers are allocated
+            # and page-locked here, once (seconds for tens of GB), not inside the first checkpoint step. RNG
+            # states stand in for every rank's without a collective (only this rank saves): same shapes.
+            self._save_buffers_ready = True
+            if not self.fsdp:
+                rngs = [rng_state()] * self.env.world
+                self.saver.prepare(self.model, self._checkpoint_state({"optimizer": self.opt.state_dict()}, rngs))
+        return out
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -215,6 +225,13 @@ class Trainer:
         return float(tot[0] / tot[1].clamp_min(1))
 
     # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_state(self, opt_state: dict, rngs: list) -> dict:
+        """Everything of a checkpoint but the model: step, data position, optimizer, scheduler, RNG, config."""
+        return {"step": self.step, "rows_consumed": self.step * self.sched_rows.global_rows,
+                "global_rows": self.sched_rows.global_rows, "world_size": self.env.world, **opt_state,
+                "scheduler": self.lr_sched.state_dict(), "rng": rngs, "config": self.cfg.to_dict(),
+                "tokens": self.tokens_seen, "elapsed_s": self.elapsed, "val_start": self.val_start}
+
     def save(self) -> str | None:
         env, cfg = self.env, self.cfg
         rngs = D.gather_objects(env, rng_state())
@@ -225,10 +242,7 @@ class Trainer:
             model, opt_state = self.model, {"optimizer": self.opt.state_dict()}
         path = None
         if env.is_main:
-            state = {"step": self.step, "rows_consumed": self.step * self.sched_rows.global_rows,
-                     "global_rows": self.sched_rows.global_rows, "world_size": env.world, **opt_state,
-                     "scheduler": self.lr_sched.state_dict(), "rng": rngs, "config": cfg.to_dict(),
-                     "tokens": self.tokens_seen, "elapsed_s": self.elapsed, "val_start": self.val_start}
+            state = self._checkpoint_state(opt_state, rngs)
             root = os.path.join(cfg.out, "checkpoints")
             if self.saver is None:
                 path = save_checkpoint(root, self.step, model, self.prep.tokenizer_dir, state, cfg.keep_last)

@@ -203,3 +203,14 @@ def test_async_save_device_copy_flag_is_checked_and_reaches_the_stager(tmp_path,
         assert tr.saver.stager.device_copy is False
     else:
         assert tr.saver.stager is None  # CPU: plain host copies, the flag has nothing to choose
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA: the pinned buffers of a staged snapshot")
+def test_the_first_optimizer_step_prepares_the_buffers_the_first_save_reuses(tmp_path, tiny_cfg):
+    tr = _trainer(tiny_cfg, tmp_path / "r", "cuda")  # one optimizer step done
+    pool = tr.saver.stager.pool
+    assert pool.layout is not None and pool.arena_bytes > 0
+    before = list(pool.bufs)
+    tr.save()
+    tr.wait_for_save()
+    assert len(pool.bufs) == len(before) and all(a is b for a, b in zip(before, pool.bufs))
