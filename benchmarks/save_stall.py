@@ -190,8 +190,9 @@ def main():
             print(f"{'':17s} last snapshot {r['last_snapshot_s']:.3f} s{fence}, final wait for the writer "
                   f"{r['final_wait_s']:.3f} s")
     print("notes: the staged modes allocate and page-lock their host buffers (cudaHostRegister) at the first "
-          "optimizer step, in the untimed warm-up, and every save reuses them; the writer thread (safetensors, sha256, torch.save) shares the GIL and the CPU with "
-          "the training thread, which can slow the steps while it writes; issue #10's target is a spike <= 10%."
+          "optimizer step, in the untimed warm-up, and every save reuses them; the writer thread (safetensors, "
+          "sha256, torch.save) shares the GIL and the CPU with the training thread, which can slow the steps "
+          "while it writes; issue #10's target is a spike <= 10%."
           + (" On CPU both async modes are the same plain copy (staging is CUDA only): a smoke run, not a "
              "measurement." if args.device == "cpu" else ""))
     print(json.dumps({"benchmark": "save_stall", "card": card, "date": datetime.date.today().isoformat(),

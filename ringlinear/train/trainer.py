@@ -189,7 +189,7 @@ class Trainer:
             # and page-locked here, once (seconds for tens of GB), not inside the first checkpoint step. RNG
             # states stand in for every rank's without a collective (only this rank saves): same shapes.
             self._save_buffers_ready = True
-            if not self.fsdp:
+            if not self.fsdp:  # FSDP's snapshot is a gathered full state dict (a collective): its first save pins
                 rngs = [rng_state()] * self.env.world
                 self.saver.prepare(self.model, self._checkpoint_state({"optimizer": self.opt.state_dict()}, rngs))
         return out
