@@ -3,7 +3,8 @@
 One `LLMEngine.step()` of B sequences decoding at context C (the KV cache and states filled with random values
 instead of a prefill, the scheduler, block tables and slots real: benchmarks/long_context.py's method), random
 weights of the chosen shape. Reports, per (B, C):
-- wall: median time of `--repeat` steps, synchronised (what long_context.py's decode figures divide by);
+- wall: the time of `--repeat` consecutive steps over their number, synchronised once after the last (a step's
+  own copy of its tokens to the host is its sync; with async scheduling the next step is already running then);
 - GPU busy: the union of the kernel intervals of `--profile-steps` profiled steps, per step (kernels replayed from
   a CUDA graph included, as the profiler records them);
 - floor: (weight bytes the step reads, each expert some token routes to counted once, + KV read + linear states read
@@ -11,7 +12,10 @@ weights of the chosen shape. Reports, per (B, C):
 - floor / wall (the figure the target is about), busy / wall (the rest is host time between steps and launch gaps:
   lowering it is host work) and floor / busy (the kernels' own efficiency);
 - the kernels taking the most GPU time;
-- the host split around the model call (`host_split`): time before it, in it (synchronised), after it.
+- the host split around the model call (`host_split`): time before it, in it (synchronised), after it (sync
+  engines only: the split's syncs would undo the overlap).
+Each point runs once per `--modes` entry: `sync` (the default engine) and `async` (`--async-scheduling`, the next
+decode step launched before this one's tokens reach the host), on the same weights in the same process.
 
     PYTHONPATH=. python benchmarks/decode_step.py                         # one GPU: hybrid, B=64, C=4K and 32K
     PYTHONPATH=. python benchmarks/decode_step.py --model flash --fp8 --batch 32 --contexts 16384
@@ -58,9 +62,9 @@ def host_split(eng, dev, steps):
     inner = eng.runner.execute
     marks = {}
 
-    def timed(batch):
+    def timed(batch, ids=None):
         marks["in"] = time.perf_counter()
-        out = inner(batch)
+        out = inner(batch, ids)
         sync(dev)
         marks["out"] = time.perf_counter()
         return out
@@ -79,6 +83,42 @@ def host_split(eng, dev, steps):
     return {k: statistics.median(r[i] for r in rows) for i, k in enumerate(("pre_ms", "model_ms", "post_ms"))}
 
 
+def point(model, args, dev, bw, C, mode) -> dict:
+    """One (context, mode) point: wall, host split (sync), busy, floor and the top kernels (GPU)."""
+    cpu = dev.type == "cpu"
+    eng = decode_engine(model, args.batch, C, 2 * args.repeat + args.profile_steps + 16,
+                        async_scheduling=mode == "async")
+    while len(eng.scheduler.waiting) or any(s.num_uncomputed > 1 for s in eng.scheduler.running):
+        eng.step()  # the faked prefill
+    for _ in range(3):  # warm-up decode steps (graph capture happened at build)
+        eng.step()
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(args.repeat):
+        eng.step()
+    sync(dev)
+    p = {"batch": args.batch, "context": C, "mode": mode, "wall_ms": (time.perf_counter() - t0) * 1e3 / args.repeat,
+         "async_scheduled_steps": eng.stats()["async_scheduled_steps"]}
+    tag = f"C={C} {mode}"
+    if mode == "sync":
+        p["host_split"] = hs = host_split(eng, dev, args.repeat)
+        print(f"{tag}: around the model call: pre {hs['pre_ms']:.3f} ms, model (synced) {hs['model_ms']:.3f} ms, "
+              f"post {hs['post_ms']:.3f} ms", flush=True)
+    if cpu:
+        print(f"{tag}: wall {p['wall_ms']:.2f} ms (CPU: no profile, no floor)", flush=True)
+        return p
+    p["busy_ms"], kernels = gpu_busy_ms(eng, dev, args.profile_steps, args.top)
+    p["floor_ms"] = floor_bytes(model, args.batch, C) / bw * 1e3
+    p.update(floor_of_wall=p["floor_ms"] / p["wall_ms"], busy_of_wall=p["busy_ms"] / p["wall_ms"],
+             floor_of_busy=p["floor_ms"] / p["busy_ms"], kernels=kernels)
+    print(f"\n{tag}: wall {p['wall_ms']:.2f} ms, GPU busy {p['busy_ms']:.2f} ms, floor {p['floor_ms']:.2f} ms"
+          f" -> floor/wall {p['floor_of_wall']:.0%}, busy/wall {p['busy_of_wall']:.0%}, floor/busy "
+          f"{p['floor_of_busy']:.0%}", flush=True)
+    for name, ms in kernels:
+        print(f"  {ms:8.3f} ms  {name[:110]}")
+    return p
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -89,7 +129,11 @@ def main():
     ap.add_argument("--repeat", type=int, default=20, help="timed steps per point")
     ap.add_argument("--profile-steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=12, help="kernels listed per point")
+    ap.add_argument("--modes", default="sync,async", help="comma list of sync / async (async scheduling)")
     args = ap.parse_args()
+    modes = args.modes.split(",")
+    if not modes or any(m not in ("sync", "async") for m in modes):
+        raise SystemExit(f"--modes: a comma list of sync and async, got {args.modes!r}")
     try:
         contexts = [int(x) for x in args.contexts.split(",")]
     except ValueError:
@@ -109,40 +153,11 @@ def main():
     print(f"{card}, {res['model']}{' FP8' if args.fp8 else ''}, batch {args.batch}"
           + (f", copy bandwidth {bw / 1e12:.2f} TB/s" if bw else ""), flush=True)
     for C in contexts:
-        eng = decode_engine(model, args.batch, C, 2 * args.repeat + args.profile_steps + 16)
-        while len(eng.scheduler.waiting) or any(s.num_uncomputed > 1 for s in eng.scheduler.running):
-            eng.step()  # the faked prefill
-        for _ in range(3):  # warm-up decode steps (graph capture happened at build)
-            eng.step()
-        walls = []
-        for _ in range(args.repeat):
-            sync(dev)
-            t0 = time.perf_counter()
-            eng.step()
-            sync(dev)
-            walls.append((time.perf_counter() - t0) * 1e3)
-        p = {"batch": args.batch, "context": C, "wall_ms": statistics.median(walls)}
-        p["host_split"] = host_split(eng, dev, args.repeat)
-        hs = p["host_split"]
-        print(f"C={C}: around the model call: pre {hs['pre_ms']:.3f} ms, model (synced) {hs['model_ms']:.3f} ms, "
-              f"post {hs['post_ms']:.3f} ms", flush=True)
-        if not cpu:
-            p["busy_ms"], kernels = gpu_busy_ms(eng, dev, args.profile_steps, args.top)
-            p["floor_ms"] = floor_bytes(model, args.batch, C) / bw * 1e3
-            p.update(floor_of_wall=p["floor_ms"] / p["wall_ms"], busy_of_wall=p["busy_ms"] / p["wall_ms"],
-                     floor_of_busy=p["floor_ms"] / p["busy_ms"], kernels=kernels)
-            print(f"\nC={C}: wall {p['wall_ms']:.2f} ms, GPU busy {p['busy_ms']:.2f} ms, floor {p['floor_ms']:.2f} ms"
-                  f" -> floor/wall {p['floor_of_wall']:.0%}, busy/wall {p['busy_of_wall']:.0%}, floor/busy "
-                  f"{p['floor_of_busy']:.0%}", flush=True)
-            for name, ms in kernels:
-                print(f"  {ms:8.3f} ms  {name[:110]}")
-        else:
-            print(f"C={C}: wall {p['wall_ms']:.2f} ms (CPU: no profile, no floor)", flush=True)
-        res["points"].append(p)
-        del eng
-        gc.collect()  # the execute wrapper is a reference cycle through the engine: free its cache now
-        if not cpu:
-            torch.cuda.empty_cache()
+        for mode in modes:
+            res["points"].append(point(model, args, dev, bw, C, mode))
+            gc.collect()  # the execute wrapper is a reference cycle through the engine: free its cache now
+            if not cpu:
+                torch.cuda.empty_cache()
     print(json.dumps(res))
 
 

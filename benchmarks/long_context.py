@@ -92,14 +92,15 @@ def random_model(cfg, dev, seed=0, fp8=False):
     return m.eval()
 
 
-def engine_for(model, num_seqs, tokens_per_seq, chunk, cuda_graphs=True, budget=None, prefill_graphs=True):
+def engine_for(model, num_seqs, tokens_per_seq, chunk, cuda_graphs=True, budget=None, prefill_graphs=True,
+               async_scheduling=False):
     bs = 16
     blocks = num_seqs * (-(-tokens_per_seq // bs) + 1) + 1
     cfg = EngineConfig(max_num_seqs=num_seqs, max_num_batched_tokens=budget or max(chunk, num_seqs),
                        prefill_chunk=chunk,
                        block_size=bs, num_kv_blocks=blocks, max_model_len=tokens_per_seq + 64,
                        cuda_graphs=cuda_graphs, cuda_graph_max_batch=max(1, num_seqs),
-                       prefill_cuda_graphs=prefill_graphs)
+                       prefill_cuda_graphs=prefill_graphs, async_scheduling=async_scheduling)
     return LLMEngine(model=model, config=cfg)
 
 
@@ -175,14 +176,15 @@ def touched_weight_bytes(model, B):
     return total + B * cfg.hidden_size * 2
 
 
-def decode_engine(model, B, C, max_tokens):
+def decode_engine(model, B, C, max_tokens, async_scheduling=False):
     """An engine with B requests of C-token prompts whose prefill is faked: the KV cache and states hold random
     values (a real prefill's cost without running it), prefill pieces return zero logits, decode runs for real.
     The whole fake prefill is scheduled in one step, so every request decodes from step 2 on."""
     cfg = model.config
     dev = next(model.parameters()).device
     chunk = -(-C // 64) * 64
-    eng = engine_for(model, B, C + max_tokens + 4, chunk, budget=B * chunk, prefill_graphs=False)
+    eng = engine_for(model, B, C + max_tokens + 4, chunk, budget=B * chunk, prefill_graphs=False,
+                     async_scheduling=async_scheduling)
     for d in (eng.kv.k, eng.kv.v):
         for t in d.values():
             t.normal_()
@@ -190,9 +192,9 @@ def decode_engine(model, B, C, max_tokens):
         t.normal_()
     real = eng.runner.execute
 
-    def execute(batch):  # a reference cycle through the engine: callers gc.collect() after dropping it
+    def execute(batch, ids=None):  # a reference cycle through the engine: callers gc.collect() after dropping it
         if batch.all_decode:
-            return real(batch)
+            return real(batch, ids)
         return torch.zeros(sum(1 for s in batch.seqs if s.sample), cfg.vocab_size, device=dev)
     eng.runner.execute = execute
     for _ in range(B):

@@ -35,6 +35,9 @@ class EngineConfig:
     # instead of 40.9 ms on an H200 (BENCHMARKS.md); only steps of fresh pieces replay (docs/serving.md).
     prefill_cuda_graphs: bool = True
     cpu_threads: int | None = None       # torch intra-op threads on CPU (None: leave torch's default)
+    # Launch each decode step's successor before its tokens reach the host, so the host's work on them overlaps the
+    # GPU (overlap.py: where it applies, what stays bitwise). Off until measured on a GPU (docs/serving.md).
+    async_scheduling: bool = False
     # "aligned": every position computed with the arithmetic of the training forward in aligned mode, whatever the
     # batch, chunking or decode step (docs/numerics.md); implies batch invariance. "default": the fastest kernels.
     numerics: str = "default"

@@ -77,15 +77,17 @@ class StaticDecodeStep:
         self._row_key[i] = (seq.request_id, seq.num_preemptions, len(bt))
         return True
 
-    def load(self, seqs) -> int:
-        """Fill the buffers from scheduled decode entries; returns the live batch size."""
+    def load(self, seqs, ids: torch.Tensor | None = None) -> int:
+        """Fill the buffers from scheduled decode entries (input tokens from `ids` [n] when given, else each
+        sequence's own); returns the live batch size."""
         n = len(seqs)
         bs = self.kv.block_size
-        ids, pos, slots, rows, lens = [], [], [], [], []
+        given, tokens, pos, slots, rows, lens = ids, [], [], [], [], []
         changed = []
         for i, s in enumerate(seqs):
             seq, p = s.seq, s.start
-            ids += seq.token_slice(p, p + 1)
+            if given is None:
+                tokens += seq.token_slice(p, p + 1)
             pos.append(p)
             slots.append(seq.slot)
             rows.append(seq.block_table[p // bs] * bs + p % bs)
@@ -98,7 +100,10 @@ class StaticDecodeStep:
                 self._row_key[i] = None
                 changed.append(i)
         pad = self.max_batch - n
-        self.ids.copy_(torch.tensor(ids + [0] * pad))
+        if given is None:
+            self.ids.copy_(torch.tensor(tokens + [0] * pad))
+        else:  # the padding rows keep earlier (valid) ids
+            self.ids[:n].copy_(given, non_blocking=True)
         self.positions.copy_(torch.tensor(pos + [0] * pad))
         self.slot_ids.copy_(torch.tensor(slots + [self.states.scratch_slot] * pad))
         self.write_rows.copy_(torch.tensor(rows + [self.kv.scratch_block * bs] * pad))
@@ -142,8 +147,8 @@ class DecodeGraphs:
     def fits(self, n: int) -> bool:
         return n <= self.sizes[-1]
 
-    def run(self, seqs) -> torch.Tensor:
-        n = self.step.load(seqs)
+    def run(self, seqs, ids: torch.Tensor | None = None) -> torch.Tensor:
+        n = self.step.load(seqs, ids)
         B = next(b for b in self.sizes if b >= n)
         self.graphs[B].replay()
         return self.outputs[B][:n]

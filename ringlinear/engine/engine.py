@@ -25,6 +25,7 @@ from .distributed import Ranks, min_over_ranks, parallel_world, rank_device
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner
 from .outputs import RequestError, RequestOutput, output_of
+from .overlap import Lookahead
 from .prefix_cache import PrefixCache, SnapshotPool
 from .sampler import sample_rows
 from .sampling_params import SamplingParams
@@ -141,6 +142,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.kv, self.states, self.prefix_cache)
         self.runner = ModelRunner(model, config, self.kv, self.states, self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
+        self.lookahead = Lookahead(self)
         self.num_aborted = 0
         self.asleep = False
         self._ids = itertools.count()
@@ -337,7 +339,12 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step; returns an output for every request that produced a token or finished."""
+        """Run one scheduled step; returns an output for every request that produced a token or finished. With
+        async scheduling (overlap.py) a step may instead sample the decode step launched during the last one."""
+        taken = self.lookahead.take()
+        if taken is not None:
+            logits, sampling = taken
+            return self._sample(logits, sampling) if sampling else []
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
@@ -353,8 +360,16 @@ class LLMEngine:
                 rows.append(i)
         if len(rows) > logits.shape[0]:
             logits = logits[rows]
+        return self._sample(logits, sampling)
+
+    def _sample(self, logits: torch.Tensor, sampling: list[Sequence]) -> list[RequestOutput]:
+        """logits [n, V] fp32, a row per sequence of `sampling`: draw, record and report their tokens."""
+        if self.config.async_scheduling:
+            drawn = self.lookahead.sample_and_launch(logits, sampling)
+        else:
+            drawn = sample_rows(logits, sampling, aligned=self.runner.aligned)
         outputs = []
-        for seq, (token, lp, top) in zip(sampling, sample_rows(logits, sampling, aligned=self.runner.aligned)):
+        for seq, (token, lp, top) in zip(sampling, drawn):
             if seq.params.max_tokens == 0:  # the prompt is scored (prompt_logprobs) and nothing is generated
                 seq.finish("length")
             else:
@@ -363,6 +378,7 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 del self.seqs[seq.request_id]
             outputs.append(output_of(seq))
+        self.lookahead.settle()
         return outputs
 
     # ------------------------------------------------------------------ memory between uses (RL)
@@ -412,6 +428,7 @@ class LLMEngine:
             "free_kv_blocks": pool.num_free, "total_kv_blocks": self.kv.num_blocks,
             "free_state_slots": self.states.num_free, "total_state_slots": self.states.num_slots,
             "preemptions": self.scheduler.num_preemptions, "aborted": self.num_aborted,
+            "async_scheduled_steps": self.lookahead.num_steps,
             "prefix_cache_queries": pc.num_queries if pc else 0, "prefix_cache_hits": pc.num_hits if pc else 0,
             "prefix_cache_hit_tokens": pc.num_hit_tokens if pc else 0,
             "prefix_cache_waits": pc.num_waits if pc else 0,

@@ -97,32 +97,39 @@ class ModelRunner:
             self.prefill_graphs = None
 
     @torch.inference_mode()
-    def execute(self, batch: Batch) -> torch.Tensor:
+    def execute(self, batch: Batch, ids: torch.Tensor | None = None) -> torch.Tensor:
         """-> logits [n_sampling, V] fp32, in the order of the sampling entries of `batch.seqs`. Every path runs in
         the runner's numerics mode (a path outside it computed other bits: the static prefill once did, on the
-        batch-invariant CPU engines the tests attach it to)."""
+        batch-invariant CPU engines the tests attach it to). ids: for a decode-only batch, its input tokens [n]
+        int64 (on any device; async scheduling passes the tokens just drawn on the GPU), instead of the
+        sequences' own last tokens."""
+        if ids is not None and not (batch.all_decode and ids.shape == (len(batch.seqs),)):
+            raise ValueError(f"execute(ids=...) takes one id per entry of a decode-only batch, got {tuple(ids.shape)} "
+                             f"for {len(batch.seqs)} entries")
         with self._mode():
-            return self._execute(batch)
+            return self._execute(batch, ids)
 
-    def _execute(self, batch: Batch) -> torch.Tensor:
+    def _execute(self, batch: Batch, given_ids: torch.Tensor | None) -> torch.Tensor:
         entries = batch.seqs
         scored = [prompt_positions(s.seq, s.start, s.num_tokens) for s in entries]
         if self.graphs is not None and batch.all_decode and self.graphs.fits(len(entries)) and \
                 all(lo >= hi for lo, hi in scored):
-            logits = self.graphs.run(entries)
+            logits = self.graphs.run(entries, given_ids)
             return logits[[i for i, s in enumerate(entries) if s.sample]]
         if self.prefill_graphs is not None and all(s.start == 0 and s.num_tokens >= 2 for s in entries) and \
                 all(lo >= hi for lo, hi in scored) and self.prefill_graphs.fits(entries):
             logits = self.prefill_graphs.run(entries)
             return logits[[i for i, s in enumerate(entries) if s.sample]]
-        ids: list[int] = []
-        for s in entries:
-            ids += s.seq.token_slice(s.start, s.start + s.num_tokens)
+        if given_ids is None:
+            ids: list[int] = []
+            for s in entries:
+                ids += s.seq.token_slice(s.start, s.start + s.num_tokens)
+            given_ids = torch.tensor(ids)
         ctx = PagedContext(self.kv, self.states, [s.seq.slot for s in entries], [s.seq.block_table for s in entries],
                            [s.start for s in entries], [s.num_tokens for s in entries],
                            sum(1 for s in entries if s.is_decode), self.device, aligned=self.aligned)
         last_rows = [ctx.cu[i + 1] - 1 for i, s in enumerate(entries) if s.sample]
-        hidden = self.model.forward_packed(torch.tensor(ids, device=self.device), ctx)
+        hidden = self.model.forward_packed(given_ids.to(self.device), ctx)
         for i, (s, (lo, hi)) in enumerate(zip(entries, scored)):
             if lo < hi:
                 row = ctx.cu[i] - s.start  # hidden row of position j is row + j

@@ -43,6 +43,8 @@ def register(sub) -> None:
     s.add_argument("--state-snapshot-gib", type=float, default=None,
                    help="memory for state snapshots (default: a tenth of the KV cache's budget, taken from it)")
     s.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    s.add_argument("--async-scheduling", action="store_true",
+                   help="launch each decode step before the last one's tokens reach the host (docs/serving.md)")
     s.add_argument("--batch-invariant", choices=("auto", "on", "off"), default="auto",
                    help="fixed-block GEMMs so results do not depend on the batch (auto: on for CPU)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -94,7 +96,8 @@ def build_engine(args):
         kv_cache_bytes=None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30),
         max_model_len=args.max_model_len, device=args.device, dtype=args.dtype,
         batch_invariant={"auto": None, "on": True, "off": False}[args.batch_invariant],
-        cuda_graphs=not args.enforce_eager, cpu_threads=args.threads, enable_prefix_caching=args.prefix_caching,
+        cuda_graphs=not args.enforce_eager, async_scheduling=args.async_scheduling, cpu_threads=args.threads,
+        enable_prefix_caching=args.prefix_caching,
         state_snapshot_interval=args.state_snapshot_interval,
         state_snapshot_bytes=None if args.state_snapshot_gib is None else int(args.state_snapshot_gib * 2**30),
         quantization=args.quantization, tensor_parallel=args.tp, expert_parallel=args.ep)

@@ -1,0 +1,113 @@
+"""Async scheduling (`EngineConfig.async_scheduling`, `--async-scheduling`): a decode step's successor is launched
+before the step's tokens reach the host, so the host's work on them (stop checks, detokenising, outputs, the next
+schedule) runs while the GPU computes the next step, instead of between two steps with the GPU idle.
+
+How: once a step's tokens are drawn on the device, and before they are copied out, the next step of every running
+request (one token each, at position num_tokens) is launched with those device tokens as its input ids (the
+"lookahead"). The host then reads the tokens (an event after their copy: it waits for the sampling kernels, not for
+the lookahead) and processes them as usual. Requests that finished on this token drop their lookahead row: its KV
+write went to their own tail block and its state update to their own slot, both freed now, and any later user of
+that memory runs after it on the same stream. The others are committed at position num_tokens + 1, and the next
+`step()` samples the lookahead's logits instead of scheduling.
+
+A lookahead is launched only where it is the step the scheduler would have chosen: every running request sampled
+this step (no prefill piece is in flight), no request waits (admissions are never held back), none can finish by
+length on this token, none asks for log-probs (they take their own host syncs), one process (other ranks follow
+rank 0's broadcast of host tokens) and there are free KV blocks for every request's next position (no preemption).
+Otherwise the engine steps as without it. Each row is the same computation as in the step the scheduler would have
+run; a finished request's row is computed but not read, so in batch-invariant numerics (the CPU default, aligned
+mode) tokens and states are bitwise those of the engine without it, and in default CUDA numerics a row may differ
+in its last bits where the batch around it differs (as with any change of batch).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..sampling import sample_batch
+from .sampler import process_rows, sample_rows
+from .scheduler import Batch, ScheduledSeq
+from .sequence import Sequence, Status
+
+
+def lookahead_batch(engine, sampling: list[Sequence]) -> Batch | None:
+    """The next decode step of `sampling` (this step's sampled requests), with its KV blocks allocated, or None
+    where a lookahead is not the step the scheduler would run (module docstring)."""
+    sch, kv = engine.scheduler, engine.kv
+    if not sampling or engine.ranks is not None or engine.rank_info is not None or sch.num_waiting:
+        return None
+    if len(sampling) != len(sch.running) or {id(s) for s in sampling} != {id(s) for s in sch.running}:
+        return None
+    for seq in sampling:
+        p = seq.params
+        if p.logprobs or seq.status is not Status.RUNNING or seq.num_computed != seq.num_tokens:
+            return None
+        if len(seq.output_token_ids) + 1 >= p.max_tokens or seq.num_tokens + 1 >= seq.max_model_len:
+            return None  # finishes by length on this token: its next step is not run
+    needs = [kv.blocks_needed(seq.num_tokens + 1) - len(seq.block_table) for seq in sampling]
+    if sum(needs) > kv.allocator.num_free:
+        return None
+    for seq, n in zip(sampling, needs):
+        if n > 0:
+            seq.block_table += kv.allocator.allocate(n)
+    return Batch([ScheduledSeq(seq, seq.num_tokens, 1, True) for seq in sampling])
+
+
+class Lookahead:
+    """The engine's side of async scheduling: draws a step's tokens, launches the lookahead and holds it until the
+    next `step()`. `pending` is (batch, logits [n, V] fp32) of a launched lookahead, or None."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.pending: tuple[Batch, torch.Tensor] | None = None
+        self.num_steps = 0  # lookaheads whose logits were sampled (stats: async_scheduled_steps)
+        self._host = None   # pinned [max_num_seqs] int64: the tokens' copy out
+
+    def sample_and_launch(self, logits: torch.Tensor, sampling: list[Sequence]):
+        """logits [n, V] fp32 of `sampling` -> this step's [(token, None, None)] like `sample_rows`, having
+        launched the lookahead when `lookahead_batch` allows one."""
+        eng = self.engine
+        look = lookahead_batch(eng, sampling)
+        if look is None:
+            return sample_rows(logits, sampling, aligned=eng.runner.aligned)
+        if logits.device.type != "cuda":  # nothing runs asynchronously here: the same draws as sample_rows
+            out = sample_rows(logits, sampling, aligned=eng.runner.aligned)
+            self.pending = (look, eng.runner.execute(look, ids=torch.tensor([t for t, _, _ in out])))
+            return out
+        tokens = sample_batch(process_rows(logits, sampling), [s.params for s in sampling],
+                              [s.generator for s in sampling])
+        if self._host is None or self._host.numel() < len(sampling):
+            self._host = torch.empty(max(len(sampling), eng.config.max_num_seqs), dtype=torch.long,
+                                     pin_memory=True)
+        host = self._host[:len(sampling)]
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        self.pending = (look, eng.runner.execute(look, ids=tokens))
+        copied.synchronize()  # the tokens are out; the lookahead keeps the GPU busy meanwhile
+        return [(t, None, None) for t in host.tolist()]
+
+    def settle(self) -> None:
+        """This step's tokens are processed: commit the lookahead of the requests that go on, drop the rest."""
+        if self.pending is None:
+            return
+        look, logits = self.pending
+        keep = [i for i, s in enumerate(look.seqs) if not s.seq.finished]
+        if not keep:
+            self.pending = None
+            return
+        if len(keep) < len(look.seqs):
+            look, logits = Batch([look.seqs[i] for i in keep]), logits[keep]
+        self.engine.scheduler.commit(look)
+        self.pending = (look, logits)
+
+    def take(self) -> tuple[torch.Tensor, list[Sequence]] | None:
+        """The pending lookahead as (logits, sequences) to sample now (requests aborted since dropped), or None."""
+        if self.pending is None:
+            return None
+        look, logits = self.pending
+        self.pending = None
+        keep = [i for i, s in enumerate(look.seqs) if not s.seq.finished]
+        if len(keep) < len(look.seqs):
+            logits = logits[keep]
+        self.num_steps += 1
+        return logits, [look.seqs[i].seq for i in keep]

@@ -1,0 +1,149 @@
+"""Async scheduling (engine/overlap.py): a lookahead decode step launched before the host has the tokens. On the
+CPU (batch-invariant numerics) every output must be bitwise the engine's without it, and the KV blocks and state
+slots must balance after every step; the lookahead must actually run where it applies and not where it does not."""
+import pytest
+import torch
+
+from ringlinear.engine import SamplingParams
+from ringlinear.engine.scheduler import Batch, ScheduledSeq
+
+
+def _params(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        kind = i % 4
+        out.append(SamplingParams(
+            max_tokens=int(torch.randint(3, 40, (1,), generator=g)),
+            temperature=0 if kind == 0 else 0.9, seed=seed * 100 + i, ignore_eos=kind != 3,
+            top_k=20 if kind == 1 else 0, top_p=0.9 if kind == 2 else 1.0,
+            repetition_penalty=1.3 if kind == 2 else 1.0, presence_penalty=0.5 if kind == 1 else 0.0,
+            stop_token_ids=[int(torch.randint(3, 384, (1,), generator=g))] if kind == 3 else []))
+    return out
+
+
+def _same(a, b):
+    assert [o.request_id for o in a] == [o.request_id for o in b]
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids, x.request_id
+        assert (x.text, x.finish_reason) == (y.text, y.finish_reason), x.request_id
+
+
+def _drive(eng, prompts, params, arrivals, check=None):
+    """Requests join at the step numbers in `arrivals`; -> final outputs in request order, and the delta texts
+    streamed per request (they must add up to the final text)."""
+    done, streamed, step, queued = {}, {}, 0, 0
+    while queued < len(prompts) or eng.has_unfinished():
+        while queued < len(prompts) and arrivals[queued] <= step:
+            eng.add_request(prompts[queued], params[queued], f"r{queued}")
+            queued += 1
+        for o in eng.step():
+            streamed[o.request_id] = streamed.get(o.request_id, "") + o.delta_text
+            if o.finished:
+                done[o.request_id] = o
+        if check is not None:
+            check(eng)
+        step += 1
+    out = [done[f"r{i}"] for i in range(len(prompts))]
+    assert all(streamed[o.request_id] == o.text for o in out)
+    return out
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_outputs_equal_the_synchronous_engine(make_llm, random_prompts, check_blocks, prefix_caching):
+    prompts = random_prompts(12, 1, 90, seed=70)
+    params = _params(12, seed=71)
+    arrivals = [0, 0, 0, 0, 3, 3, 9, 15, 15, 22, 40, 41]  # some join while others decode
+    kw = dict(max_num_seqs=6, enable_prefix_caching=prefix_caching, block_size=8)
+    want = _drive(make_llm(**kw).engine, prompts, params, arrivals)
+    eng = make_llm(async_scheduling=True, **kw).engine
+    got = _drive(eng, prompts, params, arrivals, check=check_blocks)
+    _same(got, want)
+    s = eng.stats()
+    assert s["async_scheduled_steps"] > 20  # it ran, in most of the decode steps
+    assert s["free_kv_blocks"] == s["total_kv_blocks"] and s["free_state_slots"] == s["total_state_slots"]
+    assert eng.lookahead.pending is None
+
+
+def test_groups_and_stop_strings(make_llm, random_prompts):
+    """n > 1 samples fork from one prefill and then decode under lookaheads; a stop string cuts the text."""
+    prompt = random_prompts(1, 40, 40, seed=72)[0]
+    sync, fast = make_llm(), make_llm(async_scheduling=True)
+    text = sync.generate([prompt], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2] or "a"
+    params = [SamplingParams(max_tokens=30, temperature=1.0, seed=i, ignore_eos=True, stop=[stop]) for i in range(4)]
+    outs = []
+    for eng in (sync.engine, fast.engine):
+        eng.add_group(prompt, params, [f"s{i}" for i in range(4)])
+        done = {}
+        while eng.has_unfinished():
+            done.update({o.request_id: o for o in eng.step() if o.finished})
+        outs.append([done[f"s{i}"] for i in range(4)])
+    _same(outs[1], outs[0])
+    assert fast.engine.stats()["async_scheduled_steps"] > 0
+    assert fast.engine.scheduler.num_forked == 3
+
+
+def test_preemption_and_abort(make_llm, random_prompts, check_blocks):
+    """Tight memory: a lookahead never preempts (it steps synchronously when blocks run out), and requests aborted
+    while a lookahead is in flight give their memory back."""
+    prompts = random_prompts(8, 20, 100, seed=73)
+    params = [SamplingParams(max_tokens=40, temperature=0 if i % 2 else 0.7, seed=i, ignore_eos=True)
+              for i in range(8)]
+    kw = dict(max_num_seqs=8, num_kv_blocks=40, block_size=8)
+    want = _drive(make_llm(**kw).engine, prompts, params, [0] * 8)
+    eng = make_llm(async_scheduling=True, **kw).engine
+    got = _drive(eng, prompts, params, [0] * 8, check=check_blocks)
+    _same(got, want)
+    assert eng.scheduler.num_preemptions > 0 and eng.stats()["async_scheduled_steps"] > 0
+
+    for i, p in enumerate(prompts[:4]):
+        eng.add_request(p, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True), f"a{i}")
+    while eng.lookahead.pending is None:
+        eng.step()
+    eng.abort_request("a1")
+    eng.abort_request("a2")
+    check_blocks(eng)
+    done = {}
+    while eng.has_unfinished():
+        done.update({o.request_id: o for o in eng.step() if o.finished})
+        check_blocks(eng)
+    assert sorted(done) == ["a0", "a3"] and all(len(o.token_ids) == 30 for o in done.values())
+    s = eng.stats()
+    assert s["free_kv_blocks"] == s["total_kv_blocks"] and s["free_state_slots"] == s["total_state_slots"]
+
+
+def test_no_lookahead_where_it_does_not_apply(make_llm, random_prompts):
+    """Log-probs take their own host syncs, and a request whose prefill is still in pieces would be held back:
+    neither runs under a lookahead, and the outputs are those of the synchronous engine."""
+    prompts = random_prompts(3, 10, 30, seed=74)
+    lp = SamplingParams(max_tokens=12, temperature=0.8, seed=1, logprobs=True, ignore_eos=True)
+    want = make_llm().generate(prompts, lp)
+    fast = make_llm(async_scheduling=True)
+    got = fast.generate(prompts, lp)
+    _same(got, want)
+    assert [o.logprobs for o in got] == [o.logprobs for o in want]
+    assert fast.engine.stats()["async_scheduled_steps"] == 0
+
+    eng = fast.engine  # a long prompt prefilling in 64-token pieces beside a decoding one
+    eng.add_request(prompts[0], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True), "short")
+    eng.step()
+    assert eng.lookahead.pending is not None  # alone and nobody waiting: its next step is already launched
+    eng.add_request(random_prompts(1, 300, 300, seed=75)[0], SamplingParams(max_tokens=2, temperature=0), "long")
+    eng.step()  # samples that lookahead; "long" waits, so no new one
+    assert eng.lookahead.pending is None and eng.stats()["async_scheduled_steps"] == 1
+    for _ in range(3):
+        eng.step()  # "short" decodes beside the pieces of "long": no lookahead
+        assert eng.lookahead.pending is None and eng.stats()["async_scheduled_steps"] == 1
+    while eng.has_unfinished():
+        eng.step()
+
+
+def test_execute_ids_checked(make_llm, random_prompts):
+    eng = make_llm().engine
+    eng.add_request(random_prompts(1, 5, 5, seed=76)[0], SamplingParams(max_tokens=3, temperature=0), "x")
+    eng.step()
+    seq = eng.seqs["x"]
+    batch = Batch([ScheduledSeq(seq, seq.num_computed, 1, True)])
+    with pytest.raises(ValueError, match="one id per entry of a decode-only batch"):
+        eng.runner.execute(batch, ids=torch.tensor([1, 2]))
