@@ -18,6 +18,12 @@ Otherwise the engine steps as without it. Each row is the same computation as in
 run; a finished request's row is computed but not read, so in batch-invariant numerics (the CPU default, aligned
 mode) tokens and states are bitwise those of the engine without it, and in default CUDA numerics a row may differ
 in its last bits where the batch around it differs (as with any change of batch).
+
+Nothing between the lookahead's launch and the tokens' event may wait on the stream, or the overlap is gone: a
+device tensor indexed by a Python list is one such wait (its index goes through a blocking copy), which is why
+decode steps return the logits without a gather (model_runner.py) and rows are dropped here through a pinned index.
+The lookahead's logits may be a view of a CUDA graph's output; everything that reads them is enqueued before the
+next replay.
 """
 from __future__ import annotations
 
@@ -50,6 +56,14 @@ def lookahead_batch(engine, sampling: list[Sequence]) -> Batch | None:
         if n > 0:
             seq.block_table += kv.allocator.allocate(n)
     return Batch([ScheduledSeq(seq, seq.num_tokens, 1, True) for seq in sampling])
+
+
+def _rows(t: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    """t[keep] without a host sync: a list index is a blocking copy, which would wait for the lookahead."""
+    idx = torch.tensor(keep)
+    if t.is_cuda:
+        idx = idx.pin_memory().to(t.device, non_blocking=True)
+    return t.index_select(0, idx)
 
 
 class Lookahead:
@@ -96,7 +110,7 @@ class Lookahead:
             self.pending = None
             return
         if len(keep) < len(look.seqs):
-            look, logits = Batch([look.seqs[i] for i in keep]), logits[keep]
+            look, logits = Batch([look.seqs[i] for i in keep]), _rows(logits, keep)
         self.engine.scheduler.commit(look)
         self.pending = (look, logits)
 
@@ -108,6 +122,6 @@ class Lookahead:
         self.pending = None
         keep = [i for i, s in enumerate(look.seqs) if not s.seq.finished]
         if len(keep) < len(look.seqs):
-            logits = logits[keep]
+            logits = _rows(logits, keep)
         self.num_steps += 1
         return logits, [look.seqs[i].seq for i in keep]
