@@ -17,7 +17,7 @@ ours vs linghe per fused op and the recommended dense GEMM backend close the tab
 linghe's kernels are mishandled by the interpreter and report NaN there).
 
     pip install --no-deps --target /tmp/site shared/anchors/wheels/linghe-0.3.0-py3-none-any.whl
-    PYTHONPATH=. python benchmarks/fp8.py --linghe-path /tmp/site [--sections norm,gemm,...] [--sweep]
+    PYTHONPATH=. python benchmarks/fp8.py --linghe-path /tmp/site [--sections norm,gemm,...] [--sweep] [--tiles]
 """
 from __future__ import annotations
 
@@ -174,6 +174,16 @@ def norm(args):
                 bytes_=nbytes * nb, err=err, base=("bf16", base))
             RESULT["sections"]["norm"][tag + f"ours {label}"]["codes_equal_ref"] = round(
                 (q.view(torch.uint8) == R.quantize_rows(y)[0].view(torch.uint8)).float().mean().item(), 5)
+        if args.tiles:  # launch tiles of the cols pass: the same bits, timed
+            ref = TQ.rms_norm_quant(x, w, 1e-6, False, cnt(), write_y=False, cols=True)[2]
+            for tile in TQ.COLS_TILES:
+                got = TQ.rms_norm_quant(x, w, 1e-6, False, cnt(), write_y=False, cols=True, cols_tile=tile)[2]
+                same = torch.equal(got[0].view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(got[1], ref[1])
+                name = tag + f"ours rows+cols, cols tile {tile[0]} ch / {tile[1]} warps"
+                row("norm", name, bench(lambda tile=tile: TQ.rms_norm_quant(x, w, 1e-6, False, cnt(), write_y=False,
+                                                                            cols=True, cols_tile=tile)),
+                    bytes_=6 * nb, base=("bf16", base))
+                RESULT["sections"]["norm"][name]["bitwise_default_tile"] = same
         if "triton_rms_norm_and_block_quant_forward" in LG:
             f = LG["triton_rms_norm_and_block_quant_forward"]
             for label, mode, nbytes in (("rows", 0, 3), ("rows+cols", 2, 6)):
@@ -206,6 +216,15 @@ def swiglu(args):
             err = deq_rows_err(q, s, h) if c is None else max(deq_rows_err(q, s, h), deq_rows_err(*c, h.t()))
             row("swiglu", tag + f"ours {label}", bench(lambda: TQ.swiglu_quant(ab, False, cnt(), cols=cols)),
                 bytes_=nbytes * nb, err=err, base=("bf16", base))
+        if args.tiles:  # launch tiles of the rows-only quantiser: the same bits, timed
+            ref = TQ.swiglu_quant(ab, False, cnt())[0]
+            for tile in TQ.ROWS_TILES:
+                got = TQ.swiglu_quant(ab, False, cnt(), rows_tile=tile)[0]
+                same = torch.equal(got[0].view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(got[1], ref[1])
+                name = tag + f"ours rows, tile {tile[0]} tokens / {tile[1]} warps"
+                row("swiglu", name, bench(lambda tile=tile: TQ.swiglu_quant(ab, False, cnt(), rows_tile=tile)),
+                    bytes_=5 * nb, base=("bf16", base))
+                RESULT["sections"]["swiglu"][name]["bitwise_default_tile"] = same
         if "triton_silu_and_block_quant_forward" in LG:
             f = LG["triton_silu_and_block_quant_forward"]
             for label, mode, nbytes in (("rows", 0, 5), ("rows+cols", 2, 6)):
@@ -540,6 +559,8 @@ def main():
     ap.add_argument("--linghe-path", default=None, help="directory holding the linghe package (pip --target)")
     ap.add_argument("--sections", default=",".join(s.__name__ for s in SECTIONS))
     ap.add_argument("--sweep", action="store_true", help="also sweep the grouped GEMM tile config")
+    ap.add_argument("--tiles", action="store_true",
+                    help="also time the launch tiles of the norm's cols pass and the rows-only SwiGLU quantiser")
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU interpreter: checks the script only")
     args = ap.parse_args()
     global DEV, T

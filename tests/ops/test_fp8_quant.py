@@ -137,6 +137,27 @@ def test_rms_norm_quant_kernel(xdt, wdt):
     assert y2 is None and torch.equal(u8(q2), u8(q))
 
 
+def test_launch_tiles_give_the_same_bits():
+    """The cols pass of the norm and the rows-only SwiGLU quantiser take other launch tiles (benchmarks/fp8.py
+    --tiles picks them): each tile of codes and scales is computed from the same elements whatever the tile, so
+    the outputs are bitwise those of the default tile, partial row and column blocks included."""
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(200, 384, generator=g) * 3).to(torch.bfloat16).to(DEV)
+    w = (1 + 0.1 * torch.randn(384, generator=g)).to(torch.bfloat16).to(DEV)
+    cnt = torch.zeros(1, dtype=torch.int64, device=DEV)
+    ref = TQ.rms_norm_quant(x, w, 1e-6, False, cnt, cols=True)[2]
+    for tile in TQ.COLS_TILES:
+        qt, st = TQ.rms_norm_quant(x, w, 1e-6, False, cnt, cols=True, cols_tile=tile)[2]
+        assert torch.equal(u8(qt), u8(ref[0])) and torch.equal(st, ref[1]), tile
+    ab = (torch.randn(200, 512, generator=g) * 2).to(torch.bfloat16).to(DEV)
+    (rq, rs), _ = TQ.swiglu_quant(ab, True, cnt)
+    for tile in TQ.ROWS_TILES:
+        (q, s), _ = TQ.swiglu_quant(ab, True, cnt, rows_tile=tile)
+        assert torch.equal(u8(q), u8(rq)) and torch.equal(s, rs), tile
+    with pytest.raises(ValueError, match="rows_tile: .*got \\(48, 4\\)"):
+        TQ.swiglu_quant(ab, True, cnt, rows_tile=(48, 4))
+
+
 @pytest.mark.parametrize("gather,weighted", [(True, False), (True, True), (False, False)])
 def test_sorted_cols_kernel_bitwise(gather, weighted):
     N, k, E, C = 300, 4, 8, 256          # ~150 rows per expert: full and partial tiles

@@ -25,6 +25,14 @@ FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+def _tile(tile, name):
+    """A (size, warps) launch tile, checked: size a power of two in 16..128, warps 1, 2, 4 or 8."""
+    size, warps = tile
+    if size not in (16, 32, 64, 128) or warps not in (1, 2, 4, 8):
+        raise ValueError(f"{name}: (size, warps) with size 16/32/64/128 and warps 1/2/4/8, got {tile}")
+    return size, warps
+
+
 def _pad(T):
     """Columns of a cols (transposed) copy of T rows: whole 128-row tiles."""
     return cdiv(T, TILE) * TILE
@@ -193,12 +201,12 @@ def _rms_rows_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, rstd_ptr, cnt_ptr, T, st
 
 @triton.jit
 def _rms_cols_kernel(x_ptr, w_ptr, rstd_ptr, qt_ptr, st_ptr, T, stride_x, ldqt, C: tl.constexpr, XDT: tl.constexpr,
-                     YDT: tl.constexpr, QDT: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr):
-    """The transposed copy of the same normed values: 128 tokens x 128 channels, tiles along tokens."""
+                     YDT: tl.constexpr, QDT: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr, BN: tl.constexpr):
+    """The transposed copy of the same normed values: 128 tokens x BN channels, tiles along tokens."""
     tb = tl.program_id(0)
     cb = tl.program_id(1)
     rows = tb * 128 + tl.arange(0, 128)
-    cols = cb * 128 + tl.arange(0, 128)
+    cols = cb * BN + tl.arange(0, BN)
     rmask = rows < T
     cmask = cols < C
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=rmask[:, None] & cmask[None, :],
@@ -209,9 +217,15 @@ def _rms_cols_kernel(x_ptr, w_ptr, rstd_ptr, qt_ptr, st_ptr, T, stride_x, ldqt, 
     store_cols(y, rows, rmask, cols, cmask, qt_ptr, ldqt, st_ptr + tb * C, QDT, FMAX, POW2)
 
 
-def rms_norm_quant(x, weight, eps, pow2, counter, write_y=True, cols=False):
+# (channels, warps) of a program of the cols pass. Any width gives the same bits (a column's tile is its 128 tokens
+# whatever the width); benchmarks/fp8.py --tiles times the candidates against linghe, whose pass is 32 wide.
+RMS_COLS_TILE = (128, 8)
+COLS_TILES = ((32, 4), (64, 4), (128, 8))
+
+
+def rms_norm_quant(x, weight, eps, pow2, counter, write_y=True, cols=False, cols_tile=None):
     """x [T, C], weight [C] -> (y [T, C] or None, (q [T, C], s [ceil(C/128), T]), cols (qT [C, Tp], sT) or None,
-    rstd [T]) (cols layout as in `quantize`).
+    rstd [T]) (cols layout as in `quantize`). cols_tile: (channels, warps) of the cols pass (RMS_COLS_TILE).
     y = weight * (x * rstd).to(x.dtype) in the promoted dtype (reference.rms_norm); FP8 copies are e4m3 of y."""
     T, C = x.shape
     assert x.stride(1) == 1 and weight.is_contiguous() and C <= 16384
@@ -235,9 +249,10 @@ def rms_norm_quant(x, weight, eps, pow2, counter, write_y=True, cols=False):
     if cols:
         qt = torch.empty(C, _pad(T), dtype=torch.float8_e4m3fn, device=dev)
         st = torch.empty(cdiv(T, TILE), C, dtype=torch.float32, device=dev)
+        bn, warps = _tile(cols_tile or RMS_COLS_TILE, "cols_tile")
         if T:
-            _rms_cols_kernel[(cdiv(T, TILE), cdiv(C, TILE))](x, weight, rstd, qt, st, T, x.stride(0),
-                                                                           _pad(T), C=C, num_warps=8, **common)
+            _rms_cols_kernel[(cdiv(T, TILE), cdiv(C, bn))](x, weight, rstd, qt, st, T, x.stride(0), _pad(T), C=C,
+                                                           BN=bn, num_warps=warps, **common)
         qc = (qt, st)
     return y, (q, s), qc, rstd
 
@@ -246,10 +261,11 @@ def rms_norm_quant(x, weight, eps, pow2, counter, write_y=True, cols=False):
 
 @triton.jit
 def _swiglu_kernel(ab_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, cnt_ptr, T, ldqt, I: tl.constexpr, COLS: tl.constexpr,
-                   POW2: tl.constexpr):
+                   POW2: tl.constexpr, BM: tl.constexpr):
+    """BM tokens x 128 channels (BM = 128 with COLS: a cols tile is 128 tokens)."""
     tb = tl.program_id(0)
     cb = tl.program_id(1)
-    rows = tb * 128 + tl.arange(0, 128)
+    rows = tb * BM + tl.arange(0, BM)
     cols = cb * 128 + tl.arange(0, 128)
     rmask = rows < T
     ptr = ab_ptr + rows[:, None].to(tl.int64) * (2 * I) + cols[None, :]
@@ -262,9 +278,16 @@ def _swiglu_kernel(ab_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, cnt_ptr, T, ldqt, I: tl
         store_cols(h, rows, rmask, cols, cols < I, qt_ptr, ldqt, st_ptr + tb * I, tl.float8e4nv, 448.0, POW2)
 
 
-def swiglu_quant(ab, pow2, counter, cols=False):
+# (tokens, warps) of a program of the rows-only SwiGLU quantiser; rows + cols always take 128 tokens, 8 warps. Any
+# height gives the same bits (each row's tiles are its own); benchmarks/fp8.py --tiles times the candidates.
+SWIGLU_ROWS_TILE = (128, 8)
+ROWS_TILES = ((32, 4), (64, 4), (64, 8), (128, 8))
+
+
+def swiglu_quant(ab, pow2, counter, cols=False, rows_tile=None):
     """ab [T, 2I] (gate | up) -> FP8 of h = silu(gate) * up (fp32): rows (q [T, I], s [I/128, T]) and optionally
-    cols (qT [I, Tp], sT [Tp/128, I], as in `quantize`); the values `reference.swiglu32` defines."""
+    cols (qT [I, Tp], sT [Tp/128, I], as in `quantize`); the values `reference.swiglu32` defines. rows_tile:
+    (tokens, warps) when cols is off (SWIGLU_ROWS_TILE)."""
     T, I2 = ab.shape
     inter = I2 // 2
     assert ab.is_contiguous() and inter % TILE == 0
@@ -273,9 +296,10 @@ def swiglu_quant(ab, pow2, counter, cols=False):
     s = torch.empty(inter // TILE, T, dtype=torch.float32, device=dev)
     qt = torch.empty(inter, _pad(T) if cols else 1, dtype=torch.float8_e4m3fn, device=dev)
     st = torch.empty(cdiv(T, TILE) if cols else 1, inter, dtype=torch.float32, device=dev)
+    bm, warps = (TILE, 8) if cols else _tile(rows_tile or SWIGLU_ROWS_TILE, "rows_tile")
     if T:
-        _swiglu_kernel[(cdiv(T, TILE), inter // TILE)](ab, q, s, qt, st, counter, T, qt.stride(0), I=inter,
-                                                              COLS=cols, POW2=pow2, num_warps=8)
+        _swiglu_kernel[(cdiv(T, bm), inter // TILE)](ab, q, s, qt, st, counter, T, qt.stride(0), I=inter,
+                                                     COLS=cols, POW2=pow2, BM=bm, num_warps=warps)
     return (q, s), ((qt, st) if cols else None)
 
 
