@@ -10,11 +10,13 @@ write went to their own tail block and its state update to their own slot, both 
 that memory runs after it on the same stream. The others are committed at position num_tokens + 1, and the next
 `step()` samples the lookahead's logits instead of scheduling.
 
-A lookahead is launched only where it is the step the scheduler would have chosen: every running request sampled
-this step (no prefill piece is in flight), no request waits (admissions are never held back), none can finish by
-length on this token, none asks for log-probs (they take their own host syncs), one process (other ranks follow
+A lookahead is launched only where it is the step the scheduler would choose, bar one case: every running request
+sampled this step (no prefill piece is in flight), no request waits while a state slot is free, none can finish
+by length on this token, none asks for log-probs (they take their own host syncs), one process (other ranks follow
 rank 0's broadcast of host tokens) and there are free KV blocks for every request's next position (no preemption).
-Otherwise the engine steps as without it. Each row is the same computation as in the step the scheduler would have
+Otherwise the engine steps as without it. The case: with every slot taken and a queue, a request that finishes
+on this token frees a slot the scheduler would fill in the next step; the lookahead is already running, so that
+admission waits one step (a saturated engine with a queue still overlaps). Each row is the same computation as in the step the scheduler would have
 run; a finished request's row is computed but not read, so in batch-invariant numerics (the CPU default, aligned
 mode) tokens and states are bitwise those of the engine without it, and in default CUDA numerics a row may differ
 in its last bits where the batch around it differs (as with any change of batch).
@@ -39,7 +41,9 @@ def lookahead_batch(engine, sampling: list[Sequence]) -> Batch | None:
     """The next decode step of `sampling` (this step's sampled requests), with its KV blocks allocated, or None
     where a lookahead is not the step the scheduler would run (module docstring)."""
     sch, kv = engine.scheduler, engine.kv
-    if not sampling or engine.ranks is not None or engine.rank_info is not None or sch.num_waiting:
+    if not sampling or engine.ranks is not None or engine.rank_info is not None:
+        return None
+    if sch.num_waiting and engine.states.num_free:  # someone could be admitted next step: no lookahead holds it
         return None
     if len(sampling) != len(sch.running) or {id(s) for s in sampling} != {id(s) for s in sch.running}:
         return None

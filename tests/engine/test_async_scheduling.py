@@ -65,6 +65,23 @@ def test_outputs_equal_the_synchronous_engine(make_llm, random_prompts, check_bl
     assert eng.lookahead.pending is None
 
 
+def test_saturated_engine_with_a_queue(make_llm, random_prompts, check_blocks):
+    """Every slot taken and requests queued: lookaheads run while the queue waits, and outputs stay bitwise."""
+    prompts = random_prompts(7, 5, 40, seed=77)
+    params = _params(7, seed=78)
+    want = _drive(make_llm(max_num_seqs=2).engine, prompts, params, [0] * 7)
+    eng = make_llm(max_num_seqs=2, async_scheduling=True).engine
+    queued_lookaheads = []
+
+    def check(e):
+        check_blocks(e)
+        if e.lookahead.pending is not None and e.scheduler.waiting:
+            queued_lookaheads.append(e.lookahead.num_steps)
+    got = _drive(eng, prompts, params, [0] * 7, check=check)
+    _same(got, want)
+    assert len(queued_lookaheads) > 10
+
+
 def test_groups_and_stop_strings(make_llm, random_prompts):
     """n > 1 samples fork from one prefill and then decode under lookaheads; a stop string cuts the text."""
     prompt = random_prompts(1, 40, 40, seed=72)[0]
