@@ -156,6 +156,7 @@ def main():
     ap.add_argument("--probes", type=int, default=4)
     ap.add_argument("--numerics", default="default", choices=("default", "aligned"),
                     help="aligned: hits are bitwise and reach into previous answers (deeper chat hits)")
+    ap.add_argument("--async-scheduling", action="store_true", help="both modes with async scheduling on")
     ap.add_argument("--quick", action="store_true", help="small sizes for a CPU smoke run")
     args = ap.parse_args()
     if args.quick:
@@ -176,7 +177,8 @@ def main():
         ecfg = EngineConfig(max_num_seqs=max(args.clients, args.chat_clients), device=args.device,
                             max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk=args.prefill_chunk,
                             kv_cache_bytes=int(args.kv_cache_gib * GiB), max_model_len=longest,
-                            enable_prefix_caching=caching, numerics=args.numerics)
+                            enable_prefix_caching=caching, numerics=args.numerics,
+                            async_scheduling=args.async_scheduling)
         eng = LLMEngine(model=model, config=ecfg)
         mode = "cache" if caching else "no-cache"
         # the same workloads with other prompts first, at full size: what the timed run meets (batch shapes,
@@ -208,7 +210,8 @@ def main():
     max_dlp = max(diffs)
     cols = ("requests", "ttft_ms_p50", "ttft_ms_p99", "req_s", "output_tok_s", "prompt_tok_s", "cached_prompt_frac",
             "evicted_blocks", "evicted_snapshots")
-    print(f"\n{args.preset} shape, random bf16 weights, {card}, numerics={args.numerics}; closed-loop clients, "
+    print(f"\n{args.preset} shape, random bf16 weights, {card}, numerics={args.numerics}, async_scheduling="
+          f"{args.async_scheduling}; closed-loop clients, "
           "greedy, ignore_eos")
     print("| workload | prefix cache | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 2) + "|")
