@@ -12,7 +12,8 @@ that memory runs after it on the same stream. The others are committed at positi
 
 A lookahead is launched only where it is the step the scheduler would choose, bar one case: every running request
 sampled this step (no prefill piece is in flight), no request waits while a state slot is free, none can finish
-by length on this token, none asks for log-probs (they take their own host syncs), one process (other ranks follow
+by length on this token, none asks for top log-probs (their lists take host syncs; the sampled tokens'
+log-probs are computed on the device and copied out with the tokens), one process (other ranks follow
 rank 0's broadcast of host tokens) and there are free KV blocks for every request's next position (no preemption).
 Otherwise the engine steps as without it. The case: with every slot taken and a queue, a request that finishes
 on this token frees a slot the scheduler would fill in the next step; the lookahead is already running, so that
@@ -32,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from ..sampling import sample_batch
-from .sampler import process_rows, sample_rows
+from .sampler import by_temperature, group_logprobs, process_rows, sample_rows
 from .scheduler import Batch, ScheduledSeq
 from .sequence import Sequence, Status
 
@@ -49,7 +50,7 @@ def lookahead_batch(engine, sampling: list[Sequence]) -> Batch | None:
         return None
     for seq in sampling:
         p = seq.params
-        if p.logprobs or seq.status is not Status.RUNNING or seq.num_computed != seq.num_tokens:
+        if p.top_logprobs or seq.status is not Status.RUNNING or seq.num_computed != seq.num_tokens:
             return None
         if len(seq.output_token_ids) + 1 >= p.max_tokens or seq.num_tokens + 1 >= seq.max_model_len:
             return None  # finishes by length on this token: its next step is not run
@@ -78,11 +79,11 @@ class Lookahead:
         self.engine = engine
         self.pending: tuple[Batch, torch.Tensor] | None = None
         self.num_steps = 0  # lookaheads whose logits were sampled (stats: async_scheduled_steps)
-        self._host = None   # pinned [max_num_seqs] int64: the tokens' copy out
+        self._host = None   # pinned ([max_num_seqs] int64, [max_num_seqs] fp32): tokens and log-probs copied out
 
     def sample_and_launch(self, logits: torch.Tensor, sampling: list[Sequence]):
-        """logits [n, V] fp32 of `sampling` -> this step's [(token, None, None)] like `sample_rows`, having
-        launched the lookahead when `lookahead_batch` allows one."""
+        """logits [n, V] fp32 of `sampling` -> this step's [(token, log-prob or None, None)] like `sample_rows`,
+        having launched the lookahead when `lookahead_batch` allows one."""
         eng = self.engine
         look = lookahead_batch(eng, sampling)
         if look is None:
@@ -91,18 +92,28 @@ class Lookahead:
             out = sample_rows(logits, sampling, aligned=eng.runner.aligned)
             self.pending = (look, eng.runner.execute(look, ids=torch.tensor([t for t, _, _ in out])))
             return out
+        n, dev = len(sampling), logits.device
         tokens = sample_batch(process_rows(logits, sampling), [s.params for s in sampling],
                               [s.generator for s in sampling])
-        if self._host is None or self._host.numel() < len(sampling):
-            self._host = torch.empty(max(len(sampling), eng.config.max_num_seqs), dtype=torch.long,
-                                     pin_memory=True)
-        host = self._host[:len(sampling)]
-        host.copy_(tokens, non_blocking=True)
+        groups = by_temperature(sampling)
+        lp = torch.zeros(n, dtype=torch.float32, device=dev) if groups else None
+        for temp, rows in groups.items():  # what sample_sequences computes, left on the device
+            lp.index_copy_(0, torch.tensor(rows, device=dev), group_logprobs(logits, tokens, rows, temp,
+                                                                             eng.runner.aligned)[0])
+        if self._host is None or self._host[0].numel() < n:
+            size = max(n, eng.config.max_num_seqs)
+            self._host = (torch.empty(size, dtype=torch.long, pin_memory=True),
+                          torch.empty(size, dtype=torch.float32, pin_memory=True))
+        host_tok, host_lp = self._host[0][:n], self._host[1][:n]
+        host_tok.copy_(tokens, non_blocking=True)
+        if lp is not None:
+            host_lp.copy_(lp, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record()
         self.pending = (look, eng.runner.execute(look, ids=tokens))
         copied.synchronize()  # the tokens are out; the lookahead keeps the GPU busy meanwhile
-        return [(t, None, None) for t in host.tolist()]
+        lps = host_lp.tolist() if lp is not None else [None] * n
+        return [(t, v if s.params.logprobs else None, None) for t, v, s in zip(host_tok.tolist(), lps, sampling)]
 
     def settle(self) -> None:
         """This step's tokens are processed: commit the lookahead of the requests that go on, drop the rest."""

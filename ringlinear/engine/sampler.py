@@ -61,7 +61,7 @@ def sample_rows(logits: torch.Tensor, seqs: list[Sequence], aligned: bool = Fals
     out = [sample_row(logits[i], s, drawn[i]) for i, s in enumerate(seqs)]
     if aligned and any(s.params.logprobs for s in seqs):
         from ..ops.loss import token_logprobs
-        for temp, rows in _by_temperature(seqs).items():
+        for temp, rows in by_temperature(seqs).items():
             lp, _ = token_logprobs(logits[rows], torch.tensor([out[i][0] for i in rows]), temp)
             for i, v in zip(rows, lp.tolist()):
                 out[i] = (out[i][0], v, out[i][2])
@@ -76,16 +76,9 @@ def sample_sequences(logits: torch.Tensor, drawn: torch.Tensor, seqs: list[Seque
     tokens = sample_batch(drawn, [s.params for s in seqs], [s.generator for s in seqs])
     lps: dict[int, float] = {}
     tops: dict[int, list] = {}
-    for temp, rows in _by_temperature(seqs).items():
-        idx = torch.tensor(rows, device=logits.device)
-        raw, tok = logits.index_select(0, idx), tokens.index_select(0, idx)
+    for temp, rows in by_temperature(seqs).items():
         k_rows = [j for j, i in enumerate(rows) if seqs[i].params.top_logprobs]
-        full = log_softmax_fp32(raw, temp) if k_rows or not aligned else None
-        if aligned:
-            from ..ops.loss import token_logprobs
-            lp, _ = token_logprobs(raw, tok, temp)
-        else:
-            lp = full.gather(1, tok[:, None])[:, 0]
+        lp, full = group_logprobs(logits, tokens, rows, temp, aligned, full=bool(k_rows))
         lps.update(zip(rows, lp.tolist()))
         for k in {seqs[rows[j]].params.top_logprobs for j in k_rows}:
             sel = [j for j in k_rows if seqs[rows[j]].params.top_logprobs == k]
@@ -93,7 +86,21 @@ def sample_sequences(logits: torch.Tensor, drawn: torch.Tensor, seqs: list[Seque
     return [(t, lps.get(i), tops.get(i)) for i, t in enumerate(tokens.tolist())]
 
 
-def _by_temperature(seqs: list[Sequence]) -> dict[float, list[int]]:
+def group_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], temp: float, aligned: bool,
+                   full: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The log-probs [len(rows)] fp32 (on the logits' device, nothing read back) of tokens [n] under logits [n, V] at
+    `temp`, for the rows `rows`; and, when `full` or not aligned, the rows' whole fp32 log-softmax (for top-k).
+    Aligned: `token_logprobs`, the trainer's kernel."""
+    idx = torch.tensor(rows, device=logits.device)
+    raw, tok = logits.index_select(0, idx), tokens.index_select(0, idx)
+    whole = log_softmax_fp32(raw, temp) if full or not aligned else None
+    if aligned:
+        from ..ops.loss import token_logprobs
+        return token_logprobs(raw, tok, temp)[0], whole
+    return whole.gather(1, tok[:, None])[:, 0], whole
+
+
+def by_temperature(seqs: list[Sequence]) -> dict[float, list[int]]:
     """The rows asking for log-probs, grouped by the temperature their log-probs are taken at."""
     groups: dict[float, list[int]] = {}
     for i, s in enumerate(seqs):

@@ -130,16 +130,26 @@ def test_preemption_and_abort(make_llm, random_prompts, check_blocks):
     assert s["free_kv_blocks"] == s["total_kv_blocks"] and s["free_state_slots"] == s["total_state_slots"]
 
 
-def test_no_lookahead_where_it_does_not_apply(make_llm, random_prompts):
-    """Log-probs take their own host syncs, and a request whose prefill is still in pieces would be held back:
-    neither runs under a lookahead, and the outputs are those of the synchronous engine."""
+def test_logprobs_and_where_no_lookahead_applies(make_llm, random_prompts):
+    """Sampled tokens' log-probs ride along with the tokens (bitwise those of the synchronous engine, aligned mode
+    too); top log-probs take their own host syncs, and a request whose prefill is still in pieces would be held
+    back: neither runs under a lookahead."""
     prompts = random_prompts(3, 10, 30, seed=74)
-    lp = SamplingParams(max_tokens=12, temperature=0.8, seed=1, logprobs=True, ignore_eos=True)
-    want = make_llm().generate(prompts, lp)
+    for numerics in ("default", "aligned"):
+        lp = SamplingParams(max_tokens=12, temperature=0.8, seed=1, logprobs=True, ignore_eos=True,
+                            tempered_logprobs=numerics == "aligned")
+        want = make_llm(numerics=numerics).generate(prompts, lp)
+        fast = make_llm(numerics=numerics, async_scheduling=True)
+        got = fast.generate(prompts, lp)
+        _same(got, want)
+        assert [o.logprobs for o in got] == [o.logprobs for o in want] and len(got[0].logprobs) == 12
+        assert fast.engine.stats()["async_scheduled_steps"] > 5
+    top = SamplingParams(max_tokens=12, temperature=0.8, seed=1, logprobs=True, top_logprobs=3, ignore_eos=True)
+    want = make_llm().generate(prompts, top)
     fast = make_llm(async_scheduling=True)
-    got = fast.generate(prompts, lp)
-    _same(got, want)
-    assert [o.logprobs for o in got] == [o.logprobs for o in want]
+    got = fast.generate(prompts, top)
+    assert [(o.token_ids, o.logprobs, o.top_logprobs) for o in got] == [(o.token_ids, o.logprobs, o.top_logprobs)
+                                                                        for o in want]
     assert fast.engine.stats()["async_scheduled_steps"] == 0
 
     eng = fast.engine  # a long prompt prefilling in 64-token pieces beside a decoding one

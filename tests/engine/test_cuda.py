@@ -144,13 +144,14 @@ def test_async_scheduling_equals_sync_on_cuda(make_llm, random_prompts, numerics
     """The lookahead's device tokens feed the decode graph (engine/overlap.py). Every request runs to the same
     length, so both engines run the same batches at every step: tokens bitwise equal in both numerics."""
     prompts = random_prompts(6, 1, 150, seed=63)
-    params = [SamplingParams(max_tokens=24, temperature=0 if i % 2 else 0.9, seed=i, ignore_eos=True)
-              for i in range(6)]
+    params = [SamplingParams(max_tokens=24, temperature=0 if i % 2 else 0.9, seed=i, ignore_eos=True,
+                             logprobs=i % 3 == 0) for i in range(6)]
     sync = make_llm(device="cuda", numerics=numerics, cuda_graph_max_batch=8)
     fast = make_llm(device="cuda", numerics=numerics, cuda_graph_max_batch=8, async_scheduling=True)
     assert fast.engine.runner.graphs is not None, "CUDA graph capture failed (see the warning in the log)"
     a, b = sync.generate(prompts, params), fast.generate(prompts, params)
     assert [x.token_ids for x in a] == [x.token_ids for x in b]
+    assert [x.logprobs for x in a] == [x.logprobs for x in b] and a[0].logprobs  # copied out with the tokens
     s = fast.engine.stats()
     assert s["async_scheduled_steps"] >= 20
     assert s["free_kv_blocks"] == s["total_kv_blocks"] and s["free_state_slots"] == s["total_state_slots"]
