@@ -47,18 +47,28 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def server(tiny_dir):
+def start_server(tiny_dir):
+    """start_server(**engine_config) -> a LiveServer over the tiny checkpoint on CPU (stop it with .stop()), its
+    AsyncEngine as .engine."""
     from ringlinear.engine import EngineConfig, LLMEngine
     from ringlinear.engine.async_engine import AsyncEngine
     from ringlinear.server.app import create_app
+
+    def start(**kw):
+        engine = AsyncEngine(LLMEngine(tiny_dir, EngineConfig(device="cpu", **kw)))
+        live = LiveServer(create_app(engine, MODEL, api_key=API_KEY))
+        live.engine = engine
+        return live
+    return start
+
+
+@pytest.fixture(scope="session")
+def server(start_server):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     # 32 slots for 64 load-test clients (so requests queue) and 160 x 16 KV tokens (so they also preempt).
-    cfg = EngineConfig(device="cpu", max_num_seqs=32, num_kv_blocks=160, block_size=16, prefill_chunk=64,
-                       max_num_batched_tokens=256, max_model_len=512)
-    engine = AsyncEngine(LLMEngine(tiny_dir, cfg))
-    live = LiveServer(create_app(engine, MODEL, api_key=API_KEY))
-    live.engine = engine
+    live = start_server(max_num_seqs=32, num_kv_blocks=160, block_size=16, prefill_chunk=64,
+                        max_num_batched_tokens=256, max_model_len=512)
     yield live
     live.stop()
     torch.set_num_threads(threads)
