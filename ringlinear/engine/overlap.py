@@ -17,10 +17,16 @@ log-probs are computed on the device and copied out with the tokens), one proces
 rank 0's broadcast of host tokens) and there are free KV blocks for every request's next position (no preemption).
 Otherwise the engine steps as without it. The case: with every slot taken and a queue, a request that finishes
 on this token frees a slot the scheduler would fill in the next step; the lookahead is already running, so that
-admission waits one step (a saturated engine with a queue still overlaps). Each row is the same computation as in the step the scheduler would have
-run; a finished request's row is computed but not read, so in batch-invariant numerics (the CPU default, aligned
-mode) tokens and states are bitwise those of the engine without it, and in default CUDA numerics a row may differ
-in its last bits where the batch around it differs (as with any change of batch).
+admission waits one step (a saturated engine with a queue still overlaps). Each row is the same computation as in
+the step the scheduler would have run; a finished request's row is computed but not read, so in batch-invariant
+numerics (the CPU default, aligned mode) tokens and states are bitwise those of the engine without it, and in
+default CUDA numerics a row may differ in its last bits where the batch around it differs (as with any change of
+batch).
+
+The decode graph's input copies (cuda_graph.py `load`) are synchronous: they wait for this step's sampling and
+token copy, so by the lookahead's replay the tokens are already out, and the GPU idles between the sampling and
+the replay for those copies (five small ones and the block-table update; not measured yet). The host's work on
+the tokens then runs during the replay.
 
 Nothing between the lookahead's launch and the tokens' event may wait on the stream, or the overlap is gone: a
 device tensor indexed by a Python list is one such wait (its index goes through a blocking copy), which is why

@@ -110,12 +110,25 @@ def collate(rows: list[Row], device=None):
         row_ids.append(np.full(r.input_ids.size, j, dtype=np.int64))
         off += r.input_ids.size
     cu.append(off)
-    t = (lambda a, dt: torch.as_tensor(a, dtype=dt, device=device))
+    dev_ids, dev_lab, dev_rows, dev_cu = _to_device([ids, lab, np.concatenate(row_ids), np.asarray(cu)], device)
     # host-side counts, so the step never reads them back from the device
-    return {"input_ids": t(ids, torch.long)[None], "labels": t(lab, torch.long)[None],
-            "cu_seqlens": t(np.asarray(cu), torch.int32), "row_ids": t(np.concatenate(row_ids), torch.long),
-            "n_rows": len(rows), "n_targets": int((lab != -100).sum()), "max_seqlen": int(np.diff(cu).max()),
-            "cu_host": cu}
+    return {"input_ids": dev_ids[None], "labels": dev_lab[None], "cu_seqlens": dev_cu.to(torch.int32),
+            "row_ids": dev_rows, "n_rows": len(rows), "n_targets": int((lab != -100).sum()),
+            "max_seqlen": int(np.diff(cu).max()), "cu_host": cu}
+
+
+def _to_device(arrays: list[np.ndarray], device) -> list[torch.Tensor]:
+    """Integer host arrays -> int64 tensors on `device`, views of one buffer filled on the host and copied once.
+    On CUDA the buffer is pinned and the copy asynchronous: a pageable copy is synchronous, so the host would wait
+    for it and for the GPU work queued before it (the next step's launches then no longer run ahead of the GPU),
+    and after a checkpoint it queues behind the snapshot's long copies (train/staging.py)."""
+    sizes = [a.size for a in arrays]
+    cuda = device is not None and torch.device(device).type == "cuda"
+    buf = torch.empty(sum(sizes), dtype=torch.long, pin_memory=cuda)
+    torch.cat([torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in arrays], out=buf)
+    if device is not None:
+        buf = buf.to(device, non_blocking=cuda)
+    return list(torch.split(buf, sizes))
 
 
 def pad_rows(rows: list[Row], multiple: int) -> list[Row]:

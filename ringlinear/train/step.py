@@ -40,7 +40,8 @@ def forward_backward(tr, batches) -> dict:
     wrapper, balancer, autocast, env, expert / context parallelism). Returns device-tensor sums: loss, aux,
     targets; host ints: tokens, rows."""
     env = tr.env
-    local = torch.tensor([float(micro_batches_targets(batches))], dtype=torch.float64)
+    cuda = torch.device(env.device).type == "cuda"  # pinned: a pageable copy would wait for the queued GPU work
+    local = torch.tensor([float(micro_batches_targets(batches))], dtype=torch.float64, pin_memory=cuda)
     global_targets = D.all_reduce_sum(env, local.to(env.device, non_blocking=True))[0]
     if tr.cp is not None:  # the ranks of a CP group share their rows: each counted all of them
         global_targets = global_targets / tr.cp.cp

@@ -36,6 +36,43 @@ def test_rows_targets_and_segments():
     assert len(part) == 3 and part.row(2).input_ids.tolist() == [30, 31]
 
 
+def _random_rows(seed):
+    g = np.random.default_rng(seed)
+    docs = [g.integers(3, 400, g.integers(1, 40)).tolist() for _ in range(30)]
+    rows = PackedRows(_stream(docs), seq_len=64)
+    return [rows.row(i) for i in range(len(rows))]
+
+
+def _check_batch(b, rows):
+    """b (any device) against the rows it packs, computed here independently."""
+    ids = np.concatenate([r.input_ids for r in rows])
+    lab = np.concatenate([r.labels for r in rows])
+    cu, off = [], 0
+    for r in rows:
+        cu += [off + x for x in r.seg_starts]
+        off += r.input_ids.size
+    cu.append(off)
+    assert b["input_ids"].dtype == b["labels"].dtype == b["row_ids"].dtype == torch.long
+    assert b["cu_seqlens"].dtype == torch.int32 and b["input_ids"].shape == (1, ids.size)
+    assert b["input_ids"][0].cpu().tolist() == ids.tolist() and b["labels"][0].cpu().tolist() == lab.tolist()
+    assert b["cu_seqlens"].cpu().tolist() == cu == b["cu_host"]
+    assert b["row_ids"].cpu().tolist() == [j for j, r in enumerate(rows) for _ in range(r.input_ids.size)]
+    assert b["n_targets"] == int((lab != -100).sum()) and b["n_rows"] == len(rows)
+    assert b["max_seqlen"] == max(np.diff(cu))
+
+
+def test_collate_one_copy_matches_the_rows():
+    rows = _random_rows(4)
+    _check_batch(collate(rows), rows)
+    _check_batch(collate(rows, "cpu"), rows)
+    if torch.cuda.is_available():  # the pinned, asynchronous copy
+        b = collate(rows, "cuda")
+        assert b["input_ids"].is_cuda and b["cu_seqlens"].is_cuda
+        _check_batch(b, rows)
+    else:
+        print("collate's pinned CUDA copy not checked: no CUDA here")
+
+
 def test_row_schedule_is_world_size_independent_and_epochs_reshuffle():
     one = RowSchedule(10, seed=3, batch_size=4, grad_accum=1, world=1, rank=0)
     two = [RowSchedule(10, seed=3, batch_size=2, grad_accum=1, world=2, rank=r) for r in range(2)]
