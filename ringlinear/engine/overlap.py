@@ -71,7 +71,7 @@ def lookahead_batch(engine, sampling: list[Sequence]) -> Batch | None:
 
 def _rows(t: torch.Tensor, keep: list[int]) -> torch.Tensor:
     """t[keep] without a host sync: a list index is a blocking copy, which would wait for the lookahead."""
-    idx = torch.tensor(keep)
+    idx = torch.tensor(keep, dtype=torch.long)  # (keep may be empty: every request aborted)
     if t.is_cuda:
         idx = idx.pin_memory().to(t.device, non_blocking=True)
     return t.index_select(0, idx)
