@@ -82,11 +82,11 @@ class StaticDecodeStep:
         sequence's own); returns the live batch size."""
         n = len(seqs)
         bs = self.kv.block_size
-        given, tokens, pos, slots, rows, lens = ids, [], [], [], [], []
+        tokens, pos, slots, rows, lens = [], [], [], [], []
         changed = []
         for i, s in enumerate(seqs):
             seq, p = s.seq, s.start
-            if given is None:
+            if ids is None:
                 tokens += seq.token_slice(p, p + 1)
             pos.append(p)
             slots.append(seq.slot)
@@ -100,10 +100,10 @@ class StaticDecodeStep:
                 self._row_key[i] = None
                 changed.append(i)
         pad = self.max_batch - n
-        if given is None:
+        if ids is None:
             self.ids.copy_(torch.tensor(tokens + [0] * pad))
         else:  # the padding rows keep earlier (valid) ids
-            self.ids[:n].copy_(given, non_blocking=True)
+            self.ids[:n].copy_(ids, non_blocking=True)
         self.positions.copy_(torch.tensor(pos + [0] * pad))
         self.slot_ids.copy_(torch.tensor(slots + [self.states.scratch_slot] * pad))
         self.write_rows.copy_(torch.tensor(rows + [self.kv.scratch_block * bs] * pad))

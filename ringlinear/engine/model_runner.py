@@ -114,7 +114,9 @@ class ModelRunner:
         scored = [prompt_positions(s.seq, s.start, s.num_tokens) for s in entries]
         if self.graphs is not None and batch.all_decode and self.graphs.fits(len(entries)) and \
                 all(lo >= hi for lo, hi in scored):
-            logits = self.graphs.run(entries, given_ids)  # a view of the graph's output: valid until its next replay
+            # a view of the graph's output, valid until its next replay; decode entries all sample: no gather (its
+            # list index is a blocking copy, which would wait for the replay)
+            logits = self.graphs.run(entries, given_ids)
             return logits if all(s.sample for s in entries) else logits[[i for i, s in enumerate(entries) if s.sample]]
         if self.prefill_graphs is not None and all(s.start == 0 and s.num_tokens >= 2 for s in entries) and \
                 all(lo >= hi for lo, hi in scored) and self.prefill_graphs.fits(entries):
@@ -136,6 +138,6 @@ class ModelRunner:
                 score_prompt(s.seq, self.model.compute_logits(hidden[row + lo:row + hi]), self.aligned)
         if not last_rows:  # a step of prefill pieces only: nothing to sample, but keep the [n, V] shape
             return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)
-        if len(last_rows) == hidden.shape[0]:  # every row samples (a decode step): no gather, whose list index is
-            return self.model.compute_logits(hidden)  # a blocking copy that would wait for the whole forward
+        if len(last_rows) == hidden.shape[0]:  # every row samples (a decode step): no gather, as for the graphs
+            return self.model.compute_logits(hidden)
         return self.model.compute_logits(hidden[last_rows])

@@ -71,7 +71,7 @@ def lookahead_batch(engine, sampling: list[Sequence]) -> Batch | None:
 
 def _rows(t: torch.Tensor, keep: list[int]) -> torch.Tensor:
     """t[keep] without a host sync: a list index is a blocking copy, which would wait for the lookahead."""
-    idx = torch.tensor(keep, dtype=torch.long)  # (keep may be empty: every request aborted)
+    idx = torch.tensor(keep, dtype=torch.long)
     if t.is_cuda:
         idx = idx.pin_memory().to(t.device, non_blocking=True)
     return t.index_select(0, idx)
@@ -123,17 +123,10 @@ class Lookahead:
 
     def settle(self) -> None:
         """This step's tokens are processed: commit the lookahead of the requests that go on, drop the rest."""
-        if self.pending is None:
-            return
-        look, logits = self.pending
-        keep = [i for i, s in enumerate(look.seqs) if not s.seq.finished]
-        if not keep:
-            self.pending = None
-            return
-        if len(keep) < len(look.seqs):
-            look, logits = Batch([look.seqs[i] for i in keep]), _rows(logits, keep)
-        self.engine.scheduler.commit(look)
-        self.pending = (look, logits)
+        if self.pending is not None:
+            self.pending = _going_on(*self.pending)
+        if self.pending is not None:
+            self.engine.scheduler.commit(self.pending[0])
 
     def take(self) -> tuple[torch.Tensor, list[Sequence]] | None:
         """The pending lookahead as (logits, sequences) to sample now (requests aborted since dropped), or None."""
@@ -141,8 +134,16 @@ class Lookahead:
             return None
         look, logits = self.pending
         self.pending = None
-        keep = [i for i, s in enumerate(look.seqs) if not s.seq.finished]
-        if len(keep) < len(look.seqs):
-            logits = _rows(logits, keep)
         self.num_steps += 1
-        return logits, [look.seqs[i].seq for i in keep]
+        kept = _going_on(look, logits)
+        return (logits[:0], []) if kept is None else (kept[1], [s.seq for s in kept[0].seqs])
+
+
+def _going_on(look: Batch, logits: torch.Tensor) -> tuple[Batch, torch.Tensor] | None:
+    """(look, logits) less the rows of finished (or aborted) requests; None when none is left."""
+    keep = [i for i, s in enumerate(look.seqs) if not s.seq.finished]
+    if not keep:
+        return None
+    if len(keep) == len(look.seqs):
+        return look, logits
+    return Batch([look.seqs[i] for i in keep]), _rows(logits, keep)
