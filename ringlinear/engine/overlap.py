@@ -134,9 +134,11 @@ class Lookahead:
             return None
         look, logits = self.pending
         self.pending = None
-        self.num_steps += 1
         kept = _going_on(look, logits)
-        return (logits[:0], []) if kept is None else (kept[1], [s.seq for s in kept[0].seqs])
+        if kept is None:
+            return logits[:0], []
+        self.num_steps += 1
+        return kept[1], [s.seq for s in kept[0].seqs]
 
 
 def _going_on(look: Batch, logits: torch.Tensor) -> tuple[Batch, torch.Tensor] | None:
