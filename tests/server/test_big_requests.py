@@ -23,7 +23,15 @@ def _rss() -> int:
 
 
 def _post(server, path, body: bytes):
-    return httpx.post(server.url + path, content=body, headers=AUTH, timeout=60)
+    # An oversized body is answered before it is all sent, and uvicorn then closes the connection with the rest
+    # unread: about 1 post in 60 the client gets a reset instead of the 413 it was sent (seen in CI and in a
+    # loop of 10 MB posts, 2026-12-02). Tried again once then, so the test is about the server's answer.
+    for attempt in range(2):
+        try:
+            return httpx.post(server.url + path, content=body, headers=AUTH, timeout=60)
+        except (httpx.RemoteProtocolError, httpx.WriteError, httpx.ReadError):
+            if attempt:
+                raise
 
 
 def _still_serving(server):
