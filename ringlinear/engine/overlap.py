@@ -104,8 +104,8 @@ class Lookahead:
         groups = by_temperature(sampling)
         lp = torch.zeros(n, dtype=torch.float32, device=dev) if groups else None
         for temp, rows in groups.items():  # what sample_sequences computes, left on the device
-            lp.index_copy_(0, torch.tensor(rows, device=dev), group_logprobs(logits, tokens, rows, temp,
-                                                                             eng.runner.aligned)[0])
+            idx = torch.tensor(rows, device=dev)
+            lp.index_copy_(0, idx, group_logprobs(logits, tokens, idx, temp, eng.runner.aligned)[0])
         if self._host is None or self._host[0].numel() < n:
             size = max(n, eng.config.max_num_seqs)
             self._host = (torch.empty(size, dtype=torch.long, pin_memory=True),

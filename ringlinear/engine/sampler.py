@@ -78,7 +78,8 @@ def sample_sequences(logits: torch.Tensor, drawn: torch.Tensor, seqs: list[Seque
     tops: dict[int, list] = {}
     for temp, rows in by_temperature(seqs).items():
         k_rows = [j for j, i in enumerate(rows) if seqs[i].params.top_logprobs]
-        lp, full = group_logprobs(logits, tokens, rows, temp, aligned, full=bool(k_rows))
+        lp, full = group_logprobs(logits, tokens, torch.tensor(rows, device=logits.device), temp, aligned,
+                                  full=bool(k_rows))
         lps.update(zip(rows, lp.tolist()))
         for k in {seqs[rows[j]].params.top_logprobs for j in k_rows}:
             sel = [j for j in k_rows if seqs[rows[j]].params.top_logprobs == k]
@@ -86,12 +87,11 @@ def sample_sequences(logits: torch.Tensor, drawn: torch.Tensor, seqs: list[Seque
     return [(t, lps.get(i), tops.get(i)) for i, t in enumerate(tokens.tolist())]
 
 
-def group_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], temp: float, aligned: bool,
+def group_logprobs(logits: torch.Tensor, tokens: torch.Tensor, idx: torch.Tensor, temp: float, aligned: bool,
                    full: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The log-probs [len(rows)] fp32 (on the logits' device, nothing read back) of tokens [n] under logits [n, V] at
-    `temp`, for the rows `rows`; and, when `full` or not aligned, the rows' whole fp32 log-softmax (for top-k).
-    Aligned: `token_logprobs`, the trainer's kernel."""
-    idx = torch.tensor(rows, device=logits.device)
+    """The log-probs [m] fp32 (on the logits' device, nothing read back) of tokens [n] under logits [n, V] at
+    `temp`, for the rows idx [m] (int64, on the logits' device); and, when `full` or not aligned, those rows' whole
+    fp32 log-softmax (for top-k). Aligned: `token_logprobs`, the trainer's kernel."""
     raw, tok = logits.index_select(0, idx), tokens.index_select(0, idx)
     whole = log_softmax_fp32(raw, temp) if full or not aligned else None
     if aligned:
