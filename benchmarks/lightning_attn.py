@@ -344,9 +344,10 @@ def tune(la, Ts):
         la.TUNE["programs"] = progs
         with torch.no_grad():
             timed(f"fwd T={T} programs={progs}", lambda: la.lightning_attn(q, k, v, g)[0])
-        timed(f"fwdbwd T={T} programs={progs}", lambda: la.lightning_attn(q, k, v, g)[0].backward(do))
+        timed(f"fwdbwd T={T} programs={progs}", lambda: la.lightning_attn(q, k, v, g)[0].backward(do),
+              grad_to_none=[q, k, v])
     del q, k, v, do
-    if 16384 in Ts:  # the training point below its target: segment length of the split (5 x 3.3K by default)
+    if 16384 in Ts:  # the training point below its target: segment length of the split (4 x 4K by default)
         T = 16384
         q, k, v = rand_qkv(TOKENS // T, T, torch.bfloat16, requires_grad=True)
         do = torch.randn_like(q)
