@@ -88,6 +88,11 @@ def row(sec, name, ms, *, bytes_=None, flops=None, err=None, base=None):
     if err is not None:
         r["rel"] = float(f"{err:.3g}")
         extra.append(f"rel {err:.2e}")
+    bad = F8.read_nonfinite(DEV)  # the inputs are finite: anything counted since the last row is a kernel's bug
+    if bad:
+        r["nonfinite"] = bad
+        extra.append(f"NONFINITE {bad}")
+    RESULT["nonfinite_count"] = RESULT.get("nonfinite_count", 0) + bad
     RESULT["sections"].setdefault(sec, {})[name] = r
     print(f"  {name:<46} {ms:9.4f} ms  " + "  ".join(extra), flush=True)
     return ms
@@ -183,6 +188,15 @@ def norm(args):
                 row("norm", name, bench(lambda tile=tile: TQ.rms_norm_quant(x, w, 1e-6, False, cnt(), write_y=False,
                                                                             cols=True, cols_tile=tile)),
                     bytes_=6 * nb, base=("bf16", base))
+                RESULT["sections"]["norm"][name]["bitwise_default_tile"] = same
+            ref = TQ.rms_norm_quant(x, w, 1e-6, False, cnt(), write_y=False)[1]
+            for tile in TQ.NORM_ROWS_TILES:  # and of the rows pass
+                got = TQ.rms_norm_quant(x, w, 1e-6, False, cnt(), write_y=False, rows_tile=tile)[1]
+                same = torch.equal(got[0].view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(got[1], ref[1])
+                name = tag + f"ours rows, tile {tile[0]} rows / {tile[1]} warps"
+                row("norm", name, bench(lambda tile=tile: TQ.rms_norm_quant(x, w, 1e-6, False, cnt(), write_y=False,
+                                                                            rows_tile=tile)),
+                    bytes_=3 * nb, base=("bf16", base))
                 RESULT["sections"]["norm"][name]["bitwise_default_tile"] = same
         if "triton_rms_norm_and_block_quant_forward" in LG:
             f = LG["triton_rms_norm_and_block_quant_forward"]
@@ -587,7 +601,7 @@ def main():
     if args.sweep:
         sweep_configs(args)
     vs_linghe()
-    RESULT["nonfinite_count"] = F8.read_nonfinite(DEV)
+    RESULT["nonfinite_count"] = RESULT.get("nonfinite_count", 0) + F8.read_nonfinite(DEV)
     print(json.dumps(RESULT, default=float))
 
 

@@ -145,10 +145,16 @@ def test_launch_tiles_give_the_same_bits():
     x = (torch.randn(200, 384, generator=g) * 3).to(torch.bfloat16).to(DEV)
     w = (1 + 0.1 * torch.randn(384, generator=g)).to(torch.bfloat16).to(DEV)
     cnt = torch.zeros(1, dtype=torch.int64, device=DEV)
-    ref = TQ.rms_norm_quant(x, w, 1e-6, False, cnt, cols=True)[2]
+    ref = TQ.rms_norm_quant(x, w, 1e-6, False, cnt, cols=True)
     for tile in TQ.COLS_TILES:
         qt, st = TQ.rms_norm_quant(x, w, 1e-6, False, cnt, cols=True, cols_tile=tile)[2]
-        assert torch.equal(u8(qt), u8(ref[0])) and torch.equal(st, ref[1]), tile
+        assert torch.equal(u8(qt), u8(ref[2][0])) and torch.equal(st, ref[2][1]), tile
+    for tile in TQ.NORM_ROWS_TILES + ((1, 1), (64, 16)):  # 200 rows: a partial last program whatever the tile
+        y, (q, s), _, rstd = TQ.rms_norm_quant(x, w, 1e-6, False, cnt, rows_tile=tile)
+        assert torch.equal(y, ref[0]) and torch.equal(u8(q), u8(ref[1][0])) and torch.equal(s, ref[1][1]), tile
+        assert torch.equal(rstd, ref[3]), tile
+    with pytest.raises(ValueError, match="rows_tile: .*got \\(3, 4\\)"):
+        TQ.rms_norm_quant(x, w, 1e-6, False, cnt, rows_tile=(3, 4))
     ab = (torch.randn(200, 512, generator=g) * 2).to(torch.bfloat16).to(DEV)
     (rq, rs), _ = TQ.swiglu_quant(ab, True, cnt)
     for tile in TQ.ROWS_TILES:
