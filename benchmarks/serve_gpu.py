@@ -156,7 +156,8 @@ def main():
     ap.add_argument("--probes", type=int, default=4)
     ap.add_argument("--numerics", default="default", choices=("default", "aligned"),
                     help="aligned: hits are bitwise and reach into previous answers (deeper chat hits)")
-    ap.add_argument("--async-scheduling", action="store_true", help="both modes with async scheduling on")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="async scheduling on / off in both modes (default: the engine's, on for CUDA)")
     ap.add_argument("--quick", action="store_true", help="small sizes for a CPU smoke run")
     args = ap.parse_args()
     if args.quick:
@@ -211,7 +212,7 @@ def main():
     cols = ("requests", "ttft_ms_p50", "ttft_ms_p99", "req_s", "output_tok_s", "prompt_tok_s", "cached_prompt_frac",
             "evicted_blocks", "evicted_snapshots")
     print(f"\n{args.preset} shape, random bf16 weights, {card}, numerics={args.numerics}, async_scheduling="
-          f"{args.async_scheduling}; closed-loop clients, "
+          f"{eng.async_scheduling}; closed-loop clients, "
           "greedy, ignore_eos")
     print("| workload | prefix cache | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 2) + "|")

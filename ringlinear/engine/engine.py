@@ -142,6 +142,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.kv, self.states, self.prefix_cache)
         self.runner = ModelRunner(model, config, self.kv, self.states, self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.runner.device.type == "cuda")  # overlap.py; EngineConfig says why
         self.lookahead = Lookahead(self)
         self.num_aborted = 0
         self.asleep = False
@@ -364,7 +366,7 @@ class LLMEngine:
 
     def _sample(self, logits: torch.Tensor, sampling: list[Sequence]) -> list[RequestOutput]:
         """logits [n, V] fp32, a row per sequence of `sampling`: draw, record and report their tokens."""
-        if self.config.async_scheduling:
+        if self.async_scheduling:
             drawn = self.lookahead.sample_and_launch(logits, sampling)
         else:
             drawn = sample_rows(logits, sampling, aligned=self.runner.aligned)

@@ -1,4 +1,4 @@
-"""Async scheduling (`EngineConfig.async_scheduling`, `--async-scheduling`): a decode step's successor is launched
+"""Async scheduling (`EngineConfig.async_scheduling`, on for CUDA by default): a decode step's successor is launched
 before the step's tokens reach the host, so the host's work on them (stop checks, detokenising, outputs, the next
 schedule) runs while the GPU computes the next step, instead of between two steps with the GPU idle.
 

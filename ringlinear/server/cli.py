@@ -1,6 +1,7 @@
 """`ringlinear serve --model DIR`: the OpenAI-compatible server. fastapi/uvicorn are imported only when it runs."""
 from __future__ import annotations
 
+import argparse
 import gc
 import logging
 import os
@@ -43,8 +44,9 @@ def register(sub) -> None:
     s.add_argument("--state-snapshot-gib", type=float, default=None,
                    help="memory for state snapshots (default: a tenth of the KV cache's budget, taken from it)")
     s.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    s.add_argument("--async-scheduling", action="store_true",
-                   help="launch each decode step before the last one's tokens reach the host (docs/serving.md)")
+    s.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each decode step before the last one's tokens reach the host (docs/serving.md; "
+                        "default: on for CUDA)")
     s.add_argument("--batch-invariant", choices=("auto", "on", "off"), default="auto",
                    help="fixed-block GEMMs so results do not depend on the batch (auto: on for CPU)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -146,7 +146,7 @@ def test_async_scheduling_equals_sync_on_cuda(make_llm, random_prompts, numerics
     prompts = random_prompts(6, 1, 150, seed=63)
     params = [SamplingParams(max_tokens=24, temperature=0 if i % 2 else 0.9, seed=i, ignore_eos=True,
                              logprobs=i % 3 == 0) for i in range(6)]
-    sync = make_llm(device="cuda", numerics=numerics, cuda_graph_max_batch=8)
+    sync = make_llm(device="cuda", numerics=numerics, cuda_graph_max_batch=8, async_scheduling=False)
     fast = make_llm(device="cuda", numerics=numerics, cuda_graph_max_batch=8, async_scheduling=True)
     assert fast.engine.runner.graphs is not None, "CUDA graph capture failed (see the warning in the log)"
     a, b = sync.generate(prompts, params), fast.generate(prompts, params)
