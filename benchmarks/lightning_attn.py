@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Lightning-attention benchmark: ringlinear Triton kernels vs flash-linear-attention 0.6 and torch SDPA.
 
-Run on one CUDA GPU:  PYTHONPATH=. python3 benchmarks/lightning_attn.py [--tune] [--quick]
+Run on one CUDA GPU:  PYTHONPATH=. python3 benchmarks/lightning_attn.py [--tune] [--quick] [--lengths 16384] [--skip-decode]
 Prints tables and, last, one JSON line; with $OUT set it also writes $OUT/lightning_attn.json.
 
 Measured in one process on the same data: the device copy bandwidth; accuracy against an fp64 reference
@@ -411,6 +411,8 @@ def main():
     ap.add_argument("--tune", action="store_true", help="also sweep launch configurations")
     ap.add_argument("--quick", action="store_true", help="T=4K only, no accuracy at 64K")
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--lengths", default="4096,16384,65536", help="comma list of T for the training table")
+    ap.add_argument("--skip-decode", action="store_true", help="no decode table")
     ap.add_argument("--lean", action="store_true",
                     help="short run: no fp32/fp16 small checks, no fla accuracy (bf16 checks and T=64K kept)")
     args = ap.parse_args()
@@ -428,7 +430,9 @@ def main():
           f"{res['date']}")
     res["copy_gb_s"] = copy_bandwidth()
     print(f"# device copy bandwidth: {res['copy_gb_s']:.0f} GB/s (read + write)")
-    Ts = [4096] if args.quick else [4096, 16384, 65536]
+    Ts = [4096] if args.quick else sorted(int(t) for t in args.lengths.split(","))
+    if any(t <= 0 or TOKENS % t for t in Ts):
+        sys.exit(f"--lengths: each T must divide {TOKENS} (B * T = {TOKENS} tokens), got {args.lengths}")
 
     def save():  # after every phase, so a run cut short still leaves its numbers
         if os.environ.get("OUT"):
@@ -442,7 +446,7 @@ def main():
         save()
     res["train"] = prefill_train(la, fla_chunk, Ts)
     save()
-    res["decode"] = decode(la, fla_rec, [1, 16, 64, 256])
+    res["decode"] = [] if args.skip_decode else decode(la, fla_rec, [1, 16, 64, 256])
     save()
 
     print("\n| T | B | ours fwd | fla fwd | SDPA fwd | ours fwd+bwd | fla fwd+bwd | SDPA fwd+bwd | fwd x fla | "
