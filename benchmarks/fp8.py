@@ -189,15 +189,6 @@ def norm(args):
                                                                             cols=True, cols_tile=tile)),
                     bytes_=6 * nb, base=("bf16", base))
                 RESULT["sections"]["norm"][name]["bitwise_default_tile"] = same
-            ref = TQ.rms_norm_quant(x, w, 1e-6, False, cnt(), write_y=False)[1]
-            for tile in TQ.NORM_ROWS_TILES:  # and of the rows pass
-                got = TQ.rms_norm_quant(x, w, 1e-6, False, cnt(), write_y=False, rows_tile=tile)[1]
-                same = torch.equal(got[0].view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(got[1], ref[1])
-                name = tag + f"ours rows, tile {tile[0]} rows / {tile[1]} warps"
-                row("norm", name, bench(lambda tile=tile: TQ.rms_norm_quant(x, w, 1e-6, False, cnt(), write_y=False,
-                                                                            rows_tile=tile)),
-                    bytes_=3 * nb, base=("bf16", base))
-                RESULT["sections"]["norm"][name]["bitwise_default_tile"] = same
         if "triton_rms_norm_and_block_quant_forward" in LG:
             f = LG["triton_rms_norm_and_block_quant_forward"]
             for label, mode, nbytes in (("rows", 0, 3), ("rows+cols", 2, 6)):

@@ -68,8 +68,6 @@ def compile_all(all_shapes=False):
     TQ.swiglu_quant(torch.empty(T, 1024, dtype=torch.bfloat16), False, c, cols=True)
     for tile in TQ.COLS_TILES:  # the launch tiles benchmarks/fp8.py --tiles times
         TQ.rms_norm_quant(x, torch.empty(2048, dtype=torch.bfloat16), 1e-6, False, c, cols=True, cols_tile=tile)
-    for tile in TQ.NORM_ROWS_TILES:
-        TQ.rms_norm_quant(x, torch.empty(2048, dtype=torch.bfloat16), 1e-6, False, c, write_y=False, rows_tile=tile)
     for tile in TQ.ROWS_TILES:
         TQ.swiglu_quant(torch.empty(T, 1024, dtype=torch.bfloat16), False, c, rows_tile=tile)
     shapes = [(256, 8, 2048, 512)] + ([(256, 8, 4096, 1024), (1, 1, 2048, 5120)] if all_shapes else [])

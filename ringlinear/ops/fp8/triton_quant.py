@@ -178,28 +178,28 @@ def norm_apply(x, rstd, w, XDT: tl.constexpr, YDT: tl.constexpr):
 @triton.jit
 def _rms_rows_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, rstd_ptr, cnt_ptr, T, stride_x, eps, C: tl.constexpr,
                      NKB: tl.constexpr, XDT: tl.constexpr, YDT: tl.constexpr, WRITE_Y: tl.constexpr,
-                     QDT: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr, BT: tl.constexpr,
-                     ITERS: tl.constexpr):
-    """ITERS x BT full rows per program, BT at a time, each viewed as [BT, NKB, 128] so each 1x128 tile is one
-    reduction along axis 2."""
+                     QDT: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr, BT: tl.constexpr):
+    """BT full rows per program, loaded, summed and stored as [BT, NKB * 128] and viewed as [BT, NKB, 128] only
+    for the 1x128 tile maxima. Loaded and reduced as a 3D tile, an H200 (Triton 3.6) counted ~1e12 non-finite
+    values per call on finite inputs at NKB = 32 (the interpreter none)."""
+    CP: tl.constexpr = NKB * 128
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    col = tl.arange(0, CP)
     kb = tl.arange(0, NKB)
-    j = tl.arange(0, 128)
-    col = (kb * 128)[None, :, None] + j[None, None, :]
-    w = tl.load(w_ptr + col, mask=col < C, other=0.0).to(tl.float32)
-    for it in range(ITERS):
-        rows = (tl.program_id(0) * ITERS + it) * BT + tl.arange(0, BT)
-        r64 = rows.to(tl.int64)[:, None, None]
-        m = (rows < T)[:, None, None] & (col < C)
-        x = tl.load(x_ptr + r64 * stride_x + col, mask=m, other=0.0).to(tl.float32)
-        count_nonfinite(tl.reshape(x, [BT, NKB * 128]), cnt_ptr)
-        rstd = tl.rsqrt(tl.sum(tl.sum(x * x, 2), 1) / C + eps)
-        y = tl.where(m, norm_apply(x, rstd[:, None, None], w, XDT, YDT), 0.0)
-        if WRITE_Y:
-            tl.store(y_ptr + r64 * C + col, y.to(y_ptr.dtype.element_ty), mask=m)
-        s = tile_scale(tl.max(tl.abs(y), 2), FMAX, POW2)                         # [BT, NKB]
-        tl.store(q_ptr + r64 * C + col, encode(y, s[:, :, None], QDT), mask=m)
-        tl.store(s_ptr + kb[None, :] * T + rows[:, None], s, mask=(rows < T)[:, None] & (kb < C // 128)[None, :])
-        tl.store(rstd_ptr + rows, rstd, mask=rows < T)
+    r64 = rows.to(tl.int64)[:, None]
+    m = (rows < T)[:, None] & (col < C)[None, :]
+    x = tl.load(x_ptr + r64 * stride_x + col[None, :], mask=m, other=0.0).to(tl.float32)
+    count_nonfinite(x, cnt_ptr)
+    rstd = tl.rsqrt(tl.sum(x * x, 1) / C + eps)
+    w = tl.load(w_ptr + col, mask=col < C, other=0.0).to(tl.float32)[None, :]
+    y = tl.where(m, norm_apply(x, rstd[:, None], w, XDT, YDT), 0.0)
+    if WRITE_Y:
+        tl.store(y_ptr + r64 * C + col[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
+    y3 = tl.reshape(y, [BT, NKB, 128])
+    s = tile_scale(tl.max(tl.abs(y3), 2), FMAX, POW2)                            # [BT, NKB]
+    tl.store(q_ptr + r64 * C + col[None, :], tl.reshape(encode(y3, s[:, :, None], QDT), [BT, CP]), mask=m)
+    tl.store(s_ptr + kb[None, :] * T + rows[:, None], s, mask=(rows < T)[:, None] & (kb < C // 128)[None, :])
+    tl.store(rstd_ptr + rows, rstd, mask=rows < T)
 
 
 @triton.jit
@@ -220,23 +220,17 @@ def _rms_cols_kernel(x_ptr, w_ptr, rstd_ptr, qt_ptr, st_ptr, T, stride_x, ldqt, 
     store_cols(y, rows, rmask, cols, cmask, qt_ptr, ldqt, st_ptr + tb * C, QDT, FMAX, POW2)
 
 
-# (rows, warps) of a program of the rows pass: it walks its rows 8192 elements at a time (a loop, so the next load
-# can be in flight; linghe's pass takes 16 rows in 4 warps). None: one step of 8192 elements per program, 8 warps
-# (4 below 8192). Any tile gives the same bits (each row is its own); benchmarks/fp8.py --tiles times them.
-RMS_ROWS_TILE = None
-NORM_ROWS_TILES = ((16, 4), (16, 8), (32, 4), (32, 8))
-
 # (channels, warps) of a program of the cols pass. Any width gives the same bits (a column's tile is its 128 tokens
 # whatever the width); benchmarks/fp8.py --tiles times the candidates against linghe, whose pass is 32 wide. H200,
-# 8K tokens, rows+cols: 64 channels / 4 warps 0.0874 ms (h2048) and 0.0769 (h4096); 128 / 8: 0.0959 and 0.0888.
+# 8K tokens, rows+cols, fastest of the three in each of three runs at h2048 and h4096: 64 channels / 4 warps (e.g.
+# 0.0874 and 0.0769 ms against 0.0959 and 0.0888 with 128 / 8).
 RMS_COLS_TILE = (64, 4)
 COLS_TILES = ((32, 4), (64, 4), (128, 8))
 
 
-def rms_norm_quant(x, weight, eps, pow2, counter, write_y=True, cols=False, cols_tile=None, rows_tile=None):
+def rms_norm_quant(x, weight, eps, pow2, counter, write_y=True, cols=False, cols_tile=None):
     """x [T, C], weight [C] -> (y [T, C] or None, (q [T, C], s [ceil(C/128), T]), cols (qT [C, Tp], sT) or None,
-    rstd [T]) (cols layout as in `quantize`). rows_tile: (rows, warps) of the rows pass (RMS_ROWS_TILE);
-    cols_tile: (channels, warps) of the cols pass (RMS_COLS_TILE).
+    rstd [T]) (cols layout as in `quantize`). cols_tile: (channels, warps) of the cols pass (RMS_COLS_TILE).
     y = weight * (x * rstd).to(x.dtype) in the promoted dtype (reference.rms_norm); FP8 copies are e4m3 of y."""
     T, C = x.shape
     assert x.stride(1) == 1 and weight.is_contiguous() and C <= 16384
@@ -251,22 +245,12 @@ def rms_norm_quant(x, weight, eps, pow2, counter, write_y=True, cols=False, cols
     rstd = torch.empty(T, dtype=torch.float32, device=dev)
     nkb = next_pow2(cdiv(C, TILE))
     bt = max(1, min(16, 8192 // (nkb * TILE)))
-    rows_tile = rows_tile or RMS_ROWS_TILE
-    if rows_tile:
-        rows, warps = rows_tile
-        if rows not in (1, 2, 4, 8, 16, 32, 64) or warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"rows_tile: (rows, warps) with rows 1..64 a power of two and warps 1/2/4/8/16, "
-                             f"got {rows_tile}")
-        bt = min(bt, rows)
-        iters = rows // bt
-    else:
-        iters, warps = 1, 8 if nkb * TILE * bt >= 8192 else 4
     common = dict(XDT=_TL[x.dtype], YDT=_TL[ydt], QDT=tl.float8e4nv, FMAX=448.0, POW2=pow2)
     qc = None
     if T:
-        _rms_rows_kernel[(cdiv(T, bt * iters),)](x, weight, y if write_y else q, q, s, rstd, counter, T,
-                                                 x.stride(0), float(eps), C=C, NKB=nkb, WRITE_Y=write_y, BT=bt,
-                                                 ITERS=iters, num_warps=warps, **common)
+        _rms_rows_kernel[(cdiv(T, bt),)](x, weight, y if write_y else q, q, s, rstd, counter, T, x.stride(0),
+                                         float(eps), C=C, NKB=nkb, WRITE_Y=write_y, BT=bt,
+                                         num_warps=8 if nkb * TILE * bt >= 8192 else 4, **common)
     if cols:
         qt = torch.empty(C, _pad(T), dtype=torch.float8_e4m3fn, device=dev)
         st = torch.empty(cdiv(T, TILE), C, dtype=torch.float32, device=dev)
@@ -301,7 +285,8 @@ def _swiglu_kernel(ab_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, cnt_ptr, T, ldqt, I: tl
 
 # (tokens, warps) of a program of the rows-only SwiGLU quantiser; rows + cols always take 128 tokens, 8 warps. Any
 # height gives the same bits (each row's tiles are its own); benchmarks/fp8.py --tiles times the candidates. H200,
-# 8K tokens: 64 tokens / 8 warps 0.0307 ms (I2048) and 0.0528 (I4096); 128 / 8: 0.0347 and 0.0609.
+# 8K tokens, two runs: 64 tokens / 8 warps 0.0528 and 0.0518 ms at I4096 (128 / 8: 0.0609, 0.0604); at I2048 the
+# two runs disagree (0.0307 vs 0.0347, then 0.0373 vs 0.0347).
 SWIGLU_ROWS_TILE = (64, 8)
 ROWS_TILES = ((32, 4), (64, 4), (64, 8), (128, 8))
 
