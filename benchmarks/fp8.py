@@ -18,13 +18,16 @@ linghe's kernels are mishandled by the interpreter and report NaN there).
 
     pip install --no-deps --target /tmp/site shared/anchors/wheels/linghe-0.3.0-py3-none-any.whl
     PYTHONPATH=. python benchmarks/fp8.py --linghe-path /tmp/site [--sections norm,gemm,...] [--sweep] [--tiles]
+                                        [--rounds 3]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
+import statistics
 import sys
 import traceback
 
@@ -54,13 +57,62 @@ RESULT = {"sections": {}, "errors": {}}
 LG = {}   # linghe entry points that imported
 
 
-def bench(fn):
+ROUNDS = 1       # --rounds: round-robin repeats of the timings of an interleaved() block
+_GROUP = None    # the pending timings and rows of the open interleaved() block
+
+
+def _time(fn):
     if DEV == "cpu":  # --smoke: one call, wall clock
         import time
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
     return do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+class _Timed:
+    """A timing deferred to the end of its interleaved() block: one median per round, and the non-finite values
+    its calls counted."""
+
+    def __init__(self, fn):
+        self.fn, self.samples, self.bad = fn, [], 0
+
+    @property
+    def ms(self):
+        return statistics.median(self.samples)
+
+
+def bench(fn):
+    """ms per call of fn (median); inside interleaved() a _Timed that row() accepts and the block fills in."""
+    if _GROUP is None:
+        return _time(fn)
+    t = _Timed(fn)
+    _GROUP["timed"].append(t)
+    return t
+
+
+@contextlib.contextmanager
+def interleaved():
+    """Time every bench() of the block together, ROUNDS times round-robin, then print its rows. Runs of the same
+    kernel minutes apart differed by up to 2.5x on a lent H200 (2026-12-02, BENCHMARKS.md): a drift of the card's
+    speed moves every row of one comparison alike this way, and the rounds' spread is printed."""
+    global _GROUP
+    _GROUP = {"timed": [], "rows": []}
+    try:
+        yield
+        group = _GROUP
+        setup_bad = F8.read_nonfinite(DEV)  # counted by the block's correctness calls, before any timing
+        if setup_bad:
+            RESULT["nonfinite_count"] = RESULT.get("nonfinite_count", 0) + setup_bad
+            print(f"  NONFINITE {setup_bad} counted by the correctness calls of this block", flush=True)
+        for _ in range(ROUNDS):
+            for t in group["timed"]:
+                t.samples.append(_time(t.fn))
+                t.bad += F8.read_nonfinite(DEV)
+        for args, kw in group["rows"]:
+            _emit(*args, **kw)
+    finally:
+        _GROUP = None
 
 
 def rel(a, b):
@@ -73,29 +125,46 @@ def cnt():
 
 
 def row(sec, name, ms, *, bytes_=None, flops=None, err=None, base=None):
-    """Print one table row and store it under RESULT[sections][sec][name]."""
-    r = {"ms": round(ms, 4)}
+    """One table row, stored under RESULT[sections][sec][name] (the dict exists at once, so callers can add keys);
+    printed now, or at the end of its interleaved() block when ms is a pending bench()."""
+    r = RESULT["sections"].setdefault(sec, {}).setdefault(name, {})
+    kw = dict(bytes_=bytes_, flops=flops, err=err, base=base)
+    if isinstance(ms, _Timed):
+        _GROUP["rows"].append(((sec, name, ms, r), kw))
+    else:
+        _emit(sec, name, ms, r, **kw, bad=F8.read_nonfinite(DEV))
+    return ms
+
+
+def _emit(sec, name, ms, r, *, bytes_=None, flops=None, err=None, base=None, bad=None):
+    spread = None
+    if isinstance(ms, _Timed):
+        bad, spread = ms.bad, (max(ms.samples) - min(ms.samples)) / ms.ms if len(ms.samples) > 1 else None
+        ms = ms.ms
+    res = {"ms": round(ms, 4)}
     extra = []
     if bytes_:
-        r["GB/s"] = round(bytes_ / ms / 1e6, 1)
-        extra.append(f"{r['GB/s']:8.1f} GB/s")
+        res["GB/s"] = round(bytes_ / ms / 1e6, 1)
+        extra.append(f"{res['GB/s']:8.1f} GB/s")
     if flops:
-        r["TFLOP/s"] = round(flops / ms / 1e9, 1)
-        extra.append(f"{r['TFLOP/s']:7.1f} TFLOP/s")
+        res["TFLOP/s"] = round(flops / ms / 1e9, 1)
+        extra.append(f"{res['TFLOP/s']:7.1f} TFLOP/s")
     if base:
-        r["speedup_vs_" + base[0]] = round(base[1] / ms, 3)
-        extra.append(f"x{base[1] / ms:5.2f} vs {base[0]}")
+        b = base[1].ms if isinstance(base[1], _Timed) else base[1]
+        res["speedup_vs_" + base[0]] = round(b / ms, 3)
+        extra.append(f"x{b / ms:5.2f} vs {base[0]}")
     if err is not None:
-        r["rel"] = float(f"{err:.3g}")
+        res["rel"] = float(f"{err:.3g}")
         extra.append(f"rel {err:.2e}")
-    bad = F8.read_nonfinite(DEV)  # the inputs are finite: anything counted since the last row is a kernel's bug
-    if bad:
-        r["nonfinite"] = bad
+    if spread is not None:
+        res["spread"] = round(spread, 3)
+        extra.append(f"spread {100 * spread:.0f}%")
+    if bad:  # the inputs are finite: anything counted by this row's calls is a kernel's bug
+        res["nonfinite"] = bad
         extra.append(f"NONFINITE {bad}")
-    RESULT["nonfinite_count"] = RESULT.get("nonfinite_count", 0) + bad
-    RESULT["sections"].setdefault(sec, {})[name] = r
+    RESULT["nonfinite_count"] = RESULT.get("nonfinite_count", 0) + (bad or 0)
+    r.update(res)
     print(f"  {name:<46} {ms:9.4f} ms  " + "  ".join(extra), flush=True)
-    return ms
 
 
 def attempt(sec, name, fn):
@@ -162,45 +231,49 @@ def norm(args):
         nb = x.numel()
         print(f"[hidden {h}]")
         tag = f"h{h} "
-        base = row("norm", tag + "bf16 rms_norm (torch, our bf16 path)", bench(lambda: rms_norm(x, w, 1e-6)),
-                   bytes_=4 * nb)
-        row("norm", tag + "unfused torch: rms_norm + quant rows+cols",
-            bench(lambda: (R.quantize_rows(rms_norm(x, w, 1e-6)), R.quantize_cols(rms_norm(x, w, 1e-6)))),
-            bytes_=4 * nb)
-        for label, wy, cols, nbytes in (("rows", False, False, 3), ("rows+cols", False, True, 6),
-                                        ("rows+cols+bf16 y (training)", True, True, 8)):
-            out = TQ.rms_norm_quant(x, w, 1e-6, False, cnt(), write_y=wy, cols=cols)
-            q, s = out[1]
-            err = deq_rows_err(q, s, y)
-            if cols:
-                err = max(err, deq_rows_err(*out[2], y.t()))
-            row("norm", tag + f"ours {label}", bench(lambda: TQ.rms_norm_quant(x, w, 1e-6, False, cnt(), write_y=wy,
-                                                                              cols=cols)),
-                bytes_=nbytes * nb, err=err, base=("bf16", base))
-            RESULT["sections"]["norm"][tag + f"ours {label}"]["codes_equal_ref"] = round(
-                (q.view(torch.uint8) == R.quantize_rows(y)[0].view(torch.uint8)).float().mean().item(), 5)
-        if args.tiles:  # launch tiles of the cols pass: the same bits, timed
-            ref = TQ.rms_norm_quant(x, w, 1e-6, False, cnt(), write_y=False, cols=True)[2]
-            for tile in TQ.COLS_TILES:
-                got = TQ.rms_norm_quant(x, w, 1e-6, False, cnt(), write_y=False, cols=True, cols_tile=tile)[2]
-                same = torch.equal(got[0].view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(got[1], ref[1])
-                name = tag + f"ours rows+cols, cols tile {tile[0]} ch / {tile[1]} warps"
-                row("norm", name, bench(lambda tile=tile: TQ.rms_norm_quant(x, w, 1e-6, False, cnt(), write_y=False,
-                                                                            cols=True, cols_tile=tile)),
-                    bytes_=6 * nb, base=("bf16", base))
-                RESULT["sections"]["norm"][name]["bitwise_default_tile"] = same
-        if "triton_rms_norm_and_block_quant_forward" in LG:
-            f = LG["triton_rms_norm_and_block_quant_forward"]
-            for label, mode, nbytes in (("rows", 0, 3), ("rows+cols", 2, 6)):
-                def call(mode=mode):
-                    return f(x, w, 1e-6, round_scale=False, output_mode=mode)
-                o = attempt("norm", tag + f"linghe {label}", call)
-                if o is None:
-                    continue
-                err = deq_rows_err(o[0], o[1], y)
-                if mode == 2:
-                    err = max(err, deq_rows_err(o[3], o[4], y.t()))
-                row("norm", tag + f"linghe {label}", bench(call), bytes_=nbytes * nb, err=err, base=("bf16", base))
+        with interleaved():  # every row of this size timed together (interleaved's docstring)
+            base = row("norm", tag + "bf16 rms_norm (torch, our bf16 path)", bench(lambda: rms_norm(x, w, 1e-6)),
+                       bytes_=4 * nb)
+            row("norm", tag + "unfused torch: rms_norm + quant rows+cols",
+                bench(lambda: (R.quantize_rows(rms_norm(x, w, 1e-6)), R.quantize_cols(rms_norm(x, w, 1e-6)))),
+                bytes_=4 * nb)
+            for label, wy, cols, nbytes in (("rows", False, False, 3), ("rows+cols", False, True, 6),
+                                            ("rows+cols+bf16 y (training)", True, True, 8)):
+                out = TQ.rms_norm_quant(x, w, 1e-6, False, cnt(), write_y=wy, cols=cols)
+                q, s = out[1]
+                err = deq_rows_err(q, s, y)
+                if cols:
+                    err = max(err, deq_rows_err(*out[2], y.t()))
+                # (loop values bound as defaults: the call runs at the end of the block)
+                row("norm", tag + f"ours {label}",
+                    bench(lambda wy=wy, cols=cols: TQ.rms_norm_quant(x, w, 1e-6, False, cnt(), write_y=wy, cols=cols)),
+                    bytes_=nbytes * nb, err=err, base=("bf16", base))
+                RESULT["sections"]["norm"][tag + f"ours {label}"]["codes_equal_ref"] = round(
+                    (q.view(torch.uint8) == R.quantize_rows(y)[0].view(torch.uint8)).float().mean().item(), 5)
+            if args.tiles:  # launch tiles of the cols pass: the same bits, timed
+                ref = TQ.rms_norm_quant(x, w, 1e-6, False, cnt(), write_y=False, cols=True)[2]
+                for tile in TQ.COLS_TILES:
+                    got = TQ.rms_norm_quant(x, w, 1e-6, False, cnt(), write_y=False, cols=True, cols_tile=tile)[2]
+                    same = (torch.equal(got[0].view(torch.uint8), ref[0].view(torch.uint8))
+                            and torch.equal(got[1], ref[1]))
+                    name = tag + f"ours rows+cols, cols tile {tile[0]} ch / {tile[1]} warps"
+                    row("norm", name, bench(lambda tile=tile: TQ.rms_norm_quant(
+                        x, w, 1e-6, False, cnt(), write_y=False, cols=True, cols_tile=tile)),
+                        bytes_=6 * nb, base=("bf16", base))
+                    RESULT["sections"]["norm"][name]["bitwise_default_tile"] = same
+            if "triton_rms_norm_and_block_quant_forward" in LG:
+                f = LG["triton_rms_norm_and_block_quant_forward"]
+                for label, mode, nbytes in (("rows", 0, 3), ("rows+cols", 2, 6)):
+                    def call(mode=mode):
+                        return f(x, w, 1e-6, round_scale=False, output_mode=mode)
+                    o = attempt("norm", tag + f"linghe {label}", call)
+                    if o is None:
+                        continue
+                    err = deq_rows_err(o[0], o[1], y)
+                    if mode == 2:
+                        err = max(err, deq_rows_err(o[3], o[4], y.t()))
+                    row("norm", tag + f"linghe {label}", bench(call), bytes_=nbytes * nb, err=err,
+                        base=("bf16", base))
 
 
 @section
@@ -212,35 +285,39 @@ def swiglu(args):
         nb = T * inter
         tag = f"I{inter} "
         print(f"[gate|up {T} x 2*{inter}]")
-        base = row("swiglu", tag + "bf16 silu(g)*u (torch)", bench(lambda: F.silu(ab[:, :inter]) * ab[:, inter:]),
-                   bytes_=6 * nb)
-        row("swiglu", tag + "unfused torch: swiglu + quant rows+cols",
-            bench(lambda: (R.quantize_rows(R.swiglu32(ab)), R.quantize_cols(R.swiglu32(ab)))), bytes_=6 * nb)
-        for label, cols, nbytes in (("rows", False, 5), ("rows+cols", True, 6)):
-            (q, s), c = TQ.swiglu_quant(ab, False, cnt(), cols=cols)
-            err = deq_rows_err(q, s, h) if c is None else max(deq_rows_err(q, s, h), deq_rows_err(*c, h.t()))
-            row("swiglu", tag + f"ours {label}", bench(lambda: TQ.swiglu_quant(ab, False, cnt(), cols=cols)),
-                bytes_=nbytes * nb, err=err, base=("bf16", base))
-        if args.tiles:  # launch tiles of the rows-only quantiser: the same bits, timed
-            ref = TQ.swiglu_quant(ab, False, cnt())[0]
-            for tile in TQ.ROWS_TILES:
-                got = TQ.swiglu_quant(ab, False, cnt(), rows_tile=tile)[0]
-                same = torch.equal(got[0].view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(got[1], ref[1])
-                name = tag + f"ours rows, tile {tile[0]} tokens / {tile[1]} warps"
-                row("swiglu", name, bench(lambda tile=tile: TQ.swiglu_quant(ab, False, cnt(), rows_tile=tile)),
-                    bytes_=5 * nb, base=("bf16", base))
-                RESULT["sections"]["swiglu"][name]["bitwise_default_tile"] = same
-        if "triton_silu_and_block_quant_forward" in LG:
-            f = LG["triton_silu_and_block_quant_forward"]
-            for label, mode, nbytes in (("rows", 0, 5), ("rows+cols", 2, 6)):
-                def call(mode=mode):
-                    return f(ab, round_scale=False, output_mode=mode)
-                o = attempt("swiglu", tag + f"linghe {label}", call)
-                if o is None:
-                    continue
-                err = deq_rows_err(o[0], o[1], h) if mode == 0 else max(deq_rows_err(o[0], o[1], h),
-                                                                        deq_rows_err(o[2], o[3], h.t()))
-                row("swiglu", tag + f"linghe {label}", bench(call), bytes_=nbytes * nb, err=err, base=("bf16", base))
+        with interleaved():  # every row of this size timed together (interleaved's docstring)
+            base = row("swiglu", tag + "bf16 silu(g)*u (torch)", bench(lambda: F.silu(ab[:, :inter]) * ab[:, inter:]),
+                       bytes_=6 * nb)
+            row("swiglu", tag + "unfused torch: swiglu + quant rows+cols",
+                bench(lambda: (R.quantize_rows(R.swiglu32(ab)), R.quantize_cols(R.swiglu32(ab)))), bytes_=6 * nb)
+            for label, cols, nbytes in (("rows", False, 5), ("rows+cols", True, 6)):
+                (q, s), c = TQ.swiglu_quant(ab, False, cnt(), cols=cols)
+                err = deq_rows_err(q, s, h) if c is None else max(deq_rows_err(q, s, h), deq_rows_err(*c, h.t()))
+                row("swiglu", tag + f"ours {label}",
+                    bench(lambda cols=cols: TQ.swiglu_quant(ab, False, cnt(), cols=cols)),
+                    bytes_=nbytes * nb, err=err, base=("bf16", base))
+            if args.tiles:  # launch tiles of the rows-only quantiser: the same bits, timed
+                ref = TQ.swiglu_quant(ab, False, cnt())[0]
+                for tile in TQ.ROWS_TILES:
+                    got = TQ.swiglu_quant(ab, False, cnt(), rows_tile=tile)[0]
+                    same = (torch.equal(got[0].view(torch.uint8), ref[0].view(torch.uint8))
+                            and torch.equal(got[1], ref[1]))
+                    name = tag + f"ours rows, tile {tile[0]} tokens / {tile[1]} warps"
+                    row("swiglu", name, bench(lambda tile=tile: TQ.swiglu_quant(ab, False, cnt(), rows_tile=tile)),
+                        bytes_=5 * nb, base=("bf16", base))
+                    RESULT["sections"]["swiglu"][name]["bitwise_default_tile"] = same
+            if "triton_silu_and_block_quant_forward" in LG:
+                f = LG["triton_silu_and_block_quant_forward"]
+                for label, mode, nbytes in (("rows", 0, 5), ("rows+cols", 2, 6)):
+                    def call(mode=mode):
+                        return f(ab, round_scale=False, output_mode=mode)
+                    o = attempt("swiglu", tag + f"linghe {label}", call)
+                    if o is None:
+                        continue
+                    err = deq_rows_err(o[0], o[1], h) if mode == 0 else max(deq_rows_err(o[0], o[1], h),
+                                                                            deq_rows_err(o[2], o[3], h.t()))
+                    row("swiglu", tag + f"linghe {label}", bench(call), bytes_=nbytes * nb, err=err,
+                        base=("bf16", base))
     # fused into the producer: the gate/up GEMM of a dense MLP (T x 2048 -> 2 x 5120) with SwiGLU + quant epilogue
     H, inter = P["mlp"]
     x = torch.randn(T, H, device=DEV).to(torch.bfloat16)
@@ -250,12 +327,13 @@ def swiglu(args):
     pair, eoff = TG.identity_plan(T, x.device)
     fl = 2 * T * H * 2 * inter
     print(f"[dense MLP gate/up {T} x {H} -> 2 x {inter}]")
-    fused = row("swiglu", "fused: FP8 gate/up GEMM + SwiGLU + quant rows+cols",
-                bench(lambda: TG.gateup(xq, xs, w13[0], w13[1], pair, eoff, 1, torch.bfloat16, True, False, cnt())),
-                flops=fl)
-    w13b = torch.cat([wg, wu]).to(torch.bfloat16)
-    row("swiglu", "bf16: gate/up GEMM + torch SwiGLU", bench(lambda: (lambda ab: F.silu(ab[:, :inter]) * ab[
-        :, inter:])(x @ w13b.t())), flops=fl, base=("fused", fused))
+    with interleaved():  # both timed together (interleaved's docstring)
+        fused = row("swiglu", "fused: FP8 gate/up GEMM + SwiGLU + quant rows+cols",
+                    bench(lambda: TG.gateup(xq, xs, w13[0], w13[1], pair, eoff, 1, torch.bfloat16, True, False, cnt())),
+                    flops=fl)
+        w13b = torch.cat([wg, wu]).to(torch.bfloat16)
+        row("swiglu", "bf16: gate/up GEMM + torch SwiGLU", bench(lambda: (lambda ab: F.silu(ab[:, :inter]) * ab[
+            :, inter:])(x @ w13b.t())), flops=fl, base=("fused", fused))
 
 
 @section
@@ -566,9 +644,14 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also sweep the grouped GEMM tile config")
     ap.add_argument("--tiles", action="store_true",
                     help="also time the launch tiles of the norm's cols pass and the rows-only SwiGLU quantiser")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="round-robin repeats of the norm and SwiGLU timings (median of the rounds; spread printed)")
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU interpreter: checks the script only")
     args = ap.parse_args()
-    global DEV, T
+    global DEV, T, ROUNDS
+    if args.rounds < 1:
+        sys.exit(f"--rounds must be >= 1, got {args.rounds}")
+    ROUNDS = args.rounds
     if args.smoke:
         DEV, T = "cpu", 256
         P.update(SMOKE)
