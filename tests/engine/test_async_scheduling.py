@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ringlinear.engine import SamplingParams
+from ringlinear.engine.config import EngineConfig
 from ringlinear.engine.scheduler import Batch, ScheduledSeq
 
 
@@ -55,7 +56,7 @@ def test_outputs_equal_the_synchronous_engine(make_llm, random_prompts, check_bl
     params = _params(12, seed=71)
     arrivals = [0, 0, 0, 0, 3, 3, 9, 15, 15, 22, 40, 41]  # some join while others decode
     kw = dict(max_num_seqs=6, enable_prefix_caching=prefix_caching, block_size=8)
-    want = _drive(make_llm(**kw).engine, prompts, params, arrivals)
+    want = _drive(make_llm(async_scheduling=False, **kw).engine, prompts, params, arrivals)
     eng = make_llm(async_scheduling=True, **kw).engine
     got = _drive(eng, prompts, params, arrivals, check=check_blocks)
     _same(got, want)
@@ -69,7 +70,7 @@ def test_saturated_engine_with_a_queue(make_llm, random_prompts, check_blocks):
     """Every slot taken and requests queued: lookaheads run while the queue waits, and outputs stay bitwise."""
     prompts = random_prompts(7, 5, 40, seed=77)
     params = _params(7, seed=78)
-    want = _drive(make_llm(max_num_seqs=2).engine, prompts, params, [0] * 7)
+    want = _drive(make_llm(max_num_seqs=2, async_scheduling=False).engine, prompts, params, [0] * 7)
     eng = make_llm(max_num_seqs=2, async_scheduling=True).engine
     queued_lookaheads = []
 
@@ -85,7 +86,7 @@ def test_saturated_engine_with_a_queue(make_llm, random_prompts, check_blocks):
 def test_groups_and_stop_strings(make_llm, random_prompts):
     """n > 1 samples fork from one prefill and then decode under lookaheads; a stop string cuts the text."""
     prompt = random_prompts(1, 40, 40, seed=72)[0]
-    sync, fast = make_llm(), make_llm(async_scheduling=True)
+    sync, fast = make_llm(async_scheduling=False), make_llm(async_scheduling=True)
     text = sync.generate([prompt], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0].text
     stop = text[len(text) // 2:len(text) // 2 + 2] or "a"
     params = [SamplingParams(max_tokens=30, temperature=1.0, seed=i, ignore_eos=True, stop=[stop]) for i in range(4)]
@@ -108,7 +109,7 @@ def test_preemption_and_abort(make_llm, random_prompts, check_blocks):
     params = [SamplingParams(max_tokens=40, temperature=0 if i % 2 else 0.7, seed=i, ignore_eos=True)
               for i in range(8)]
     kw = dict(max_num_seqs=8, num_kv_blocks=40, block_size=8)
-    want = _drive(make_llm(**kw).engine, prompts, params, [0] * 8)
+    want = _drive(make_llm(async_scheduling=False, **kw).engine, prompts, params, [0] * 8)
     eng = make_llm(async_scheduling=True, **kw).engine
     got = _drive(eng, prompts, params, [0] * 8, check=check_blocks)
     _same(got, want)
@@ -151,14 +152,14 @@ def test_logprobs_and_where_no_lookahead_applies(make_llm, random_prompts):
     for numerics in ("default", "aligned"):
         lp = SamplingParams(max_tokens=12, temperature=0.8, seed=1, logprobs=True, ignore_eos=True,
                             tempered_logprobs=numerics == "aligned")
-        want = make_llm(numerics=numerics).generate(prompts, lp)
+        want = make_llm(numerics=numerics, async_scheduling=False).generate(prompts, lp)
         fast = make_llm(numerics=numerics, async_scheduling=True)
         got = fast.generate(prompts, lp)
         _same(got, want)
         assert [o.logprobs for o in got] == [o.logprobs for o in want] and len(got[0].logprobs) == 12
         assert fast.engine.stats()["async_scheduled_steps"] > 5
     top = SamplingParams(max_tokens=12, temperature=0.8, seed=1, logprobs=True, top_logprobs=3, ignore_eos=True)
-    want = make_llm().generate(prompts, top)
+    want = make_llm(async_scheduling=False).generate(prompts, top)
     fast = make_llm(async_scheduling=True)
     got = fast.generate(prompts, top)
     assert [(o.token_ids, o.logprobs, o.top_logprobs) for o in got] == [(o.token_ids, o.logprobs, o.top_logprobs)
@@ -241,7 +242,15 @@ def test_random_schedules_equal_the_sync_engine(make_llm):
     import random
     for seed in random.Random().sample(range(10**6), 3):
         events, kw = _random_plan(random.Random(seed))
-        want = _run_plan(make_llm(**kw).engine, events)
+        want = _run_plan(make_llm(async_scheduling=False, **kw).engine, events)
         eng = make_llm(async_scheduling=True, **kw).engine
         got = _run_plan(eng, events)
         assert got == want, f"seed {seed}, engine {kw}"
+
+
+def test_default_is_on_for_cuda_only(make_llm):
+    """EngineConfig.async_scheduling None (the default) resolves by device: off on CPU, where nothing runs beside
+    the host; an explicit value wins (the CUDA side is tests/engine/test_cuda.py)."""
+    assert EngineConfig().async_scheduling is None
+    assert make_llm().engine.async_scheduling is False
+    assert make_llm(async_scheduling=True).engine.async_scheduling is True

@@ -147,7 +147,8 @@ def test_async_scheduling_equals_sync_on_cuda(make_llm, random_prompts, numerics
     params = [SamplingParams(max_tokens=24, temperature=0 if i % 2 else 0.9, seed=i, ignore_eos=True,
                              logprobs=i % 3 == 0) for i in range(6)]
     sync = make_llm(device="cuda", numerics=numerics, cuda_graph_max_batch=8, async_scheduling=False)
-    fast = make_llm(device="cuda", numerics=numerics, cuda_graph_max_batch=8, async_scheduling=True)
+    fast = make_llm(device="cuda", numerics=numerics, cuda_graph_max_batch=8)  # on by default for CUDA
+    assert fast.engine.async_scheduling
     assert fast.engine.runner.graphs is not None, "CUDA graph capture failed (see the warning in the log)"
     a, b = sync.generate(prompts, params), fast.generate(prompts, params)
     assert [x.token_ids for x in a] == [x.token_ids for x in b]
