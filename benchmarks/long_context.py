@@ -93,7 +93,7 @@ def random_model(cfg, dev, seed=0, fp8=False):
 
 
 def engine_for(model, num_seqs, tokens_per_seq, chunk, cuda_graphs=True, budget=None, prefill_graphs=True,
-               async_scheduling=False):
+               async_scheduling=None):  # None: the engine default (on for CUDA)
     bs = 16
     blocks = num_seqs * (-(-tokens_per_seq // bs) + 1) + 1
     cfg = EngineConfig(max_num_seqs=num_seqs, max_num_batched_tokens=budget or max(chunk, num_seqs),
@@ -179,7 +179,9 @@ def touched_weight_bytes(model, B):
 def decode_engine(model, B, C, max_tokens, async_scheduling=False):
     """An engine with B requests of C-token prompts whose prefill is faked: the KV cache and states hold random
     values (a real prefill's cost without running it), prefill pieces return zero logits, decode runs for real.
-    The whole fake prefill is scheduled in one step, so every request decodes from step 2 on."""
+    The whole fake prefill is scheduled in one step, so every request decodes from step 2 on. Sync scheduling by
+    default: bench_decode times each step between two device syncs, which async scheduling's overlap defeats
+    (decode_step.py times both modes over consecutive steps)."""
     cfg = model.config
     dev = next(model.parameters()).device
     chunk = -(-C // 64) * 64
