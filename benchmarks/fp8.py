@@ -221,6 +221,15 @@ def deq_rows_err(q, s, ref):
 
 # ---- sections -----------------------------------------------------------------------------------------------------
 
+def tile_row(sec, name, fn, ref, nbytes, base):
+    """A launch-tile row: fn() -> (codes, scales) of one tile, timed, and checked bitwise against the default
+    tile's `ref`."""
+    got = fn()
+    row(sec, name, bench(fn), bytes_=nbytes, base=("bf16", base))
+    RESULT["sections"][sec][name]["bitwise_default_tile"] = (
+        torch.equal(got[0].view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(got[1], ref[1]))
+
+
 @section
 def norm(args):
     for h in P["hiddens"]:
@@ -253,14 +262,9 @@ def norm(args):
             if args.tiles:  # launch tiles of the cols pass: the same bits, timed
                 ref = TQ.rms_norm_quant(x, w, 1e-6, False, cnt(), write_y=False, cols=True)[2]
                 for tile in TQ.COLS_TILES:
-                    got = TQ.rms_norm_quant(x, w, 1e-6, False, cnt(), write_y=False, cols=True, cols_tile=tile)[2]
-                    same = (torch.equal(got[0].view(torch.uint8), ref[0].view(torch.uint8))
-                            and torch.equal(got[1], ref[1]))
-                    name = tag + f"ours rows+cols, cols tile {tile[0]} ch / {tile[1]} warps"
-                    row("norm", name, bench(lambda tile=tile: TQ.rms_norm_quant(
-                        x, w, 1e-6, False, cnt(), write_y=False, cols=True, cols_tile=tile)),
-                        bytes_=6 * nb, base=("bf16", base))
-                    RESULT["sections"]["norm"][name]["bitwise_default_tile"] = same
+                    tile_row("norm", tag + f"ours rows+cols, cols tile {tile[0]} ch / {tile[1]} warps",
+                             lambda tile=tile: TQ.rms_norm_quant(x, w, 1e-6, False, cnt(), write_y=False, cols=True,
+                                                                 cols_tile=tile)[2], ref, 6 * nb, base)
             if "triton_rms_norm_and_block_quant_forward" in LG:
                 f = LG["triton_rms_norm_and_block_quant_forward"]
                 for label, mode, nbytes in (("rows", 0, 3), ("rows+cols", 2, 6)):
@@ -299,13 +303,8 @@ def swiglu(args):
             if args.tiles:  # launch tiles of the rows-only quantiser: the same bits, timed
                 ref = TQ.swiglu_quant(ab, False, cnt())[0]
                 for tile in TQ.ROWS_TILES:
-                    got = TQ.swiglu_quant(ab, False, cnt(), rows_tile=tile)[0]
-                    same = (torch.equal(got[0].view(torch.uint8), ref[0].view(torch.uint8))
-                            and torch.equal(got[1], ref[1]))
-                    name = tag + f"ours rows, tile {tile[0]} tokens / {tile[1]} warps"
-                    row("swiglu", name, bench(lambda tile=tile: TQ.swiglu_quant(ab, False, cnt(), rows_tile=tile)),
-                        bytes_=5 * nb, base=("bf16", base))
-                    RESULT["sections"]["swiglu"][name]["bitwise_default_tile"] = same
+                    tile_row("swiglu", tag + f"ours rows, tile {tile[0]} tokens / {tile[1]} warps",
+                             lambda tile=tile: TQ.swiglu_quant(ab, False, cnt(), rows_tile=tile)[0], ref, 5 * nb, base)
             if "triton_silu_and_block_quant_forward" in LG:
                 f = LG["triton_silu_and_block_quant_forward"]
                 for label, mode, nbytes in (("rows", 0, 5), ("rows+cols", 2, 6)):
