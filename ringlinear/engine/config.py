@@ -36,8 +36,8 @@ class EngineConfig:
     prefill_cuda_graphs: bool = True
     cpu_threads: int | None = None       # torch intra-op threads on CPU (None: leave torch's default)
     # Launch each decode step's successor before its tokens reach the host, so the host's work on them overlaps the
-    # GPU (overlap.py: where it applies, what stays bitwise). None: on for CUDA (H200, batch 64: 7% and 5% off the
-    # decode step at 4K and 32K context, BENCHMARKS.md), off on CPU, where nothing runs beside the host.
+    # GPU (overlap.py: where it applies, what stays bitwise). None: on for CUDA (H200, batch 64, one run: 7% and 5%
+    # off the decode step at 4K and 32K context, BENCHMARKS.md), off on CPU, where nothing runs beside the host.
     async_scheduling: bool | None = None
     # "aligned": every position computed with the arithmetic of the training forward in aligned mode, whatever the
     # batch, chunking or decode step (docs/numerics.md); implies batch invariance. "default": the fastest kernels.

@@ -76,8 +76,9 @@ class _Plan:
 
     Whole sequences (split=False) when there are enough (sequence, head, value block) programs to fill the GPU;
     otherwise segments of L tokens (a device table built from cu_seqlens without reading it on the host), sized
-    so that up to 4 programs per SM exist. With cu_seqlens on the CPU the lengths are known for free, and a
-    packed batch whose longest sequence dwarfs the rest is split too; `segmented` asks for segments always."""
+    so that about 4 programs per SM exist (at most 4 for equal-length batches). With cu_seqlens on the CPU the
+    lengths are known for free, and a packed batch whose longest sequence dwarfs the rest is split too;
+    `segmented` asks for segments always."""
 
     def __init__(self, B, T, H, K, V, cu_seqlens, device, dtype, training=False, aligned=False, segmented=False):
         self.varlen = cu_seqlens is not None
