@@ -14,7 +14,7 @@ weights of the chosen shape. Reports, per (B, C):
 - the kernels taking the most GPU time;
 - the host split around the model call (`host_split`): time before it, in it (synchronised), after it (sync
   engines only: the split's syncs would undo the overlap).
-Each point runs once per `--modes` entry: `sync` (the default engine) and `async` (`--async-scheduling`, the next
+Each point runs once per `--modes` entry: `sync` (`--no-async-scheduling`) and `async` (the CUDA default: the next
 decode step launched before this one's tokens reach the host), on the same weights in the same process.
 
     PYTHONPATH=. python benchmarks/decode_step.py                         # one GPU: hybrid, B=64, C=4K and 32K
