@@ -58,7 +58,7 @@ LG = {}   # linghe entry points that imported
 
 
 ROUNDS = 1       # --rounds: round-robin repeats of the timings of an interleaved() block
-_GROUP = None    # the pending timings and rows of the open interleaved() block
+_GROUP = None    # the pending rows of the open interleaved() block: ((sec, name, _Timed, result dict), row kwargs)
 
 
 def _time(fn):
@@ -84,11 +84,7 @@ class _Timed:
 
 def bench(fn):
     """ms per call of fn (median); inside interleaved() a _Timed that row() accepts and the block fills in."""
-    if _GROUP is None:
-        return _time(fn)
-    t = _Timed(fn)
-    _GROUP["timed"].append(t)
-    return t
+    return _time(fn) if _GROUP is None else _Timed(fn)
 
 
 @contextlib.contextmanager
@@ -97,19 +93,19 @@ def interleaved():
     kernel minutes apart differed by up to 2.5x on a lent H200 (2026-12-02, BENCHMARKS.md): a drift of the card's
     speed moves every row of one comparison alike this way, and the rounds' spread is printed."""
     global _GROUP
-    _GROUP = {"timed": [], "rows": []}
+    _GROUP = []
     try:
         yield
-        group = _GROUP
+        rows = _GROUP
         setup_bad = F8.read_nonfinite(DEV)  # counted by the block's correctness calls, before any timing
         if setup_bad:
             RESULT["nonfinite_count"] = RESULT.get("nonfinite_count", 0) + setup_bad
             print(f"  NONFINITE {setup_bad} counted by the correctness calls of this block", flush=True)
         for _ in range(ROUNDS):
-            for t in group["timed"]:
+            for (_, _, t, _), _ in rows:
                 t.samples.append(_time(t.fn))
                 t.bad += F8.read_nonfinite(DEV)
-        for args, kw in group["rows"]:
+        for args, kw in rows:
             _emit(*args, **kw)
     finally:
         _GROUP = None
@@ -130,7 +126,7 @@ def row(sec, name, ms, *, bytes_=None, flops=None, err=None, base=None):
     r = RESULT["sections"].setdefault(sec, {}).setdefault(name, {})
     kw = dict(bytes_=bytes_, flops=flops, err=err, base=base)
     if isinstance(ms, _Timed):
-        _GROUP["rows"].append(((sec, name, ms, r), kw))
+        _GROUP.append(((sec, name, ms, r), kw))
     else:
         _emit(sec, name, ms, r, **kw, bad=F8.read_nonfinite(DEV))
     return ms

@@ -430,7 +430,10 @@ def main():
           f"{res['date']}")
     res["copy_gb_s"] = copy_bandwidth()
     print(f"# device copy bandwidth: {res['copy_gb_s']:.0f} GB/s (read + write)")
-    Ts = [4096] if args.quick else sorted(int(t) for t in args.lengths.split(","))
+    try:
+        Ts = [4096] if args.quick else sorted(int(t) for t in args.lengths.split(","))
+    except ValueError:
+        Ts = [0]
     if any(t <= 0 or TOKENS % t for t in Ts):
         sys.exit(f"--lengths: each T must divide {TOKENS} (B * T = {TOKENS} tokens), got {args.lengths}")
 
