@@ -213,8 +213,9 @@ def _random_plan(rng):
 
 
 def _run_plan(eng, events):
-    """-> {request id: final output} of the groups never aborted (an abort lands at a step number, and the two
-    engines may have produced a different number of tokens by then)."""
+    """-> {request id: (tokens, text, finish reason, log-probs, top log-probs, preemptions)} of the groups never
+    aborted (an abort lands at a step number, and the two engines may have produced a different number of tokens
+    by then)."""
     done, step, i = {}, 0, 0
     aborted = {rid for _, rid, prompt, _ in events if prompt is None}
     while i < len(events) or eng.has_unfinished():
@@ -228,7 +229,8 @@ def _run_plan(eng, events):
             i += 1
         for o in eng.step():
             if o.finished and o.request_id.split(".")[0] not in aborted:
-                done[o.request_id] = (o.token_ids, o.text, o.finish_reason, o.logprobs, o.top_logprobs)
+                done[o.request_id] = (o.token_ids, o.text, o.finish_reason, o.logprobs, o.top_logprobs,
+                                      o.num_preemptions)
         step += 1
     s = eng.stats()
     assert s["free_kv_blocks"] == s["total_kv_blocks"] and s["free_state_slots"] == s["total_state_slots"], s
@@ -237,15 +239,39 @@ def _run_plan(eng, events):
 
 def test_random_schedules_equal_the_sync_engine(make_llm):
     """Fresh random plans each run (the seed is in the failure message): every request's tokens, text, finish
-    reason and log-probs are the sync engine's, and memory balances at the end. (This found a crash when every
+    reason and log-probs are the sync engine's (`_same_result`), and memory balances at the end. (This found a crash when every
     request of a lookahead had been aborted.)"""
+    import os
     import random
-    for seed in random.Random().sample(range(10**6), 3):
+    seeds = os.environ.get("RINGLINEAR_PLAN_SEEDS")  # to replay a failure: RINGLINEAR_PLAN_SEEDS=450188
+    for seed in [int(x) for x in seeds.split(",")] if seeds else random.Random().sample(range(10**6), 3):
         events, kw = _random_plan(random.Random(seed))
         want = _run_plan(make_llm(async_scheduling=False, **kw).engine, events)
         eng = make_llm(async_scheduling=True, **kw).engine
         got = _run_plan(eng, events)
-        assert got == want, f"seed {seed}, engine {kw}"
+        assert got.keys() == want.keys(), f"seed {seed}, engine {kw}"
+        for rid in want:
+            _same_result(got[rid], want[rid], f"seed {seed}, engine {kw}, request {rid}")
+
+
+def _same_result(got, want, where):
+    """Bitwise, except the log-probs of a request preempted in one engine and not the other (or at another
+    point): the async engine runs a decode ahead, so with few KV blocks the two preempt differently, and a
+    preempted request recomputes its tokens through the prefill kernels, within fp32 rounding of decode's
+    (docs/serving.md, "Where exactness is not claimed"; CI seed 450188 hit it)."""
+    if got[5] == want[5] == 0:
+        assert got[:5] == want[:5], where
+        return
+    assert got[:3] == want[:3], where
+    assert (got[3] is None) == (want[3] is None) and (got[4] is None) == (want[4] is None), where
+    pairs = [(got[3] or [], want[3] or [])]
+    for a, b in zip(got[4] or [], want[4] or []):  # top log-probs: the same ids, values within the bound
+        assert [t for t, _ in a] == [t for t, _ in b], where
+        pairs.append(([v for _, v in a], [v for _, v in b]))
+    for a, b in pairs:
+        assert len(a) == len(b), where
+        assert torch.allclose(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
+                              rtol=0, atol=1e-4), where
 
 
 def test_default_is_on_for_cuda_only(make_llm):
