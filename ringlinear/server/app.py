@@ -147,19 +147,26 @@ class TrimAfterLargeRequests:
 
 
 # ---------------------------------------------------------------------- request handling
+# An oversized body is read to its end and discarded before its 413 up to this many bytes: a server that answers
+# and closes with the client's bytes still unread makes the kernel send a reset, and the client loses the 413 it
+# was sent (18 of 120 posts of 10 MB on loopback, 2026-12-02, before the drain). Larger bodies are answered at once.
+DRAIN_BYTES = 64 << 20
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, or APIError(413) past `limit` bytes, judged on Content-Length and again on the bytes as
-    they arrive (a chunked body has no length). An oversized body is still read to its end (up to 4x the limit,
-    discarded) before the answer, so the client, which is still sending, reads the 413 instead of a reset."""
+    they arrive (a chunked body has no length). An oversized body is still read to its end (up to
+    max(4 x limit, DRAIN_BYTES), discarded) before the answer, so the client reads the 413 instead of a reset."""
     declared = request.headers.get("content-length", "")
     declared = int(declared) if declared.isdigit() else None
+    drain = max(4 * limit, DRAIN_BYTES)
     chunks, size = [], 0
-    if declared is None or declared <= 4 * limit:
+    if declared is None or declared <= drain:
         async for chunk in request.stream():
             size += len(chunk)
             if size <= limit:
                 chunks.append(chunk)
-            elif size > 4 * limit:
+            elif size > drain:
                 break
             else:
                 chunks.clear()
