@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from ..models.context import check_numerics
-from ..models.fp8_serve import check_quantization
+from ..models.config import RingLinearConfig
+from ..models.fp8_serve import check_fp8_dims, check_fp8_runtime, check_quantization, checkpoint_quantization
 
 FP8_ALIGNED = ("numerics='aligned' cannot run FP8 weights: aligned serving reproduces the training forward bit for "
                "bit, and the FP8 GEMMs are not that arithmetic; use numerics='default' with quantization='fp8'")
@@ -83,3 +85,22 @@ class EngineConfig:
             raise ValueError(FP8_ALIGNED)
         if self.numerics == "aligned" and self.batch_invariant is False:
             raise ValueError("numerics='aligned' is batch invariant by construction: batch_invariant=False contradicts it")
+
+
+def serves_fp8(config: EngineConfig, model_cfg: RingLinearConfig) -> bool:
+    """FP8 weights: asked for, or left to a checkpoint whose config.json says it is FP8."""
+    return (config.quantization or checkpoint_quantization(model_cfg)) == "fp8"
+
+
+def check_fp8_before_load(model_dir: str, config: EngineConfig, device) -> None:
+    """Every reason to refuse FP8 weights (dims, numerics, device), from config.json, before the weights are read."""
+    path = os.path.join(model_dir, "config.json")
+    if config.quantization == "none" or not os.path.isfile(path):
+        return  # (a missing config is reported by the loader)
+    cfg = RingLinearConfig.from_json(path)
+    if not serves_fp8(config, cfg):
+        return
+    if config.numerics == "aligned":
+        raise ValueError(FP8_ALIGNED)
+    check_fp8_dims(cfg)
+    check_fp8_runtime(device)

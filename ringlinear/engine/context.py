@@ -112,7 +112,7 @@ class PagedContext(AttentionContext):
         piece). Pieces continuing a cached prefix go through packed calls too, over their context rows gathered from
         the cache (queries aligned to the end of their keys), in groups of bounded context. Either way a piece sees
         only its own keys, so its result does not depend on the rest of the batch."""
-        cu, n = self.cu, len(seq_lens)
+        n = len(seq_lens)
         fresh = [i for i in range(nd, n) if starts[i] == 0]
         prefixed = [i for i in range(nd, n) if starts[i] > 0]
         self.fresh_rows = self._rows(fresh, device)  # packed rows of the fresh pieces (a slice when adjacent)

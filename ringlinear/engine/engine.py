@@ -7,26 +7,24 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import threading
 
 import torch
 
 from ..models.checkpoint import resolve_device
 from ..models.config import RingLinearConfig
-from ..models.fp8_serve import check_fp8_dims, check_fp8_runtime, checkpoint_quantization, is_fp8
+from ..models.fp8_serve import is_fp8
 from ..models.modeling import RingLinearForCausalLM
 from ..models.tokenizer import load_tokenizer
 from ..ops.lightning_attn import open_chunk_rows
 from ..sampling import SamplingParamError
 from ..parallel.tensor import check_serving_parallel, load_sharded, local_heads, random_sharded
-from .config import FP8_ALIGNED, EngineConfig
-from .distributed import Ranks, min_over_ranks, parallel_world, rank_device
-from .kv_cache import PagedKVCache
+from .config import FP8_ALIGNED, EngineConfig, check_fp8_before_load, serves_fp8
+from .cache_plan import build_caches
+from .distributed import Ranks, parallel_world, rank_device
 from .model_runner import ModelRunner
 from .outputs import RequestError, RequestOutput, output_of
 from .overlap import Lookahead
-from .prefix_cache import PrefixCache, SnapshotPool
 from .sampler import sample_rows
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -41,25 +39,6 @@ def _text_of(content) -> str:
     if isinstance(content, list):
         return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
     return "" if content is None else content
-
-
-def _serves_fp8(config: EngineConfig, model_cfg: RingLinearConfig) -> bool:
-    """FP8 weights: asked for, or left to a checkpoint whose config.json says it is FP8."""
-    return (config.quantization or checkpoint_quantization(model_cfg)) == "fp8"
-
-
-def _check_fp8_before_load(model_dir: str, config: EngineConfig, device) -> None:
-    """Every reason to refuse FP8 weights (dims, numerics, device), from config.json, before the weights are read."""
-    path = os.path.join(model_dir, "config.json")
-    if config.quantization == "none" or not os.path.isfile(path):
-        return  # (a missing config is reported by the loader)
-    cfg = RingLinearConfig.from_json(path)
-    if not _serves_fp8(config, cfg):
-        return
-    if config.numerics == "aligned":
-        raise ValueError(FP8_ALIGNED)
-    check_fp8_dims(cfg)
-    check_fp8_runtime(device)
 
 
 class LLMEngine:
@@ -82,7 +61,7 @@ class LLMEngine:
         if model is None:
             if model_dir is None:
                 raise ValueError("LLMEngine needs model_dir or model")
-            _check_fp8_before_load(model_dir, config, device)
+            check_fp8_before_load(model_dir, config, device)
             model = RingLinearForCausalLM.from_pretrained(model_dir, dtype=config.dtype, device=device,
                                                           quantization=config.quantization)
         elif config.quantization is not None and is_fp8(model) != (config.quantization == "fp8"):
@@ -106,35 +85,10 @@ class LLMEngine:
             open_chunk = (open_chunk_rows(torch.empty(0, H, D, dtype=dtype, device=device)), dtype)
         self.states = StatePool(linear, config.max_num_seqs, H, D, device, open_chunk=open_chunk)
         max_pos = cfg.max_position_embeddings
-        caching = config.enable_prefix_caching
-        snapshot_bytes = config.state_snapshot_bytes
-        if config.num_kv_blocks:
-            num_blocks = config.num_kv_blocks
-        else:
-            budget = self._cache_budget(device)
-            if caching and snapshot_bytes is None:
-                snapshot_bytes = budget // 10  # out of the KV cache's budget
-            if softmax:
-                per_block = PagedKVCache.bytes_per_block(len(softmax), config.block_size, KV, D, dtype)
-                num_blocks = max(1, (budget - (snapshot_bytes if caching else 0)) // per_block)
-            else:  # no softmax layer: blocks are bookkeeping only, enough for every slot at full length
-                num_blocks = config.max_num_seqs * -(-max_pos // config.block_size)
-        if self.rank_info is not None:  # every rank the same block count: the one that fits all of them
-            num_blocks = min_over_ranks(self.rank_info, num_blocks, self.ranks)
-        self.kv = PagedKVCache(softmax, num_blocks, config.block_size, KV, D, dtype, device)
-        self.prefix_cache = None
-        if caching:
-            if snapshot_bytes is None:  # explicit KV blocks: a tenth of the cache memory
-                snapshot_bytes = (self.kv.memory_bytes() + self.states.memory_bytes()) // 10
-            each = SnapshotPool.bytes_per_snapshot(len(linear), H, D)
-            num_snapshots = snapshot_bytes // each if each else num_blocks  # all-softmax: snapshots are markers
-            snapshots = SnapshotPool(linear, num_snapshots, H, D, device)
-            self.prefix_cache = PrefixCache(self.kv.allocator, snapshots, self.states, config.block_size,
-                                            config.state_snapshot_interval, config.prefill_chunk,
-                                            config.numerics == "aligned")
-            if num_snapshots == 0:
-                log.warning("prefix caching: %d bytes hold no state snapshot (%d bytes each): no prefix hits",
-                            snapshot_bytes, each)
+        self.kv, self.prefix_cache = build_caches(config, softmax, linear, self.states, max_pos, KV, H, D, dtype,
+                                                  device, self.rank_info, self.ranks)
+        num_blocks = self.kv.num_blocks
+        caching = self.prefix_cache is not None
         self.max_model_len = min(config.max_model_len or max_pos, max_pos, num_blocks * config.block_size)
         if config.max_model_len and self.max_model_len < config.max_model_len:
             log.warning("max_model_len %d capped to %d (position limit %d, KV cache %d tokens)", config.max_model_len,
@@ -158,15 +112,6 @@ class LLMEngine:
                  "off" if not caching else f"on ({self.prefix_cache.snapshots.num} snapshots every "
                  f"{config.state_snapshot_interval} tokens, {self.prefix_cache.snapshots.memory_bytes() / 2**20:.1f} MiB)")
 
-    def _cache_budget(self, device) -> int:
-        """Bytes for the KV cache (and the state snapshots) when --num-kv-blocks is not given."""
-        if self.config.kv_cache_bytes is not None:
-            return self.config.kv_cache_bytes
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            return int(free * 0.8)  # the rest: activations, CUDA-graph pools, allocator slack
-        return 1 << 30
-
     def _parallel_model(self, model_dir, model, world, random_weights):
         """This rank's shard, loaded or random (rank 0 first starts the other ranks and joins their group)."""
         cfg = self.config
@@ -178,7 +123,7 @@ class LLMEngine:
         if world > 1:
             # Prefix-cache snapshots and FP8 weight layouts live on the scheduling rank alone; the other ranks
             # do not mirror them yet.
-            if _serves_fp8(cfg, shape):
+            if serves_fp8(cfg, shape):
                 raise ValueError("FP8 weights with --tp/--ep are not supported yet (serve them on one GPU)")
             if cfg.enable_prefix_caching:
                 log.info("prefix caching is off with several ranks (its state copies are not mirrored yet)")
