@@ -171,43 +171,46 @@ def prefill_train(la, fla_chunk, Ts, rep=50):
     rows = []
     g = g_gamma_for_layer(10).cuda()
     for T in Ts:
-        B = TOKENS // T
-        q, k, v = rand_qkv(B, T, torch.bfloat16, requires_grad=True)
-        do = torch.randn_like(q)
-        r = dict(T=T, B=B)
-
-        def fb(fn):
-            def run():
-                o = fn()
-                o.backward(do)
-            return run
-        with torch.no_grad():
-            r["ours_fwd_ms"] = bench_ms(lambda: la.lightning_attn(q, k, v, g)[0], rep=rep)
-        # grad_to_none: a .grad accumulation (3 x 268 MB read-add-write) would add ~0.55 ms to every method
-        r["ours_fwdbwd_ms"] = bench_ms(fb(lambda: la.lightning_attn(q, k, v, g)[0]), rep=rep, grad_to_none=[q, k, v])
-        if fla_chunk is not None:
-            with torch.no_grad():
-                r["fla_fwd_ms"] = bench_ms(lambda: fla_chunk(q, k, v, g_gamma=g)[0], rep=rep)
-            r["fla_fwdbwd_ms"] = bench_ms(fb(lambda: fla_chunk(q, k, v, g_gamma=g)[0]), rep=rep,
-                                          grad_to_none=[q, k, v])
-        qs = q.detach().transpose(1, 2).contiguous().requires_grad_()
-        ks = k.detach()[:, :, :4].transpose(1, 2).contiguous().requires_grad_()
-        vs = v.detach()[:, :, :4].transpose(1, 2).contiguous().requires_grad_()
-        dos = do.transpose(1, 2).contiguous()
-
-        def sdpa():
-            return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
-        srep = 10 if T >= 16384 else rep
-        with torch.no_grad():
-            r["sdpa_fwd_ms"] = bench_ms(sdpa, warmup=5, rep=srep)
-        r["sdpa_fwdbwd_ms"] = bench_ms(lambda: sdpa().backward(dos), warmup=5, rep=srep, grad_to_none=[qs, ks, vs])
-        for key in list(r):
-            if key.endswith("_ms"):
-                r[key.replace("_ms", "_mtok_s")] = TOKENS / r[key] / 1e3
-        rows.append(r)
-        del q, k, v, do, qs, ks, vs, dos
-        torch.cuda.empty_cache()
+        rows.append(_prefill_train_at(la, fla_chunk, g, T, rep))
+        torch.cuda.empty_cache()  # this length's tensors died with the call
     return rows
+
+
+def _prefill_train_at(la, fla_chunk, g, T, rep):
+    B = TOKENS // T
+    q, k, v = rand_qkv(B, T, torch.bfloat16, requires_grad=True)
+    do = torch.randn_like(q)
+    r = dict(T=T, B=B)
+
+    def fb(fn):
+        def run():
+            o = fn()
+            o.backward(do)
+        return run
+    with torch.no_grad():
+        r["ours_fwd_ms"] = bench_ms(lambda: la.lightning_attn(q, k, v, g)[0], rep=rep)
+    # grad_to_none: a .grad accumulation (3 x 268 MB read-add-write) would add ~0.55 ms to every method
+    r["ours_fwdbwd_ms"] = bench_ms(fb(lambda: la.lightning_attn(q, k, v, g)[0]), rep=rep, grad_to_none=[q, k, v])
+    if fla_chunk is not None:
+        with torch.no_grad():
+            r["fla_fwd_ms"] = bench_ms(lambda: fla_chunk(q, k, v, g_gamma=g)[0], rep=rep)
+        r["fla_fwdbwd_ms"] = bench_ms(fb(lambda: fla_chunk(q, k, v, g_gamma=g)[0]), rep=rep,
+                                      grad_to_none=[q, k, v])
+    qs = q.detach().transpose(1, 2).contiguous().requires_grad_()
+    ks = k.detach()[:, :, :4].transpose(1, 2).contiguous().requires_grad_()
+    vs = v.detach()[:, :, :4].transpose(1, 2).contiguous().requires_grad_()
+    dos = do.transpose(1, 2).contiguous()
+
+    def sdpa():
+        return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+    srep = 10 if T >= 16384 else rep
+    with torch.no_grad():
+        r["sdpa_fwd_ms"] = bench_ms(sdpa, warmup=5, rep=srep)
+    r["sdpa_fwdbwd_ms"] = bench_ms(lambda: sdpa().backward(dos), warmup=5, rep=srep, grad_to_none=[qs, ks, vs])
+    for key in list(r):
+        if key.endswith("_ms"):
+            r[key.replace("_ms", "_mtok_s")] = TOKENS / r[key] / 1e3
+    return r
 
 
 def graph_us(fn, n=200) -> float:

@@ -181,6 +181,7 @@ def main():
                             enable_prefix_caching=caching, numerics=args.numerics,
                             async_scheduling=args.async_scheduling)
         eng = LLMEngine(model=model, config=ecfg)
+        async_scheduling = eng.async_scheduling  # (resolved by device when the flag is unset) for the table
         mode = "cache" if caching else "no-cache"
         # the same workloads with other prompts first, at full size: what the timed run meets (batch shapes,
         # kernel tunings, the allocator's high-water mark) has been met once, in either mode
@@ -212,7 +213,7 @@ def main():
     cols = ("requests", "ttft_ms_p50", "ttft_ms_p99", "req_s", "output_tok_s", "prompt_tok_s", "cached_prompt_frac",
             "evicted_blocks", "evicted_snapshots")
     print(f"\n{args.preset} shape, random bf16 weights, {card}, numerics={args.numerics}, async_scheduling="
-          f"{eng.async_scheduling}; closed-loop clients, "
+          f"{async_scheduling}; closed-loop clients, "
           "greedy, ignore_eos")
     print("| workload | prefix cache | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 2) + "|")

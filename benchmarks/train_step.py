@@ -208,7 +208,6 @@ def bench_config(name, cfg, seq, rows, ref_baseline, optimizer=True, numerics="d
             res["reference_ops_1row"] = f"error: {type(e).__name__}: {e}"
         finally:
             os.environ.pop("RINGLINEAR_BACKEND")
-    del tr, model
     return res
 
 

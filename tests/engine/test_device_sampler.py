@@ -64,7 +64,6 @@ def test_engine_device_path_equals_the_row_path(aligned):
     """`sample_sequences` (what a GPU step runs) on CPU tensors against `sample_rows`' CPU path: equal tokens,
     log-probs within 1e-6, the same top-k ids."""
     seed = random.randrange(10 ** 6)
-    rng = random.Random(seed)
     n, V = 12, 1500
     x = _logits(n, V, seed, "cpu")
 
