@@ -12,6 +12,11 @@ kernels. Four defects of Triton 3.6's interpreter, patched only when it is activ
   zero, out-of-range values wrap (1000 -> 256) and NaN becomes 384; `tl.dot` on fp8 operands goes through it. The
   GPU converts with `cvt.rn.satfinite` (round to nearest even, saturate, NaN stays NaN), as torch's CPU casts do,
   so every conversion involving an fp8 type, and fp8 dot operands, go through torch.
+And one property the kernels' tests rely on: `tl.dot` runs `np.matmul`, whose BLAS kernel may compute a row
+differently by its position in the tile (OpenBLAS's Haswell kernels on an AMD EPYC: 34 of 64 rows of a 64x64x64
+product changed bits when moved to row 0; none did on the AVX-512 machines before, 2026-12-02). A GPU MMA gives a
+row the same bits wherever it sits, and the row-invariance tests claim that, so the interpreter's dot is a plain
+`np.einsum` loop (no BLAS, the same per-element order for every row; ~5x matmul's time).
 """
 from __future__ import annotations
 
@@ -53,7 +58,6 @@ def patch_interpreter() -> None:
 
     itp._patch_lang_tensor = patched
     builder_cls = type(itp.interpreter_builder)
-    orig_dot = builder_cls.create_dot
 
     def as_f32(h):
         if h.dtype == tl.bfloat16:  # bf16 bits are the top half of the fp32 with the same value
@@ -61,7 +65,9 @@ def patch_interpreter() -> None:
         return h
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return orig_dot(self, as_f32(a), as_f32(b), d, input_precision, max_num_imprecise_acc)
+        a, b = as_f32(a), as_f32(b)  # (fp8 operands arrive as fp32: `_patch_fp8` wraps this)
+        prod = np.einsum("...mk,...kn->...mn", a.data, b.data, dtype=d.data.dtype, optimize=False)
+        return itp.TensorHandle(prod + d.data, d.dtype.scalar)
 
     builder_cls.create_dot = create_dot
     orig_cast = builder_cls.cast_impl
