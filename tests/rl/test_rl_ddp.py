@@ -50,5 +50,9 @@ def test_two_processes_equal_one(tiny_dir, tmp_path, parity_reward, prompts_file
             assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])) + 1e-9, (k, a[k], b[k])
     w1 = RingLinearForCausalLM.from_pretrained(os.path.join(one, "final")).state_dict()
     w2 = RingLinearForCausalLM.from_pretrained(os.path.join(two, "final")).state_dict()
+    # Weights within a hundredth of one AdamW step per step: the two gradients differ by fp32 summation order
+    # (an all-reduce of halves), and where an element's gradient is a near-cancelling sum Adam's normalised
+    # update turns that into up to 1.3e-3 of a step (lr 1e-3: 1.3e-6, an AVX2 box, 2026-12-02). A gradient bug
+    # shows in grad_norm above (1e-5): Adam's step would hide a wrong scale.
     for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], atol=1e-6, rtol=1e-5, msg=k)
+        torch.testing.assert_close(w1[k], w2[k], atol=0.01 * base.lr * base.steps, rtol=0, msg=k)
