@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, PrivateAttr, ValidationError
@@ -236,7 +237,10 @@ def parse_request(cls, body: bytes):
         raise APIError(400, "request body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got a {type(data).__name__}")
-    where = _lone_surrogate(data)
+    # A surrogate can only come from a \uD800-\uDFFF escape (the UTF-8 decoder refuses encoded ones), so the walk
+    # over the parsed values runs only when the bytes hold one: it took 140 ms for a 0.9 MB list of token ids, with
+    # the GIL held, stalling every stream meanwhile.
+    where = _lone_surrogate(data) if _SURROGATE_ESCAPE.search(body) else None
     if where is not None:
         raise APIError(400, f"'{where}' is not valid Unicode text: it holds a lone surrogate (an unpaired \\uD800-"
                             "\\uDFFF escape)", param=where)
@@ -245,6 +249,9 @@ def parse_request(cls, body: bytes):
     except ValidationError as e:
         msg, param = pydantic_error_message(e.errors())
         raise APIError(400, msg, param=param) from None
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _lone_surrogate(data) -> str | None:
